@@ -1,0 +1,48 @@
+# The two commands: `make serve` and `make test`. Both set everything up first
+# and are idempotent: with nothing changed, the set-up steps take seconds.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CUDA build of torch, so the CUDA kernels compile even on a machine with no GPU.
+# Override with TORCH_SPEC=torch==2.13.0 (a CPU build) for a CPU-only extension.
+TORCH_SPEC ?= torch==2.14.1
+HOST ?= 127.0.0.1
+PORT ?= 8080
+STATE_DIR ?= var
+PYTEST_ARGS ?=
+
+DEPS_STAMP := $(VENV)/.deps-$(subst =,_,$(TORCH_SPEC))
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cpp kernels/*.cu kernels/*.cuh kernels/*.h) setup.py
+
+.PHONY: serve test build bench cmake-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first (its own step: it is 5 GB), then the project editable with its
+# dependencies, without building the extension (that is `build`, incremental).
+$(DEPS_STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	MSC_NO_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+# ninja rebuilds only what changed; with nothing changed this is a few seconds.
+build: $(DEPS_STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+serve: build
+	$(PY) -m msmartcompute.cli serve --host $(HOST) --port $(PORT) --state-dir $(STATE_DIR)
+
+test: build
+	$(PY) -m pytest -q tests benchmarks --benchmark-disable $(PYTEST_ARGS)
+
+bench: build
+	mkdir -p benchmarks/results
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results/cpu-latest.json
+
+cmake-test: $(DEPS_STAMP)
+	PY=$(abspath $(PY)) bash tests/cpp/run_cmake.sh
+
+clean:
+	rm -rf build build-cmake msmartcompute/_C*.so

@@ -1,0 +1,23 @@
+"""The kernel API researchers import: ``from msmartcompute import ops``.
+
+Every op takes ``backend=`` (``auto | cuda | triton | cpu | torch``; default from
+the ``MSC_KERNEL_BACKEND`` environment variable, else ``auto``):
+
+- ``cuda``: the hand-written kernels in ``kernels/`` (CUDA tensors),
+- ``triton``: the Triton kernels in ``ops/triton/`` (CUDA tensors, or CPU tensors
+  under ``TRITON_INTERPRET=1``),
+- ``cpu``: the C++ implementations in ``csrc/cpu/`` (CPU tensors),
+- ``torch``: the plain-torch reference math in ``ops/reference.py``,
+- ``auto``: ``cuda`` then ``triton`` for CUDA tensors, ``cpu`` for CPU tensors,
+  ``torch`` when the extension is not built.
+"""
+from ._backend import BACKENDS, available_backends, extension_info
+from .quant import dequantize_int8, quantize_int8
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "extension_info",
+    "quantize_int8",
+    "dequantize_int8",
+]

@@ -1,0 +1,1 @@
+"""The engine behind every endpoint; no HTTP in here."""

@@ -1,0 +1,61 @@
+"""One hierarchy of runtime errors, each carrying its API error code.
+
+The API turns these into the seed's error envelope in one place
+(msmartcompute/api/errors.py); the runtime never knows about HTTP.
+"""
+from __future__ import annotations
+
+
+class MSCError(Exception):
+    """Base: a failure the caller can act on, with a stable code and details."""
+
+    code = "INTERNAL_ERROR"
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+
+class InvalidModelId(MSCError):
+    code = "INVALID_MODEL_ID"
+
+
+class ModelAlreadyLoaded(MSCError):
+    code = "MODEL_ALREADY_LOADED"
+
+
+class InsufficientMemory(MSCError):
+    code = "INSUFFICIENT_MEMORY"
+
+
+class InvalidInputData(MSCError):
+    code = "INVALID_INPUT_DATA"
+
+
+class RequestTimeout(MSCError):
+    code = "REQUEST_TIMEOUT"
+
+
+class RateLimitExceeded(MSCError):
+    code = "RATE_LIMIT_EXCEEDED"
+
+
+class Unauthorized(MSCError):
+    code = "UNAUTHORIZED"
+
+
+class Forbidden(MSCError):
+    code = "FORBIDDEN"
+
+
+class NotFound(MSCError):
+    code = "NOT_FOUND"
+
+
+class MethodNotAllowed(MSCError):
+    code = "METHOD_NOT_ALLOWED"
+
+
+class InternalError(MSCError):
+    code = "INTERNAL_ERROR"

@@ -1,0 +1,95 @@
+"""The embedded SQLite store: one file in the state dir, WAL, versioned schema.
+
+Everything persistent goes through this one small interface. Each thread gets
+its own connection (sqlite3 connections are not shared across threads); WAL lets
+readers proceed while one writer commits.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+# Each entry migrates the schema from version i to i + 1. Append only.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE kv (
+        namespace TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (namespace, key)
+    );
+    """,
+]
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._migrate()
+
+    def connect(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    @property
+    def schema_version(self) -> int:
+        return self.connect().execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        conn = self.connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise RuntimeError(f"{self.path} has schema version {version}, newer than this "
+                                   f"msmartcompute ({len(MIGRATIONS)}); upgrade msmartcompute")
+            for i in range(version, len(MIGRATIONS)):
+                # statement by statement: executescript() would commit mid-migration
+                for statement in filter(str.strip, MIGRATIONS[i].split(";")):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {i + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def put(self, namespace: str, key: str, value) -> None:
+        self.connect().execute(
+            "INSERT INTO kv(namespace, key, value, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(namespace, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            (namespace, key, json.dumps(value), time.time()),
+        )
+
+    def get(self, namespace: str, key: str, default=None):
+        row = self.connect().execute("SELECT value FROM kv WHERE namespace = ? AND key = ?",
+                                     (namespace, key)).fetchone()
+        return default if row is None else json.loads(row["value"])
+
+    def delete(self, namespace: str, key: str) -> bool:
+        cur = self.connect().execute("DELETE FROM kv WHERE namespace = ? AND key = ?", (namespace, key))
+        return cur.rowcount > 0
+
+    def items(self, namespace: str) -> list[tuple[str, object]]:
+        rows = self.connect().execute("SELECT key, value FROM kv WHERE namespace = ? ORDER BY key",
+                                      (namespace,)).fetchall()
+        return [(r["key"], json.loads(r["value"])) for r in rows]
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
