@@ -1,10 +1,16 @@
-"""Server configuration: defaults < config file (JSON or TOML) < MSC_* env < flags."""
+"""Server configuration: defaults < config file (JSON or TOML) < MSC_* env < flags.
+
+File sections: [server] (host, port, state_dir, threads, log_level, max_body_bytes),
+[security] (api_keys = [{key, user_id, role}], rate_limit_per_minute,
+rate_limit_burst, rate_limit_enabled), [inference] and [virtualization] (fields of
+runtime.engine.RuntimeConfig), and [[models]] (load specs preloaded at start).
+"""
 from __future__ import annotations
 
 import json
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -15,19 +21,33 @@ class ServerConfig:
     state_dir: Path = Path("var")
     threads: int = 8
     log_level: str = "INFO"
-    extra: dict = field(default_factory=dict)  # sections later parts of the server read
+    max_body_bytes: int = 64 * 1024 * 1024
+    rate_limit_per_minute: int = 1000
+    rate_limit_burst: int = 100
+    rate_limit_enabled: bool = True
+    api_keys: list = field(default_factory=list)   # [{key, user_id, role}] registered at start
+    runtime: dict = field(default_factory=dict)    # RuntimeConfig fields from [inference]/[virtualization]
+    models: list = field(default_factory=list)     # load specs preloaded at start
 
 
-_ENV = {"host": "MSC_HOST", "port": "MSC_PORT", "state_dir": "MSC_STATE_DIR",
-        "threads": "MSC_THREADS", "log_level": "MSC_LOG_LEVEL"}
+_SERVER_KEYS = ("host", "port", "state_dir", "threads", "log_level", "max_body_bytes")
+_SECURITY_KEYS = ("rate_limit_per_minute", "rate_limit_burst", "rate_limit_enabled")
+_ENV = {
+    "host": "MSC_HOST", "port": "MSC_PORT", "state_dir": "MSC_STATE_DIR", "threads": "MSC_THREADS",
+    "log_level": "MSC_LOG_LEVEL", "max_body_bytes": "MSC_MAX_BODY_BYTES",
+    "rate_limit_per_minute": "MSC_RATE_LIMIT_PER_MINUTE", "rate_limit_burst": "MSC_RATE_LIMIT_BURST",
+    "rate_limit_enabled": "MSC_RATE_LIMIT_ENABLED",
+}
+_INT_KEYS = {"port", "threads", "max_body_bytes", "rate_limit_per_minute", "rate_limit_burst"}
 
 
 def _coerce(name: str, value):
-    kind = {f.name: f.type for f in fields(ServerConfig)}[name]
-    if kind in ("int", int):
+    if name in _INT_KEYS:
         return int(value)
-    if kind in ("Path", Path):
+    if name == "state_dir":
         return Path(value)
+    if name == "rate_limit_enabled":
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
     return str(value)
 
 
@@ -46,14 +66,25 @@ def load_config(config_file: str | Path | None = None, overrides: dict | None = 
     environ = os.environ if environ is None else environ
     config = ServerConfig()
     data = read_config_file(config_file) if config_file else {}
-    server = data.get("server", {})
-    for name in _ENV:
-        if name in server:
-            setattr(config, name, _coerce(name, server[name]))
-    config.extra = {k: v for k, v in data.items() if k != "server"}
+    unknown = set(data) - {"server", "security", "inference", "virtualization", "models"}
+    if unknown:
+        raise ValueError(f"config file: unknown section(s) {', '.join(sorted(unknown))}")
+    for section, keys in (("server", _SERVER_KEYS), ("security", _SECURITY_KEYS)):
+        for name, value in data.get(section, {}).items():
+            if name == "api_keys" and section == "security":
+                config.api_keys = list(value)
+            elif name in keys:
+                setattr(config, name, _coerce(name, value))
+            else:
+                raise ValueError(f"config file: unknown key {section}.{name}")
+    config.runtime = {**data.get("inference", {}), **data.get("virtualization", {})}
+    config.models = list(data.get("models", []))
     for name, var in _ENV.items():
         if environ.get(var):
             setattr(config, name, _coerce(name, environ[var]))
+    if environ.get("MSC_ADMIN_KEY"):  # bootstrap an admin key without a config file
+        config.api_keys.append({"key": environ["MSC_ADMIN_KEY"], "user_id": environ.get("MSC_ADMIN_USER", "admin"),
+                                "role": "admin"})
     for name, value in (overrides or {}).items():
         if value is not None:
             setattr(config, name, _coerce(name, value))

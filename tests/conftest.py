@@ -33,11 +33,11 @@ def free_port() -> int:
 class LiveServer:
     """A real `msmartcompute serve` process on a free loopback port."""
 
-    def __init__(self, state_dir, extra_args=()):
+    def __init__(self, state_dir, extra_args=(), env=None):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.state_dir = state_dir
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         env.pop("TRITON_INTERPRET", None)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "msmartcompute.cli", "serve", "--host", "127.0.0.1",

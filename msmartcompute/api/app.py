@@ -1,19 +1,88 @@
 """The app factory: routes wired to thin resources over an injected Runtime."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from functools import partial
+
 import falcon
+import numpy as np
+import orjson
 
 from ..runtime.engine import Runtime
+from ..runtime.keys import KeyStore
 from . import errors
+from .allocations import AllocationResource, AllocationsResource
 from .health import HealthResource
+from .inference import (AsyncInferenceResource, BatchInferenceResource, InferenceResource,
+                        InferenceResultResource)
+from .metrics import MetricsHistoryResource, MetricsResource, PrometheusResource
+from .middleware import Auth, BodyLimit, RateLimit, RequestContext
+from .models import ModelResource, ModelsResource
+from .openapi import OpenApiResource
+from .ratelimit import RateLimitConfig, RateLimiter
+from .sessions import SessionResource, SessionsResource
+from .virtualization import VirtualGpuResource, VirtualGpusResource
 
 API_PREFIX = "/api/v1"
 
 
-def create_app(runtime: Runtime) -> falcon.App:
-    app = falcon.App()
+@dataclass
+class ApiConfig:
+    max_body_bytes: int = 64 * 1024 * 1024
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    # No keys and open_mode: every request is served with full access (loopback only; the CLI checks).
+    open_mode: bool | None = None  # None: open exactly when no key exists
+
+
+def _orjson_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+# orjson: big float arrays are the common payload; it renders numpy arrays natively.
+_JSON = falcon.media.JSONHandler(
+    dumps=partial(orjson.dumps, default=_orjson_default, option=orjson.OPT_SERIALIZE_NUMPY),
+    loads=orjson.loads,
+)
+
+
+def create_app(runtime: Runtime, config: ApiConfig | None = None) -> falcon.App:
+    config = config or ApiConfig()
+    keys = KeyStore(runtime.store)
+    open_mode = config.open_mode if config.open_mode is not None else keys.count() == 0
+    app = falcon.App(middleware=[
+        RequestContext(runtime),
+        BodyLimit(config.max_body_bytes),
+        Auth(keys, open_mode),
+        RateLimit(RateLimiter(config.rate_limit)),
+    ])
+    app.req_options.media_handlers.update({falcon.MEDIA_JSON: _JSON})
+    app.resp_options.media_handlers.update({falcon.MEDIA_JSON: _JSON})
+    app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
+
     health = HealthResource(runtime)
     app.add_route("/health", health)
     app.add_route(f"{API_PREFIX}/health", health)
+    app.add_route(f"{API_PREFIX}/openapi.json", OpenApiResource())
+    app.add_route("/metrics", PrometheusResource(runtime))
+    routes = {
+        "/models": ModelsResource(runtime),
+        "/models/{model_id}": ModelResource(runtime),
+        "/inference": InferenceResource(runtime),
+        "/inference/async": AsyncInferenceResource(runtime),
+        "/inference/batch": BatchInferenceResource(runtime),
+        "/inference/{request_id}": InferenceResultResource(runtime),
+        "/sessions": SessionsResource(runtime),
+        "/sessions/{session_id}": SessionResource(runtime),
+        "/metrics": MetricsResource(runtime),
+        "/metrics/history": MetricsHistoryResource(runtime),
+        "/resources": AllocationsResource(runtime),
+        "/resources/{allocation_id}": AllocationResource(runtime),
+        "/virtualization/gpus": VirtualGpusResource(runtime),
+        "/virtualization/gpus/{virtual_gpu_id}": VirtualGpuResource(runtime),
+    }
+    for path, resource in routes.items():
+        app.add_route(API_PREFIX + path, resource)
     return app

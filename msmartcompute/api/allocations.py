@@ -1,0 +1,30 @@
+"""Resource allocations: POST/GET /resources, GET/DELETE /resources/{allocation_id}."""
+from __future__ import annotations
+
+from .access import require_self_or_admin
+from .envelope import ok
+from .schemas import ALLOCATION, parse
+
+
+class AllocationsResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_post(self, req, resp):
+        body = parse(req, ALLOCATION)
+        require_self_or_admin(req.context.caller, body["user_id"], "allocate resources")
+        resp.media = ok(self.runtime.allocate(body, req.context.caller))
+
+    def on_get(self, req, resp):
+        resp.media = ok({"allocations": self.runtime.list_allocations(req.context.caller)})
+
+
+class AllocationResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_get(self, req, resp, allocation_id):
+        resp.media = ok(self.runtime.get_allocation(allocation_id, req.context.caller))
+
+    def on_delete(self, req, resp, allocation_id):
+        resp.media = ok(self.runtime.deallocate(allocation_id, req.context.caller))

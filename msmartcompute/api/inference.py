@@ -1,0 +1,59 @@
+"""POST /inference, /inference/async, /inference/batch; GET /inference/{request_id}."""
+from __future__ import annotations
+
+from ..runtime.errors import InvalidInputData
+from .envelope import ok
+from .schemas import BATCH_INFERENCE, INFERENCE, as_matrix, parse
+
+
+def prepare_request(body: dict, path: str = "body") -> dict:
+    """input_data as a numpy matrix, checked against batch_size / sequence_length when given."""
+    matrix = as_matrix(body["input_data"], f"{path}.input_data")
+    rows, cols = matrix.shape
+    if body.get("batch_size") is not None and body["batch_size"] != rows:
+        raise InvalidInputData(f"{path}.batch_size is {body['batch_size']} but input_data has {rows} rows",
+                               {"field": f"{path}.batch_size", "rows": rows})
+    if body.get("sequence_length") is not None and body["sequence_length"] != cols:
+        raise InvalidInputData(
+            f"{path}.sequence_length is {body['sequence_length']} but input_data rows have {cols} values",
+            {"field": f"{path}.sequence_length", "columns": cols})
+    request = dict(body)
+    request["input_data"] = matrix
+    request["options"] = dict(body.get("options") or {})
+    return request
+
+
+class InferenceResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_post(self, req, resp):
+        request = prepare_request(parse(req, INFERENCE))
+        resp.media = ok(self.runtime.infer(request, req.context.caller))
+
+
+class AsyncInferenceResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_post(self, req, resp):
+        request = prepare_request(parse(req, INFERENCE))
+        resp.media = ok(self.runtime.submit_inference(request, req.context.caller))
+
+
+class InferenceResultResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_get(self, req, resp, request_id):
+        resp.media = ok(self.runtime.get_inference(request_id, req.context.caller))
+
+
+class BatchInferenceResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_post(self, req, resp):
+        body = parse(req, BATCH_INFERENCE)
+        requests = [prepare_request(r, f"body.requests[{i}]") for i, r in enumerate(body["requests"])]
+        resp.media = ok(self.runtime.infer_batch(requests, req.context.caller))

@@ -1,0 +1,77 @@
+"""GET /api/v1/metrics, /api/v1/metrics/history (the seed's JSON) and /metrics (Prometheus text)."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import falcon
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ..runtime.errors import InvalidInputData
+from .envelope import ok
+
+
+def _parse_time(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInputData(f"query.{name} must be an ISO 8601 timestamp, got {value!r}",
+                               {"field": f"query.{name}"}) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+class MetricsResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_get(self, req, resp):
+        resp.media = ok({"metrics": self.runtime.metrics()})
+
+
+class MetricsHistoryResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_get(self, req, resp):
+        start = _parse_time(req.get_param("start_time"), "start_time")
+        end = _parse_time(req.get_param("end_time"), "end_time")
+        raw_interval = req.get_param("interval") or "60"
+        if not raw_interval.isdigit() or not 1 <= int(raw_interval) <= 86400:
+            raise InvalidInputData("query.interval must be an integer number of seconds in 1..86400",
+                                   {"field": "query.interval", "value": raw_interval})
+        if start and end and end < start:
+            raise InvalidInputData("query.end_time is before query.start_time", {"field": "query.end_time"})
+        resp.media = ok({"history": self.runtime.metrics_history(start, end, int(raw_interval))})
+
+
+class _RuntimeCollector:
+    """Reads runtime.metrics() at scrape time; None readings are left out, not zeroed."""
+
+    # prometheus_client appends _total to counter names
+    COUNTERS = {"total_requests": "requests", "successful_requests": "requests_successful",
+                "failed_requests": "requests_failed"}
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def collect(self):
+        for name, value in self.runtime.metrics().items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if name in self.COUNTERS:
+                yield CounterMetricFamily(f"msmartcompute_{self.COUNTERS[name]}", name.replace("_", " "), value=value)
+            else:
+                yield GaugeMetricFamily(f"msmartcompute_{name}", name.replace("_", " "), value=value)
+
+
+class PrometheusResource:
+    def __init__(self, runtime):
+        self.registry = CollectorRegistry()
+        self.registry.register(_RuntimeCollector(runtime))
+
+    def on_get(self, req, resp):
+        resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        resp.data = generate_latest(self.registry)
+        resp.status = falcon.HTTP_200

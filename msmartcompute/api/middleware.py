@@ -1,0 +1,97 @@
+"""Per-request middleware: request id, auth, rate limit, body limit, access log, metrics."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import falcon
+
+from ..runtime.errors import RateLimitExceeded, Unauthorized
+from .ratelimit import RateLimiter
+
+access_log = logging.getLogger("msmartcompute.access")
+
+# Open to everyone, keys or not.
+PUBLIC_PATHS = frozenset({"/health", "/api/v1/health", "/api/v1/openapi.json"})
+
+_request_ids = itertools.count(1)
+
+
+class RequestContext:
+    """Request id, timing, the access log line and the request counters."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def process_request(self, req, resp):
+        req.context.request_id = req.get_header("X-Request-ID") or f"r{next(_request_ids)}"
+        req.context.started = time.perf_counter()
+        req.context.caller = None
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        elapsed = time.perf_counter() - req.context.get("started", time.perf_counter())
+        resp.set_header("X-Request-ID", req.context.get("request_id", ""))
+        status = resp.status_code if hasattr(resp, "status_code") else int(str(resp.status)[:3])
+        access_log.info("%s %s %d %.1fms %s", req.method, req.path, status, elapsed * 1000,
+                        req.context.get("request_id"))
+        if req.path not in PUBLIC_PATHS and req.path != "/metrics":
+            try:
+                self.runtime.record_request(status < 400, elapsed)
+            except Exception:  # metrics must never turn a served response into an error
+                access_log.exception("recording metrics failed")
+
+
+class BodyLimit:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+
+    def process_request(self, req, resp):
+        if req.content_length is not None and req.content_length > self.max_bytes:
+            raise falcon.HTTPContentTooLarge(
+                description=f"request body of {req.content_length} bytes is over the limit of {self.max_bytes}")
+
+
+class Auth:
+    """Bearer keys; with no keys configured the server is open (loopback only, checked at start)."""
+
+    def __init__(self, keys, open_mode: bool):
+        self.keys = keys
+        self.open_mode = open_mode
+
+    def process_request(self, req, resp):
+        if req.path in PUBLIC_PATHS or req.method == "OPTIONS":
+            return
+        if self.open_mode:
+            req.context.caller = None  # full access
+            return
+        header = req.get_header("Authorization") or ""
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("Authentication required: send 'Authorization: Bearer <api key>'")
+        caller = self.keys.authenticate(token.strip())
+        if caller is None:
+            raise Unauthorized("Invalid API key")
+        req.context.caller = caller
+        req.context.key_id = token.strip().split("_", 2)[1]  # rate limits are per key
+
+
+class RateLimit:
+    def __init__(self, limiter: RateLimiter):
+        self.limiter = limiter
+
+    def process_request(self, req, resp):
+        if not self.limiter.config.enabled or req.path in PUBLIC_PATHS:
+            return
+        key_id = req.context.get("key_id")
+        key = f"key:{key_id}" if key_id else f"ip:{req.remote_addr}"
+        decision = self.limiter.check(key)
+        resp.set_header("X-RateLimit-Limit", str(decision.limit))
+        resp.set_header("X-RateLimit-Remaining", str(decision.remaining))
+        resp.set_header("X-RateLimit-Reset", str(decision.reset))
+        if not decision.allowed:
+            retry = max(1, int(decision.retry_after + 0.999))
+            resp.set_header("Retry-After", str(retry))
+            raise RateLimitExceeded(f"Rate limit exceeded: {decision.limit} requests per minute, "
+                                    f"bursts of {self.limiter.config.burst_per_second} per second",
+                                    {"retry_after": retry, "limit": decision.limit})

@@ -1,0 +1,31 @@
+"""POST/GET /models, GET/DELETE /models/{model_id}."""
+from __future__ import annotations
+
+from .access import require_admin
+from .envelope import ok
+from .schemas import LOAD_MODEL, parse
+
+
+class ModelsResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_post(self, req, resp):
+        body = parse(req, LOAD_MODEL)
+        require_admin(req.context.caller, "load models")
+        resp.media = ok(self.runtime.load_model(body, req.context.caller))
+
+    def on_get(self, req, resp):
+        resp.media = ok({"models": self.runtime.list_models(req.context.caller)})
+
+
+class ModelResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_get(self, req, resp, model_id):
+        resp.media = ok(self.runtime.get_model(model_id, req.context.caller))
+
+    def on_delete(self, req, resp, model_id):
+        require_admin(req.context.caller, "unload models")
+        resp.media = ok(self.runtime.unload_model(model_id, req.context.caller))

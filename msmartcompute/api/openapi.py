@@ -1,0 +1,152 @@
+"""The OpenAPI 3 document, built from the same request schemas that validate bodies
+and from the one code -> status table of api/errors.py."""
+from __future__ import annotations
+
+import msmartcompute
+
+from . import schemas
+from .errors import STATUS_BY_CODE
+
+_NUM = {"type": "number"}
+_NULLABLE_NUM = {"type": "number", "nullable": True}
+_INT = {"type": "integer"}
+_STR = {"type": "string"}
+_TIME = {"type": "string", "format": "date-time"}
+_ROWS = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
+_MODEL = {"type": "object", "properties": {
+    "model_id": _STR, "model_type": _STR, "status": _STR, "memory_usage": _INT, "load_time": _TIME,
+    "virtual_gpu_id": {"type": "string", "nullable": True}, "device": _STR}}
+_SESSION = {"session_id": _STR, "user_id": _STR, "model_id": _STR, "created_at": _TIME, "expires_at": _TIME}
+_ALLOCATION = {"allocation_id": _STR, "user_id": _STR, "gpu_id": _INT, "memory_size": _INT,
+               "compute_units": _INT, "start_time": _TIME, "end_time": _TIME}
+_VGPU = {"virtual_gpu_id": _STR, "physical_gpu_id": _INT, "memory_size": _INT, "compute_units": _INT,
+         "status": _STR, "created_at": _TIME, "scheduling_policy": _STR}
+_METRICS = {"gpu_utilization": _NULLABLE_NUM, "memory_utilization": _NULLABLE_NUM, "temperature": _NULLABLE_NUM,
+            "power_usage": _NULLABLE_NUM, "throughput": _NUM, "latency": _NULLABLE_NUM,
+            "active_requests": _INT, "queued_requests": _INT, "total_requests": _INT,
+            "successful_requests": _INT, "failed_requests": _INT}
+_ERROR_ITEM = {"type": "object", "properties": {"code": _STR, "message": _STR, "details": {"type": "object"}}}
+_INFERENCE_RESULT = {"request_id": _STR, "status": _STR, "output_data": {**_ROWS, "nullable": True},
+                     "inference_time": _NULLABLE_NUM, "completion_time": {**_TIME, "nullable": True},
+                     "error": {**_ERROR_ITEM, "nullable": True}}
+
+# (method, path, summary, request schema or None, response fields, auth needed, admin only)
+OPERATIONS = [
+    ("get", "/health", "Health of the platform (also at /api/v1/health)", None,
+     {"status": _STR, "version": _STR, "uptime": _NUM, "gpu_status": _STR, "memory_usage": _NUM}, False),
+    ("post", "/api/v1/models", "Load a model (admin)", schemas.LOAD_MODEL,
+     {"model_id": _STR, "message": _STR, "memory_allocated": _INT, "load_time": _NUM}, True),
+    ("get", "/api/v1/models", "List loaded models", None, {"models": {"type": "array", "items": _MODEL}}, True),
+    ("get", "/api/v1/models/{model_id}", "One loaded model", None, _MODEL["properties"], True),
+    ("delete", "/api/v1/models/{model_id}", "Unload a model (admin)", None, {"model_id": _STR, "message": _STR}, True),
+    ("post", "/api/v1/inference", "Synchronous inference", schemas.INFERENCE,
+     {"request_id": _STR, "output_data": _ROWS, "inference_time": _NUM, "tokens_generated": _INT,
+      "memory_used": _INT}, True),
+    ("post", "/api/v1/inference/async", "Queue asynchronous inference", schemas.INFERENCE,
+     {"request_id": _STR, "status": _STR, "estimated_completion": _TIME}, True),
+    ("get", "/api/v1/inference/{request_id}", "Result of an asynchronous inference", None, _INFERENCE_RESULT, True),
+    ("post", "/api/v1/inference/batch", "Several inference requests in one call", schemas.BATCH_INFERENCE,
+     {"results": {"type": "array", "items": {"type": "object", "properties": {
+         "request_id": _STR, "output_data": _ROWS, "inference_time": _NUM, "error": _ERROR_ITEM}}},
+      "total_time": _NUM}, True),
+    ("post", "/api/v1/sessions", "Create a session", schemas.SESSION, _SESSION, True),
+    ("get", "/api/v1/sessions/{session_id}", "Read a session", None, _SESSION, True),
+    ("delete", "/api/v1/sessions/{session_id}", "End a session", None, {"session_id": _STR, "message": _STR}, True),
+    ("get", "/api/v1/metrics", "Current performance metrics (null where unmeasurable)", None,
+     {"metrics": {"type": "object", "properties": _METRICS}}, True),
+    ("get", "/api/v1/metrics/history", "Historical metrics aggregated by interval", None,
+     {"history": {"type": "array", "items": {"type": "object"}}}, True),
+    ("post", "/api/v1/resources", "Allocate compute resources", schemas.ALLOCATION, _ALLOCATION, True),
+    ("get", "/api/v1/resources", "List allocations (a user sees their own)", None,
+     {"allocations": {"type": "array", "items": {"type": "object", "properties": _ALLOCATION}}}, True),
+    ("get", "/api/v1/resources/{allocation_id}", "Read an allocation", None, _ALLOCATION, True),
+    ("delete", "/api/v1/resources/{allocation_id}", "Free an allocation", None,
+     {"allocation_id": _STR, "message": _STR}, True),
+    ("post", "/api/v1/virtualization/gpus", "Create a virtual GPU (admin)", schemas.VGPU, _VGPU, True),
+    ("get", "/api/v1/virtualization/gpus", "List virtual GPUs", None,
+     {"virtual_gpus": {"type": "array", "items": {"type": "object", "properties": _VGPU}}}, True),
+    ("get", "/api/v1/virtualization/gpus/{virtual_gpu_id}", "Read a virtual GPU", None, _VGPU, True),
+    ("delete", "/api/v1/virtualization/gpus/{virtual_gpu_id}", "Destroy a virtual GPU (admin)", None,
+     {"virtual_gpu_id": _STR, "message": _STR}, True),
+]
+
+_QUERY = {
+    "/api/v1/metrics/history": [
+        {"name": "start_time", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+        {"name": "end_time", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+        {"name": "interval", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 86400}},
+    ],
+}
+
+
+def _openapi_schema(schema: dict) -> dict:
+    """Our schema subset is JSON Schema; OpenAPI 3.0 wants exclusiveMinimum as a flag."""
+    out = {}
+    for key, value in schema.items():
+        if key == "exclusiveMinimum":
+            out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key == "properties":
+            out[key] = {name: _openapi_schema(sub) for name, sub in value.items()}
+        elif key == "items":
+            out[key] = _openapi_schema(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _envelope(fields: dict) -> dict:
+    return {"type": "object", "required": ["success", "error", "timestamp"], "properties": {
+        "success": {"type": "boolean"}, "error": {"nullable": True}, "timestamp": _TIME, **fields}}
+
+
+def build_document() -> dict:
+    error_codes = sorted(STATUS_BY_CODE)
+    paths: dict = {}
+    for method, path, summary, request, response, secured in OPERATIONS:
+        op = {
+            "summary": summary,
+            "operationId": f"{method}_{path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
+            "responses": {
+                "200": {"description": "Success", "content": {"application/json": {"schema": _envelope(response)}}},
+                "default": {"description": "Error (see components.schemas.Error for the codes)",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            },
+        }
+        params = [{"name": name.strip("{}"), "in": "path", "required": True,
+                   "schema": {"type": "string", "minLength": 1, "maxLength": 256}}
+                  for name in path.split("/") if name.startswith("{")]
+        params += _QUERY.get(path, [])
+        if params:
+            op["parameters"] = params
+        if request is not None:
+            op["requestBody"] = {"required": True,
+                                 "content": {"application/json": {"schema": _openapi_schema(request)}}}
+        if not secured:
+            op["security"] = []
+        paths.setdefault(path, {})[method] = op
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "MSmartCompute API", "version": msmartcompute.__version__,
+                 "description": "Every error uses the envelope in components.schemas.Error; the HTTP status "
+                                "of each code: " + ", ".join(f"{c} {STATUS_BY_CODE[c][:3]}" for c in error_codes)},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {"type": "object", "required": ["success", "error", "timestamp"], "properties": {
+                "success": {"type": "boolean", "enum": [False]},
+                "error": {"type": "object", "required": ["code", "message", "details"], "properties": {
+                    "code": {"type": "string", "enum": error_codes}, "message": _STR,
+                    "details": {"type": "object"}}},
+                "timestamp": _TIME}}},
+        },
+    }
+
+
+class OpenApiResource:
+    def __init__(self):
+        self.document = build_document()
+
+    def on_get(self, req, resp):
+        resp.media = self.document

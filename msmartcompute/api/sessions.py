@@ -1,0 +1,27 @@
+"""POST /sessions, GET/DELETE /sessions/{session_id}."""
+from __future__ import annotations
+
+from .access import require_self_or_admin
+from .envelope import ok
+from .schemas import SESSION, parse
+
+
+class SessionsResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_post(self, req, resp):
+        body = parse(req, SESSION)
+        require_self_or_admin(req.context.caller, body["user_id"], "create sessions")
+        resp.media = ok(self.runtime.create_session(body["user_id"], body["model_id"], req.context.caller))
+
+
+class SessionResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_get(self, req, resp, session_id):
+        resp.media = ok(self.runtime.get_session(session_id, req.context.caller))
+
+    def on_delete(self, req, resp, session_id):
+        resp.media = ok(self.runtime.delete_session(session_id, req.context.caller))

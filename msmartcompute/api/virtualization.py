@@ -1,0 +1,31 @@
+"""Virtual GPUs: POST/GET /virtualization/gpus, GET/DELETE /virtualization/gpus/{virtual_gpu_id}."""
+from __future__ import annotations
+
+from .access import require_admin
+from .envelope import ok
+from .schemas import VGPU, parse
+
+
+class VirtualGpusResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_post(self, req, resp):
+        body = parse(req, VGPU)
+        require_admin(req.context.caller, "create virtual GPUs")
+        resp.media = ok(self.runtime.create_vgpu(body, req.context.caller))
+
+    def on_get(self, req, resp):
+        resp.media = ok({"virtual_gpus": self.runtime.list_vgpus(req.context.caller)})
+
+
+class VirtualGpuResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_get(self, req, resp, virtual_gpu_id):
+        resp.media = ok(self.runtime.get_vgpu(virtual_gpu_id, req.context.caller))
+
+    def on_delete(self, req, resp, virtual_gpu_id):
+        require_admin(req.context.caller, "destroy virtual GPUs")
+        resp.media = ok(self.runtime.delete_vgpu(virtual_gpu_id, req.context.caller))

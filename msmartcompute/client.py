@@ -1,0 +1,175 @@
+"""Python SDK: one method per endpoint, typed errors, retry after 429, wait() for async jobs.
+
+    client = MSmartComputeClient("http://localhost:8080/api/v1", "your-api-key")
+    client.load_model({"model_id": "m", "model_type": "mlp", "parameters": {...}})
+    result = client.inference("m", [[0.1, 0.2, 0.3]])
+"""
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+
+class MSmartComputeError(Exception):
+    """An error answer of the API: `code` is the seed's error code."""
+
+    code = "UNKNOWN"
+
+    def __init__(self, code: str, message: str, details: dict | None = None, status: int | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.details, self.status = code, message, details or {}, status
+
+
+class InvalidModelIdError(MSmartComputeError): code = "INVALID_MODEL_ID"  # noqa: E701
+class ModelAlreadyLoadedError(MSmartComputeError): code = "MODEL_ALREADY_LOADED"  # noqa: E701
+class InsufficientMemoryError(MSmartComputeError): code = "INSUFFICIENT_MEMORY"  # noqa: E701
+class InvalidInputDataError(MSmartComputeError): code = "INVALID_INPUT_DATA"  # noqa: E701
+class RequestTimeoutError(MSmartComputeError): code = "REQUEST_TIMEOUT"  # noqa: E701
+class RateLimitExceededError(MSmartComputeError): code = "RATE_LIMIT_EXCEEDED"  # noqa: E701
+class UnauthorizedError(MSmartComputeError): code = "UNAUTHORIZED"  # noqa: E701
+class ForbiddenError(MSmartComputeError): code = "FORBIDDEN"  # noqa: E701
+class NotFoundError(MSmartComputeError): code = "NOT_FOUND"  # noqa: E701
+class JobFailedError(MSmartComputeError): code = "JOB_FAILED"  # noqa: E701
+
+_ERRORS = {cls.code: cls for cls in MSmartComputeError.__subclasses__()}
+
+
+class MSmartComputeClient:
+    def __init__(self, base_url: str = "http://127.0.0.1:8080/api/v1", api_key: str | None = None,
+                 timeout: float = 60.0, max_retries: int = 3):
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout = timeout
+        self.max_retries = max_retries
+
+    # --- transport -------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: dict | None = None, params: dict | None = None) -> dict:
+        url = self.base_url + path
+        if params:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in range(self.max_retries + 1):
+            request = urllib.request.Request(url, data=data, method=method, headers=self.headers)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.load(response)
+            except urllib.error.HTTPError as err:
+                retry_after = err.headers.get("Retry-After")
+                if err.code == 429 and retry_after and attempt < self.max_retries:
+                    time.sleep(float(retry_after))
+                    continue
+                raise self._error(err) from None
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _error(err: urllib.error.HTTPError) -> MSmartComputeError:
+        try:
+            payload = json.load(err)["error"]
+            code, message, details = payload["code"], payload["message"], payload.get("details")
+        except (ValueError, KeyError, TypeError):
+            code, message, details = f"HTTP_{err.code}", err.reason, {}
+        return _ERRORS.get(code, MSmartComputeError)(code, message, details, err.code)
+
+    # --- health --------------------------------------------------------------------------
+    def health(self) -> dict:
+        return self._request("GET", "/health")
+
+    # --- models ----------------------------------------------------------------------------
+    def load_model(self, model_config: dict) -> dict:
+        return self._request("POST", "/models", model_config)
+
+    def list_models(self) -> list[dict]:
+        return self._request("GET", "/models")["models"]
+
+    def get_model(self, model_id: str) -> dict:
+        return self._request("GET", f"/models/{urllib.parse.quote(model_id, safe='')}")
+
+    def unload_model(self, model_id: str) -> dict:
+        return self._request("DELETE", f"/models/{urllib.parse.quote(model_id, safe='')}")
+
+    # --- inference -------------------------------------------------------------------------
+    def _inference_body(self, model_id, input_data, options, fields) -> dict:
+        return {"model_id": model_id, "input_data": input_data, "options": options or {}, **fields}
+
+    def inference(self, model_id: str, input_data, options: dict | None = None, **fields) -> dict:
+        return self._request("POST", "/inference", self._inference_body(model_id, input_data, options, fields))
+
+    def inference_async(self, model_id: str, input_data, options: dict | None = None, **fields) -> dict:
+        return self._request("POST", "/inference/async", self._inference_body(model_id, input_data, options, fields))
+
+    def get_inference(self, request_id: str) -> dict:
+        return self._request("GET", f"/inference/{urllib.parse.quote(request_id, safe='')}")
+
+    def batch_inference(self, requests: list[dict]) -> dict:
+        return self._request("POST", "/inference/batch", {"requests": requests})
+
+    def wait(self, request_id: str, timeout: float = 300.0, poll_interval: float = 0.05) -> dict:
+        """Poll an async job until it completes; raises JobFailedError or RequestTimeoutError."""
+        deadline = time.monotonic() + timeout
+        getter = self.get_inference
+        while True:
+            result = getter(request_id)
+            if result["status"] == "completed":
+                return result
+            if result["status"] == "failed":
+                error = result.get("error") or {}
+                raise JobFailedError("JOB_FAILED", f"{request_id} failed: {error.get('message', 'unknown')}",
+                                     {"request_id": request_id, "error": error})
+            if time.monotonic() > deadline:
+                raise RequestTimeoutError("REQUEST_TIMEOUT", f"{request_id} still {result['status']} after {timeout}s")
+            time.sleep(poll_interval)
+            poll_interval = min(poll_interval * 1.5, 1.0)
+
+    # --- sessions --------------------------------------------------------------------------
+    def create_session(self, user_id: str, model_id: str) -> dict:
+        return self._request("POST", "/sessions", {"user_id": user_id, "model_id": model_id})
+
+    def get_session(self, session_id: str) -> dict:
+        return self._request("GET", f"/sessions/{urllib.parse.quote(session_id, safe='')}")
+
+    def end_session(self, session_id: str) -> dict:
+        return self._request("DELETE", f"/sessions/{urllib.parse.quote(session_id, safe='')}")
+
+    # --- metrics ---------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        return self._request("GET", "/metrics")["metrics"]
+
+    def metrics_history(self, start_time: str | None = None, end_time: str | None = None,
+                        interval: int = 60) -> list[dict]:
+        params = {"start_time": start_time, "end_time": end_time, "interval": interval}
+        return self._request("GET", "/metrics/history", params=params)["history"]
+
+    # --- resources -------------------------------------------------------------------------
+    def allocate_resources(self, user_id: str, memory_size: int, compute_units: int, duration: int) -> dict:
+        return self._request("POST", "/resources", {"user_id": user_id, "memory_size": memory_size,
+                                                    "compute_units": compute_units, "duration": duration})
+
+    def list_allocations(self) -> list[dict]:
+        return self._request("GET", "/resources")["allocations"]
+
+    def get_allocation(self, allocation_id: str) -> dict:
+        return self._request("GET", f"/resources/{urllib.parse.quote(allocation_id, safe='')}")
+
+    def deallocate_resources(self, allocation_id: str) -> dict:
+        return self._request("DELETE", f"/resources/{urllib.parse.quote(allocation_id, safe='')}")
+
+    # --- virtualization ----------------------------------------------------------------------
+    def create_virtual_gpu(self, virtual_gpu_id: str, memory_size: int, compute_units: int,
+                           scheduling_policy: str = "round_robin", **fields) -> dict:
+        return self._request("POST", "/virtualization/gpus", {
+            "virtual_gpu_id": virtual_gpu_id, "memory_size": memory_size, "compute_units": compute_units,
+            "scheduling_policy": scheduling_policy, **fields})
+
+    def list_virtual_gpus(self) -> list[dict]:
+        return self._request("GET", "/virtualization/gpus")["virtual_gpus"]
+
+    def get_virtual_gpu(self, virtual_gpu_id: str) -> dict:
+        return self._request("GET", f"/virtualization/gpus/{urllib.parse.quote(virtual_gpu_id, safe='')}")
+
+    def destroy_virtual_gpu(self, virtual_gpu_id: str) -> dict:
+        return self._request("DELETE", f"/virtualization/gpus/{urllib.parse.quote(virtual_gpu_id, safe='')}")

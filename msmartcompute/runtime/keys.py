@@ -1,0 +1,72 @@
+"""API keys: created once, stored hashed, checked in constant time.
+
+A key reads `msc_<key_id>_<secret>`. The store keeps only sha256(secret) under
+key_id (a fast hash is enough: the secret is 32 random bytes, not a password).
+Lookup is by key_id and the comparison of digests uses hmac.compare_digest, so
+timing reveals nothing about the secret. Keys never appear in logs.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+
+from .caller import Caller
+from .store import Store
+
+NAMESPACE = "api_keys"
+ROLES = ("admin", "user")
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class KeyStore:
+    def __init__(self, store: Store):
+        self.store = store
+
+    def create(self, user_id: str, role: str) -> str:
+        """Create a key for user_id; returns the only copy of the plaintext key."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not user_id or len(user_id) > 128:
+            raise ValueError("user_id must be 1 to 128 characters")
+        key_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        self.store.put(NAMESPACE, key_id, {"user_id": user_id, "role": role, "digest": _digest(secret),
+                                           "created_at": time.time()})
+        return f"msc_{key_id}_{secret}"
+
+    def add(self, key: str, user_id: str, role: str) -> None:
+        """Register a key given in config/env (bootstrap). It must have the msc_<id>_<secret> shape."""
+        parts = key.split("_", 2)
+        if len(parts) != 3 or parts[0] != "msc" or not parts[1] or len(parts[2]) < 16:
+            raise ValueError("a configured API key must look like msc_<id>_<secret of 16+ characters>")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        self.store.put(NAMESPACE, parts[1], {"user_id": user_id, "role": role, "digest": _digest(parts[2]),
+                                             "created_at": time.time()})
+
+    def authenticate(self, key: str) -> Caller | None:
+        parts = key.split("_", 2)
+        if len(parts) != 3 or parts[0] != "msc":
+            return None
+        record = self.store.get(NAMESPACE, parts[1])
+        if record is None:
+            _digest(parts[2])  # same work either way
+            return None
+        if not hmac.compare_digest(record["digest"], _digest(parts[2])):
+            return None
+        return Caller(user_id=record["user_id"], role=record["role"])
+
+    def list(self) -> list[dict]:
+        return [{"key_id": key_id, "user_id": r["user_id"], "role": r["role"], "created_at": r["created_at"]}
+                for key_id, r in self.store.items(NAMESPACE)]
+
+    def revoke(self, key_id: str) -> bool:
+        return self.store.delete(NAMESPACE, key_id)
+
+    def count(self) -> int:
+        return len(self.store.items(NAMESPACE))

@@ -1,0 +1,114 @@
+// MSmartCompute JavaScript SDK: the seed's MSmartComputeClient with every endpoint.
+// No dependencies (Node 18+ fetch). Errors throw MSmartComputeError carrying the API's code;
+// a 429 is retried after Retry-After; wait() polls an async job until it ends.
+
+export class MSmartComputeError extends Error {
+  constructor(code, message, details = {}, status = undefined) {
+    super(`${code}: ${message}`);
+    this.name = 'MSmartComputeError';
+    this.code = code;
+    this.details = details;
+    this.status = status;
+  }
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const enc = encodeURIComponent;
+
+export class MSmartComputeClient {
+  constructor(baseUrl = 'http://127.0.0.1:8080/api/v1', apiKey = undefined, { maxRetries = 3 } = {}) {
+    this.baseUrl = baseUrl.replace(/\/+$/, '');
+    this.headers = { 'Content-Type': 'application/json', Accept: 'application/json' };
+    if (apiKey) this.headers.Authorization = `Bearer ${apiKey}`;
+    this.maxRetries = maxRetries;
+  }
+
+  async request(method, path, body = undefined, params = undefined) {
+    let url = this.baseUrl + path;
+    if (params) {
+      const query = new URLSearchParams(Object.entries(params).filter(([, v]) => v !== undefined && v !== null));
+      if ([...query].length) url += `?${query}`;
+    }
+    for (let attempt = 0; ; attempt += 1) {
+      const response = await fetch(url, {
+        method,
+        headers: this.headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+      if (response.status === 429 && attempt < this.maxRetries && response.headers.get('Retry-After')) {
+        await sleep(Number(response.headers.get('Retry-After')) * 1000);
+        continue;
+      }
+      let payload;
+      try {
+        payload = await response.json();
+      } catch {
+        throw new MSmartComputeError(`HTTP_${response.status}`, response.statusText, {}, response.status);
+      }
+      if (!response.ok || payload.success === false) {
+        const err = payload.error || {};
+        throw new MSmartComputeError(err.code || `HTTP_${response.status}`, err.message || response.statusText,
+          err.details || {}, response.status);
+      }
+      return payload;
+    }
+  }
+
+  health() { return this.request('GET', '/health'); }
+
+  loadModel(modelConfig) { return this.request('POST', '/models', modelConfig); }
+  async listModels() { return (await this.request('GET', '/models')).models; }
+  getModel(modelId) { return this.request('GET', `/models/${enc(modelId)}`); }
+  unloadModel(modelId) { return this.request('DELETE', `/models/${enc(modelId)}`); }
+
+  inference(modelId, inputData, options = {}, fields = {}) {
+    return this.request('POST', '/inference', { model_id: modelId, input_data: inputData, options, ...fields });
+  }
+  inferenceAsync(modelId, inputData, options = {}, fields = {}) {
+    return this.request('POST', '/inference/async', { model_id: modelId, input_data: inputData, options, ...fields });
+  }
+  getInference(requestId) { return this.request('GET', `/inference/${enc(requestId)}`); }
+  batchInference(requests) { return this.request('POST', '/inference/batch', { requests }); }
+
+  async wait(requestId, { timeoutMs = 300000, pollMs = 50 } = {}) {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const result = await this.getInference(requestId);
+      if (result.status === 'completed') return result;
+      if (result.status === 'failed') {
+        throw new MSmartComputeError('JOB_FAILED', `${requestId} failed: ${result.error?.message}`, { error: result.error });
+      }
+      if (Date.now() > deadline) throw new MSmartComputeError('REQUEST_TIMEOUT', `${requestId} still ${result.status}`);
+      await sleep(pollMs);
+      pollMs = Math.min(pollMs * 1.5, 1000);
+    }
+  }
+
+  createSession(userId, modelId) { return this.request('POST', '/sessions', { user_id: userId, model_id: modelId }); }
+  getSession(sessionId) { return this.request('GET', `/sessions/${enc(sessionId)}`); }
+  endSession(sessionId) { return this.request('DELETE', `/sessions/${enc(sessionId)}`); }
+
+  async metrics() { return (await this.request('GET', '/metrics')).metrics; }
+  async metricsHistory({ startTime, endTime, interval = 60 } = {}) {
+    return (await this.request('GET', '/metrics/history', undefined,
+      { start_time: startTime, end_time: endTime, interval })).history;
+  }
+
+  allocateResources(userId, memorySize, computeUnits, duration) {
+    return this.request('POST', '/resources',
+      { user_id: userId, memory_size: memorySize, compute_units: computeUnits, duration });
+  }
+  async listAllocations() { return (await this.request('GET', '/resources')).allocations; }
+  getAllocation(allocationId) { return this.request('GET', `/resources/${enc(allocationId)}`); }
+  deallocateResources(allocationId) { return this.request('DELETE', `/resources/${enc(allocationId)}`); }
+
+  createVirtualGpu(virtualGpuId, memorySize, computeUnits, schedulingPolicy = 'round_robin', fields = {}) {
+    return this.request('POST', '/virtualization/gpus', {
+      virtual_gpu_id: virtualGpuId, memory_size: memorySize, compute_units: computeUnits,
+      scheduling_policy: schedulingPolicy, ...fields,
+    });
+  }
+  async listVirtualGpus() { return (await this.request('GET', '/virtualization/gpus')).virtual_gpus; }
+  getVirtualGpu(virtualGpuId) { return this.request('GET', `/virtualization/gpus/${enc(virtualGpuId)}`); }
+  destroyVirtualGpu(virtualGpuId) { return this.request('DELETE', `/virtualization/gpus/${enc(virtualGpuId)}`); }
+}

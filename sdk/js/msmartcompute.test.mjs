@@ -1,0 +1,64 @@
+// The JS SDK against a live server: node --test sdk/js/ with MSC_BASE_URL and MSC_API_KEY set
+// (tests/test_e2e.py starts the server and runs this).
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+
+import { MSmartComputeClient, MSmartComputeError } from './msmartcompute.mjs';
+
+const baseUrl = process.env.MSC_BASE_URL;
+const apiKey = process.env.MSC_API_KEY;
+
+test('every endpoint through the JS SDK', { skip: !baseUrl }, async () => {
+  const client = new MSmartComputeClient(`${baseUrl}/api/v1`, apiKey);
+  assert.equal((await client.health()).status, 'healthy');
+
+  const loaded = await client.loadModel({
+    model_id: 'js-mlp', model_type: 'mlp',
+    parameters: { input_size: 3, hidden_sizes: [5], output_size: 2 },
+  });
+  assert.equal(loaded.model_id, 'js-mlp');
+  assert.ok((await client.listModels()).some((m) => m.model_id === 'js-mlp'));
+  assert.equal((await client.getModel('js-mlp')).model_type, 'mlp');
+
+  const result = await client.inference('js-mlp', [[0.1, 0.2, 0.3]]);
+  assert.equal(result.output_data.length, 1);
+  assert.equal(result.output_data[0].length, 2);
+
+  const queued = await client.inferenceAsync('js-mlp', [[0.1, 0.2, 0.3]]);
+  const done = await client.wait(queued.request_id, { timeoutMs: 30000 });
+  assert.deepEqual(done.output_data, result.output_data);
+
+  const batch = await client.batchInference([
+    { model_id: 'js-mlp', input_data: [[0.1, 0.2, 0.3]] },
+    { model_id: 'js-mlp', input_data: [[0.4, 0.5, 0.6]] },
+  ]);
+  assert.equal(batch.results.length, 2);
+
+  const session = await client.createSession('admin', 'js-mlp');
+  assert.equal((await client.getSession(session.session_id)).model_id, 'js-mlp');
+  await client.endSession(session.session_id);
+
+  const metrics = await client.metrics();
+  assert.ok(metrics.total_requests >= 1);
+  assert.ok(Array.isArray(await client.metricsHistory({ interval: 1 })));
+
+  const alloc = await client.allocateResources('admin', 1024, 1, 60);
+  assert.ok((await client.listAllocations()).some((a) => a.allocation_id === alloc.allocation_id));
+  assert.equal((await client.getAllocation(alloc.allocation_id)).memory_size, 1024);
+  await client.deallocateResources(alloc.allocation_id);
+
+  const vgpu = await client.createVirtualGpu('js-vgpu', 1 << 20, 1);
+  assert.equal(vgpu.status, 'active');
+  assert.ok((await client.listVirtualGpus()).some((v) => v.virtual_gpu_id === 'js-vgpu'));
+  assert.equal((await client.getVirtualGpu('js-vgpu')).memory_size, 1 << 20);
+  await client.destroyVirtualGpu('js-vgpu');
+
+  await assert.rejects(client.inference('missing', [[1]]),
+    (err) => err instanceof MSmartComputeError && err.code === 'INVALID_MODEL_ID' && err.status === 404);
+  await client.unloadModel('js-mlp');
+});
+
+test('a bad key is refused with UNAUTHORIZED', { skip: !baseUrl }, async () => {
+  const client = new MSmartComputeClient(`${baseUrl}/api/v1`, 'msc_0_notarealkeynotarealkey');
+  await assert.rejects(client.listModels(), (err) => err.code === 'UNAUTHORIZED' && err.status === 401);
+});

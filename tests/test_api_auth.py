@@ -1,0 +1,78 @@
+"""Auth, roles, ownership and rate limits with real keys."""
+import pytest
+
+from api_helpers import MLP_SPEC, Api, assert_error, assert_ok, make_runtime
+from msmartcompute.api.ratelimit import RateLimitConfig
+
+
+@pytest.fixture
+def secured(tmp_path):
+    runtime = make_runtime(tmp_path / "state")
+    base = Api(runtime)  # keys exist before the app is built: closed mode
+    keys = {"admin": base.keys.create("root", "admin"), "alice": base.keys.create("alice", "user"),
+            "bob": base.keys.create("bob", "user")}
+    api = Api(runtime, rate_limit=RateLimitConfig(per_minute=10_000, burst_per_second=10_000))
+    yield api, keys
+    runtime.close()
+
+
+def test_missing_or_bad_key_is_401(secured):
+    api, _ = secured
+    assert_error(api.get("/api/v1/models"), 401, "UNAUTHORIZED")
+    assert_error(api.as_("msc_00_wrongwrongwrongwrong").get("/api/v1/models"), 401, "UNAUTHORIZED")
+    r = api.get("/api/v1/models", headers={"Authorization": "Basic abc"})
+    assert_error(r, 401, "UNAUTHORIZED")
+    assert_ok(api.get("/health"))  # open
+    assert api.get("/api/v1/openapi.json").status_code == 200  # open
+
+
+def test_roles(secured):
+    api, keys = secured
+    admin, alice = api.as_(keys["admin"]), api.as_(keys["alice"])
+    assert_error(alice.post("/api/v1/models", MLP_SPEC), 403, "FORBIDDEN")
+    assert_ok(admin.post("/api/v1/models", MLP_SPEC))
+    assert_ok(alice.get("/api/v1/models"))
+    assert_ok(alice.post("/api/v1/inference", {"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]]}))
+    assert_error(alice.delete("/api/v1/models/mlp-small"), 403, "FORBIDDEN")
+    assert_error(alice.post("/api/v1/virtualization/gpus", {"virtual_gpu_id": "v", "memory_size": 1,
+                                                             "compute_units": 1}), 403, "FORBIDDEN")
+
+
+def test_ownership(secured):
+    api, keys = secured
+    admin, alice, bob = (api.as_(keys[k]) for k in ("admin", "alice", "bob"))
+    assert_ok(admin.post("/api/v1/models", MLP_SPEC))
+    session = assert_ok(alice.post("/api/v1/sessions", {"user_id": "alice", "model_id": "mlp-small"}))
+    assert_error(bob.post("/api/v1/sessions", {"user_id": "alice", "model_id": "mlp-small"}), 403, "FORBIDDEN")
+    assert_error(bob.get(f"/api/v1/sessions/{session['session_id']}"), 403, "FORBIDDEN")
+    assert_error(bob.delete(f"/api/v1/sessions/{session['session_id']}"), 403, "FORBIDDEN")
+    assert_ok(admin.get(f"/api/v1/sessions/{session['session_id']}"))
+
+    alloc = assert_ok(alice.post("/api/v1/resources", {"user_id": "alice", "memory_size": 1024,
+                                                        "compute_units": 1, "duration": 60}))
+    assert_error(bob.delete(f"/api/v1/resources/{alloc['allocation_id']}"), 403, "FORBIDDEN")
+    assert assert_ok(bob.get("/api/v1/resources"))["allocations"] == []
+    assert len(assert_ok(admin.get("/api/v1/resources"))["allocations"]) == 1
+
+    job = assert_ok(alice.post("/api/v1/inference/async", {"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]]}))
+    assert_error(bob.get(f"/api/v1/inference/{job['request_id']}"), 403, "FORBIDDEN")
+    assert_ok(alice.get(f"/api/v1/inference/{job['request_id']}"))
+    assert_ok(alice.delete(f"/api/v1/sessions/{session['session_id']}"))
+
+
+def test_rate_limit_headers_and_429(tmp_path):
+    runtime = make_runtime(tmp_path / "state")
+    key = Api(runtime).keys.create("carol", "user")
+    api = Api(runtime, rate_limit=RateLimitConfig(per_minute=1000, burst_per_second=5)).as_(key)
+    responses = [api.get("/api/v1/models") for _ in range(6)]
+    for r in responses[:5]:
+        assert r.status_code == 200
+        assert r.headers["X-RateLimit-Limit"] == "1000"
+        assert int(r.headers["X-RateLimit-Reset"]) > 0
+    assert [int(r.headers["X-RateLimit-Remaining"]) for r in responses[:5]] == [999, 998, 997, 996, 995]
+    error = assert_error(responses[5], 429, "RATE_LIMIT_EXCEEDED")
+    assert int(responses[5].headers["Retry-After"]) >= 1 and error["details"]["retry_after"] >= 1
+    assert "X-RateLimit-Remaining" in responses[5].headers
+    # an unauthenticated request is refused before it can spend anyone's tokens
+    assert_error(api.as_(None).get("/api/v1/models"), 401, "UNAUTHORIZED")
+    runtime.close()
