@@ -1,20 +1,52 @@
-"""The Runtime: the one object the API talks to. It owns the store and the parts
-of the engine (models, batching, jobs, ...), each added in its own module."""
+"""The Runtime: the one object the API talks to. It wires the parts of the engine, each in its
+own module: registry (models), vgpu (devices, vGPUs, capacity, device time), resources
+(allocations), batching (queues and workers), jobs (async work), sessions, metrics, store."""
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 import msmartcompute
 
-from . import devices
+from . import clock, devices, ids
+from .access import require_admin, require_owner
+from .batching import Executor, Pending, Result
+from .caller import Caller
+from .errors import InternalError, InvalidInputData, MSCError, NotFound, RequestTimeout
+from .jobs import JobRunner, error_dict
+from .metrics import Metrics
+from .registry import Registry
+from .resources import Allocations
+from .sessions import Sessions
 from .store import Store
+from .vgpu import VGPUManager
+
+log = logging.getLogger("msmartcompute.runtime")
 
 
 @dataclass
 class RuntimeConfig:
     state_dir: Path = Path("var")
+    model_roots: list[Path] | None = None          # None: [state_dir / "models"]
+    host_memory_capacity: int | None = None        # bytes of the host as device 0; None: half the RAM
+    max_batch_size: int = 32                       # when the load spec gives none
+    max_queue_delay_ms: float = 5.0                # 0: batching off
+    max_queue_size: int = 1024                     # per model; beyond it QUEUE_FULL
+    request_timeout_s: float = 30.0                # when the request gives no `timeout`
+    session_ttl_s: float = 3600.0
+    job_workers: int = 4
+    reaper_interval_s: float = 1.0                 # allocation expiry, session purge
+    metrics_sample_interval_s: float = 10.0
+    metrics_window_s: float = 60.0
+    metrics_retention_s: float = 7 * 24 * 3600.0
+    extra: dict = field(default_factory=dict)
 
 
 class Runtime:
@@ -24,7 +56,97 @@ class Runtime:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.state_dir / "msmartcompute.sqlite3")
         self.started_at = time.monotonic()
+        roots = config.model_roots if config.model_roots is not None else [self.state_dir / "models"]
+        self.metrics_ = Metrics(self.store, config.metrics_window_s)
+        self.vgpus = VGPUManager(self.store, config.host_memory_capacity)
+        self.allocations = Allocations(self.store, self.vgpus)
+        self.sessions = Sessions(self.store, config.session_ttl_s)
+        self.executors: dict[str, Executor] = {}
+        self._executors_lock = threading.Lock()
+        self.registry = Registry(self.store, self.vgpus, roots, self._executor_for,
+                                 config.max_batch_size, config.max_queue_size)
+        self.jobs = JobRunner(self.store, config.job_workers)
+        self.jobs.register("inference", self._inference_job, rerun_on_restart=True)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._state = "new"  # new -> started -> closed
+        self._state_lock = threading.Lock()
 
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Restore persisted state (vGPUs, allocations, models, jobs), start workers and threads."""
+        with self._state_lock:
+            if self._state != "new":
+                return
+            self._state = "started"
+        for what, restore in (("virtual GPUs", self.vgpus.restore), ("allocations", self.allocations.restore)):
+            try:
+                restore()
+            except MSCError as exc:
+                log.warning("could not restore %s: %s", what, exc.message)
+        self.registry.restore()
+        self.jobs.start()
+        self._every(self.config.reaper_interval_s, self._reap, "msc-reaper")
+        self._every(self.config.metrics_sample_interval_s, self._sample, "msc-metrics")
+
+    def close(self) -> None:
+        """Stop threads and workers promptly; persisted state stays for the next start."""
+        with self._state_lock:
+            if self._state == "closed":
+                return
+            self._state = "closed"
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        self.jobs._stop = True  # running jobs cut short by the executors' close are queued again
+        with self._executors_lock:
+            executors, self.executors = list(self.executors.values()), {}
+        for ex in executors:
+            ex.close(InternalError("the runtime is shutting down"))
+        self.jobs.close()
+        self.registry.close()
+        self.store.close()
+
+    def _every(self, interval: float, fn, name: str) -> None:
+        def loop():
+            try:
+                while not self._stop.wait(interval):
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("%s failed", name)
+            finally:
+                self.store.close()
+        t = threading.Thread(target=loop, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _reap(self) -> None:
+        self.allocations.expire()
+        self.sessions.purge()
+
+    def _sample(self) -> None:
+        self.metrics_.persist(self.metrics())
+        self.metrics_.prune_history(clock.now() - self.config.metrics_retention_s)
+
+    def _executor_for(self, device: int, vgpu_id: str | None) -> Executor:
+        key = f"vgpu:{vgpu_id}" if vgpu_id else f"device:{device}"
+        with self._executors_lock:
+            ex = self.executors.get(key)
+            if ex is None:
+                if vgpu_id:
+                    v = self.vgpus.get(vgpu_id)
+                    policy, units = v.scheduling_policy, v.compute_units
+                else:
+                    policy, units = "round_robin", max(1, self.vgpus.device_free(device)[1])
+                cuda = self.vgpus.device(device).torch_device
+                ex = Executor(key, policy, self.vgpus.schedulers[device], units,
+                              self.config.max_queue_delay_ms / 1000.0, self.metrics_,
+                              cuda if cuda.type == "cuda" else None)
+                self.executors[key] = ex
+            return ex
+
+    # ---- health ---------------------------------------------------------------------------------
     def health(self) -> dict:
         """The seed's health fields, all measured now."""
         if devices.gpu_count() > 0:
@@ -41,5 +163,190 @@ class Runtime:
             "memory_usage": round(memory_usage, 4),
         }
 
-    def close(self) -> None:
-        self.store.close()
+    # ---- models ---------------------------------------------------------------------------------
+    def load_model(self, spec: dict, caller: Caller | None = None) -> dict:
+        return self.registry.load(spec, caller)
+
+    def list_models(self, caller: Caller | None = None) -> list[dict]:
+        return self.registry.list()
+
+    def get_model(self, model_id: str, caller: Caller | None = None) -> dict:
+        return self.registry.entry(model_id).public()
+
+    def unload_model(self, model_id: str, caller: Caller | None = None) -> dict:
+        return self.registry.unload(model_id, caller)
+
+    # ---- inference ------------------------------------------------------------------------------
+    def _enqueue(self, request: dict, request_id: str) -> tuple[Executor, Pending]:
+        entry = self.registry.entry(request.get("model_id"))
+        model, executor = entry.model, entry.executor
+        if "input_data" not in request:
+            raise InvalidInputData("input_data is required", {"field": "input_data"})
+        try:
+            prepared = model.prepare(request["input_data"], request.get("options") or {})
+        except ValueError as exc:
+            raise InvalidInputData(str(exc), {"field": "input_data"}) from None
+        timeout = request.get("timeout", self.config.request_timeout_s)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise InvalidInputData("timeout must be a positive number of seconds", {"field": "timeout"})
+        pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout))
+        executor.submit(entry.model_id, pending)
+        return executor, pending
+
+    def _wait(self, executor: Executor, pending: Pending) -> Result:
+        try:
+            return pending.future.result(timeout=max(0.0, pending.deadline - time.monotonic()))
+        except FutureTimeout:
+            executor.abandon(pending)
+            raise RequestTimeout(f"request {pending.request_id} did not complete in time",
+                                 {"request_id": pending.request_id}) from None
+
+    def _finish(self, executor: Executor, pending: Pending, t0: float) -> dict:
+        try:
+            res = self._wait(executor, pending)
+        except MSCError:
+            self.metrics_.record_inference(False, time.perf_counter() - t0)
+            raise
+        elapsed = time.perf_counter() - t0
+        self.metrics_.record_inference(True, elapsed, res.output.tokens_generated)
+        data = res.output.output_data
+        return {"request_id": pending.request_id,
+                "output_data": data.tolist() if isinstance(data, np.ndarray) else data,
+                "inference_time": elapsed, "tokens_generated": int(res.output.tokens_generated),
+                "memory_used": int(res.memory_used)}
+
+    def _infer(self, request: dict, request_id: str) -> dict:
+        t0 = time.perf_counter()
+        try:
+            executor, pending = self._enqueue(request, request_id)
+        except MSCError:
+            self.metrics_.record_inference(False, time.perf_counter() - t0)
+            raise
+        return self._finish(executor, pending, t0)
+
+    def infer(self, request: dict, caller: Caller | None = None) -> dict:
+        """Run one request through its model's batch queue. inference_time: seconds end to end
+        (queue wait + run). memory_used: on CUDA the allocator's peak growth during the run that
+        served it; on the host the bytes of this request's input and output tensors."""
+        return self._infer(request, ids.request_id(self.store))
+
+    def infer_batch(self, requests: list[dict], caller: Caller | None = None) -> dict:
+        """All requests are queued before any is awaited, so they can share batches."""
+        t0 = time.perf_counter()
+        queued = []
+        for request in requests:
+            rid = ids.request_id(self.store)
+            try:
+                queued.append((rid, *self._enqueue(request, rid), None))
+            except MSCError as exc:
+                self.metrics_.record_inference(False, 0.0)
+                queued.append((rid, None, None, exc))
+        results = []
+        for rid, executor, pending, exc in queued:
+            if exc is None:
+                try:
+                    out = self._finish(executor, pending, t0)
+                    results.append({k: out[k] for k in ("request_id", "output_data", "inference_time")})
+                    continue
+                except MSCError as e:
+                    exc = e
+            results.append({"request_id": rid, "error": error_dict(exc)})
+        return {"results": results, "total_time": time.perf_counter() - t0}
+
+    def submit_inference(self, request: dict, caller: Caller | None = None) -> dict:
+        """Queue an async inference job (validated now: model and input). estimated_completion:
+        now + (jobs ahead / job workers + 1) x the mean duration of recent inference jobs (else
+        the recent inference latency)."""
+        entry = self.registry.entry(request.get("model_id"))
+        try:
+            entry.model.prepare(request.get("input_data"), request.get("options") or {})
+        except ValueError as exc:
+            raise InvalidInputData(str(exc), {"field": "input_data"}) from None
+        rid = ids.request_id(self.store)
+        data = np.asarray(request["input_data"])
+        stored = {k: v for k, v in request.items() if k != "input_data"}
+        stored.update(input_data=data.tolist(), input_dtype=data.dtype.name, request_id=rid)
+        owner = caller.user_id if caller else request.get("user_id")
+        self.jobs.submit(rid, "inference", owner, stored)
+        ahead = self.jobs.queued_ahead(rid)
+        per_job = self.jobs.mean_duration("inference") or self.metrics_.recent_latency() or 0.0
+        eta = clock.now() + (ahead // max(1, self.config.job_workers) + 1) * per_job
+        return {"request_id": rid, "status": "queued", "estimated_completion": clock.iso(eta)}
+
+    def _inference_job(self, stored: dict) -> dict:
+        request = dict(stored)
+        request["input_data"] = np.asarray(stored["input_data"], dtype=stored.get("input_dtype"))
+        out = self._infer(request, stored["request_id"])
+        return {k: out[k] for k in ("output_data", "inference_time", "tokens_generated", "memory_used")}
+
+    def get_inference(self, request_id: str, caller: Caller | None = None) -> dict:
+        job = self.jobs.get(request_id)
+        if job is None or job["kind"] != "inference":
+            raise NotFound(f"inference request {request_id!r} not found")
+        require_owner(caller, job["owner"], f"request {request_id}")
+        result = job["result"] or {}
+        out = {"request_id": request_id, "status": job["status"], "output_data": result.get("output_data"),
+               "inference_time": result.get("inference_time"),
+               "completion_time": clock.iso(job["completed_at"]) if job["status"] == "completed" else None}
+        if job["status"] == "failed":
+            out["error"] = {k: job["error"][k] for k in ("code", "message")}
+        return out
+
+    # ---- sessions -------------------------------------------------------------------------------
+    def create_session(self, user_id: str, model_id: str, caller: Caller | None = None) -> dict:
+        self.registry.entry(model_id)
+        return self.sessions.create(user_id, model_id, caller)
+
+    def get_session(self, session_id: str, caller: Caller | None = None) -> dict:
+        return self.sessions.get(session_id, caller)
+
+    def delete_session(self, session_id: str, caller: Caller | None = None) -> dict:
+        return self.sessions.delete(session_id, caller)
+
+    # ---- allocations ----------------------------------------------------------------------------
+    def allocate(self, request: dict, caller: Caller | None = None) -> dict:
+        return self.allocations.allocate(request, caller)
+
+    def get_allocation(self, allocation_id: str, caller: Caller | None = None) -> dict:
+        return self.allocations.get(allocation_id, caller)
+
+    def list_allocations(self, caller: Caller | None = None) -> list[dict]:
+        return self.allocations.list(caller)
+
+    def deallocate(self, allocation_id: str, caller: Caller | None = None) -> dict:
+        return self.allocations.deallocate(allocation_id, caller)
+
+    # ---- virtual GPUs ---------------------------------------------------------------------------
+    def create_vgpu(self, request: dict, caller: Caller | None = None) -> dict:
+        return self.vgpus.create(request, caller).to_dict()
+
+    def get_vgpu(self, vgpu_id: str, caller: Caller | None = None) -> dict:
+        return self.vgpus.get(vgpu_id).to_dict()
+
+    def list_vgpus(self, caller: Caller | None = None) -> list[dict]:
+        return [v.to_dict() for v in list(self.vgpus.vgpus.values())]
+
+    def delete_vgpu(self, vgpu_id: str, caller: Caller | None = None) -> dict:
+        require_admin(caller, "delete a virtual GPU")
+        self.vgpus.delete(vgpu_id)
+        with self._executors_lock:
+            ex = self.executors.pop(f"vgpu:{vgpu_id}", None)
+        if ex is not None:
+            ex.close(InternalError(f"virtual GPU {vgpu_id} was deleted"))
+        return {"virtual_gpu_id": vgpu_id, "message": "Virtual GPU destroyed successfully"}
+
+    # ---- metrics --------------------------------------------------------------------------------
+    def queued_requests(self) -> int:
+        with self._executors_lock:
+            executors = list(self.executors.values())
+        return sum(ex.depth() for ex in executors) + self.jobs.count("queued")
+
+    def metrics(self) -> dict:
+        return self.metrics_.snapshot(self.queued_requests())
+
+    def metrics_history(self, start_time: datetime | None = None, end_time: datetime | None = None,
+                        interval: int = 60) -> list[dict]:
+        return self.metrics_.history(clock.to_unix(start_time), clock.to_unix(end_time), interval)
+
+    def record_request(self, ok: bool, latency_s: float) -> None:
+        self.metrics_.record_request(ok, latency_s)

@@ -59,3 +59,9 @@ class MethodNotAllowed(MSCError):
 
 class InternalError(MSCError):
     code = "INTERNAL_ERROR"
+
+
+class QueueFull(MSCError):
+    """A model's request queue is at RuntimeConfig.max_queue_size: rejected at once (HTTP 503)."""
+
+    code = "QUEUE_FULL"

@@ -24,6 +24,35 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (namespace, key)
     );
     """,
+    # runtime: persisted counters (ids), async jobs, metrics snapshots
+    """
+    CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        owner TEXT,
+        status TEXT NOT NULL,
+        request TEXT NOT NULL,
+        result TEXT,
+        error TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        completed_at REAL
+    );
+    CREATE INDEX jobs_status ON jobs(status, created_at);
+    CREATE TABLE metrics_history (
+        ts REAL NOT NULL,
+        gpu_utilization REAL,
+        memory_utilization REAL,
+        temperature REAL,
+        power_usage REAL,
+        throughput REAL,
+        latency REAL,
+        active_requests REAL,
+        queued_requests REAL
+    );
+    CREATE INDEX metrics_history_ts ON metrics_history(ts);
+    """,
 ]
 
 
@@ -87,6 +116,12 @@ class Store:
         rows = self.connect().execute("SELECT key, value FROM kv WHERE namespace = ? ORDER BY key",
                                       (namespace,)).fetchall()
         return [(r["key"], json.loads(r["value"])) for r in rows]
+
+    def next_counter(self, name: str) -> int:
+        """The next value (1, 2, ...) of a persisted counter; atomic across threads and processes."""
+        return self.connect().execute(
+            "INSERT INTO counters(name, value) VALUES (?, 1) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value", (name,)).fetchone()[0]
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -1,0 +1,32 @@
+"""Model families built on ops: build_model(spec, device) -> ServedModel.
+
+Families: transformer (decoder LM with KV cache), encoder (token ids -> pooled vectors),
+mlp (float rows -> float rows), torchscript / exported (a user's own program file)."""
+from __future__ import annotations
+
+import torch
+
+from .base import Output, Prepared, ServedModel
+
+MODEL_TYPES: tuple[str, ...] = ("mlp",)
+
+
+def _families() -> dict:
+    from .mlp import MLPModel
+
+    return {"mlp": MLPModel}
+
+
+def build_model(spec: dict, device: torch.device) -> ServedModel:
+    """Build and load the model a POST /models body describes. Raises ValueError."""
+    model_type = spec.get("model_type")
+    families = _families()
+    if model_type not in families:
+        raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    params = spec.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ValueError("parameters must be an object")
+    return families[model_type](spec, torch.device(device))
+
+
+__all__ = ["MODEL_TYPES", "Output", "Prepared", "ServedModel", "build_model"]

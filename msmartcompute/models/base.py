@@ -1,0 +1,111 @@
+"""What every served model is: the ServedModel face the runtime calls, and the
+shared rules for turning one request's input_data into a checked tensor."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Prepared:
+    tensor: torch.Tensor            # this request's rows, on the model's device
+    options: dict                   # normalised options (temperature, top_p, max_tokens, seed, ...)
+    batch_key: tuple                # requests with equal batch_key may share one run() call
+    rows: int                       # number of rows this request contributes
+
+
+@dataclass
+class Output:
+    output_data: "np.ndarray | list[list]"  # the rows to return for this request
+    tokens_generated: int           # real count (0 for non-generative models)
+
+
+class ServedModel:
+    """A loaded model. Subclasses set the attributes and implement prepare/run."""
+
+    model_type: str
+    module: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+
+    def tensor_bytes(self) -> int:
+        """Measured bytes of every parameter and buffer (int8 weights count 1 byte each)."""
+        return module_bytes(self.module)
+
+    def prepare(self, input_data, options: dict) -> Prepared:
+        raise NotImplementedError
+
+    def run(self, batch: list[Prepared]) -> list[Output]:
+        raise NotImplementedError
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    seen: set[int] = set()  # a tied tensor counts once
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+# ---- input rules shared by the model families ------------------------------------------------
+# input_data must be a non-empty 2-D rectangular array of numbers (a list of rows). Float input
+# may not hold NaN or Inf (refused: a non-finite value would silently poison a shared batch).
+# Token ids must be integers (integral floats such as 3.0 are accepted) in [0, vocab_size).
+
+def _as_array(input_data) -> np.ndarray:
+    try:
+        arr = np.asarray(input_data)
+    except ValueError as exc:  # numpy: "inhomogeneous shape"
+        raise ValueError(f"input_data must be rectangular: every row the same length ({exc})") from None
+    if arr.dtype == object:
+        raise ValueError("input_data must be rectangular rows of numbers")
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"input_data must hold numbers, got {arr.dtype.name} values")
+    if arr.ndim != 2:
+        raise ValueError(f"input_data must be a list of rows (2-D), got {arr.ndim}-D "
+                         f"shape {tuple(arr.shape)}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"input_data must have at least one row and one column, got shape {arr.shape}")
+    return arr
+
+
+def float_rows(input_data, width: int | None = None) -> torch.Tensor:
+    """[rows, width] float32 CPU tensor from one request's input_data."""
+    arr = _as_array(input_data)
+    if width is not None and arr.shape[1] != width:
+        raise ValueError(f"input_data rows must have {width} values (the model's input_size), "
+                         f"got {arr.shape[1]}")
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise ValueError(f"input_data holds a NaN or infinite value (row {bad[0]}, column {bad[1]}); "
+                         "only finite numbers are accepted")
+    return t
+
+
+def token_rows(input_data, vocab_size: int, max_length: int) -> torch.Tensor:
+    """[rows, seq] int64 CPU tensor of token ids from one request's input_data."""
+    arr = _as_array(input_data)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+            raise ValueError("input_data rows are token ids and must be integers")
+        arr = arr.astype(np.int64)
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
+    low, high = int(t.min()), int(t.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is out of range: ids must lie in [0, {vocab_size}) "
+                         "(the model's vocab_size)")
+    if t.shape[1] > max_length:
+        raise ValueError(f"sequence length {t.shape[1]} exceeds the model's limit of {max_length}")
+    return t
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A result tensor as the rows to return: float32 for floats, int64 for ids."""
+    t = t.detach().cpu()
+    return (t.float() if t.is_floating_point() else t.long()).numpy()

@@ -1,0 +1,291 @@
+"""Dynamic batching: per-model queues served by one worker per vGPU (or per device pool).
+
+A worker picks a model whose queue is ready (max_batch_size requests waiting, or the oldest
+has waited max_queue_delay_ms; 0 ms = batching off: every request is ready at once), choosing
+among ready models by the vGPU's scheduling policy (`choose_queue`). It takes up to
+max_batch_size requests, groups those with equal Prepared.batch_key (order kept), and calls
+ServedModel.run() once per group inside the device's time slot (vgpu.DeviceScheduler). If a
+grouped run raises, the group's requests are run one by one so only the faulty one fails.
+
+Errors a run raises map to: torch.OutOfMemoryError / MemoryError -> INSUFFICIENT_MEMORY,
+ValueError -> INVALID_INPUT_DATA, anything else -> INTERNAL_ERROR; each fails its request
+alone. A full queue (RuntimeConfig.max_queue_size) refuses at once with QUEUE_FULL; a request
+not done by its deadline fails with REQUEST_TIMEOUT (its slot in the queue is skipped).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InsufficientMemory, InternalError, InvalidInputData, MSCError, QueueFull, RequestTimeout
+from .vgpu import DeviceScheduler
+
+log = logging.getLogger("msmartcompute.runtime.batching")
+
+
+@dataclass
+class Pending:
+    request_id: str
+    prepared: object                  # models.Prepared
+    deadline: float                   # time.monotonic() by which it must be done
+    enqueued_at: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+    abandoned: bool = False           # the caller timed out: skip it
+
+
+@dataclass
+class Result:
+    output: object                    # models.Output
+    run_s: float                      # seconds of the run() call that served it
+    batch_size: int                   # requests in that run() call
+    memory_used: int                  # bytes, see engine.infer
+
+
+def map_run_error(exc: BaseException) -> MSCError:
+    if isinstance(exc, MSCError):
+        return exc
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return InsufficientMemory(f"out of memory while running: {exc}".strip(), {"during": "inference"})
+    if isinstance(exc, ValueError):
+        return InvalidInputData(str(exc))
+    return InternalError(f"inference failed: {type(exc).__name__}: {exc}")
+
+
+class ModelQueue:
+    """One model's waiting requests. Guarded by its executor's condition."""
+
+    def __init__(self, model_id: str, model, max_batch_size: int, max_queue_size: int, priority: int = 0):
+        self.model_id = model_id
+        self.model = model
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.max_queue_size = max_queue_size
+        self.priority = priority
+        self.items: collections.deque[Pending] = collections.deque()
+        self.device_time_s = 0.0      # fair_share: measured run() seconds on this worker
+
+    def prune(self) -> None:
+        """Drop abandoned heads; fail expired ones with REQUEST_TIMEOUT."""
+        now = time.monotonic()
+        while self.items and (self.items[0].abandoned or self.items[0].deadline <= now):
+            p = self.items.popleft()
+            if not p.abandoned and not p.future.done():
+                p.future.set_exception(_timeout(p))
+
+    def ready_at(self, delay_s: float) -> float | None:
+        """Monotonic time at which this queue is ready to form a batch (None when empty)."""
+        self.prune()
+        if not self.items:
+            return None
+        if delay_s <= 0 or len(self.items) >= self.max_batch_size:
+            return 0.0
+        return self.items[0].enqueued_at + delay_s
+
+    def take(self) -> list[Pending]:
+        batch = []
+        while self.items and len(batch) < self.max_batch_size:
+            p = self.items.popleft()
+            if p.abandoned:
+                continue
+            if p.deadline <= time.monotonic():
+                p.future.set_exception(_timeout(p))
+                continue
+            batch.append(p)
+        return batch
+
+
+def _timeout(p: Pending) -> RequestTimeout:
+    return RequestTimeout(f"request {p.request_id} timed out in the queue", {"request_id": p.request_id})
+
+
+def choose_queue(policy: str, ready: list[ModelQueue], last_served: str | None) -> ModelQueue:
+    """Pick the next queue to serve among ready ones (see vgpu.py for the policies).
+
+    round_robin: the first model id after `last_served` in sorted order, wrapping around.
+    priority:    highest `priority`, ties by the oldest waiting request.
+    fair_share:  least `device_time_s`, ties by the oldest waiting request.
+    """
+    if policy == "priority":
+        return max(ready, key=lambda q: (q.priority, -q.items[0].enqueued_at))
+    if policy == "fair_share":
+        return min(ready, key=lambda q: (q.device_time_s, q.items[0].enqueued_at))
+    ordered = sorted(ready, key=lambda q: q.model_id)
+    for q in ordered:
+        if last_served is None or q.model_id > last_served:
+            return q
+    return ordered[0]
+
+
+class Executor:
+    """The worker of one vGPU (or of a device's models not on a vGPU)."""
+
+    def __init__(self, name: str, policy: str, scheduler: DeviceScheduler, compute_units: int,
+                 max_queue_delay_s: float, metrics, cuda_device: torch.device | None = None):
+        self.name = name
+        self.policy = policy
+        self.scheduler = scheduler
+        self.max_queue_delay_s = max_queue_delay_s
+        self.metrics = metrics
+        self.cuda_device = cuda_device
+        self.queues: dict[str, ModelQueue] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self._last_served: str | None = None
+        scheduler.register(name, compute_units)
+        self._thread = threading.Thread(target=self._loop, name=f"msc-worker-{name}", daemon=True)
+        self._thread.start()
+
+    # ---- callers ----------------------------------------------------------------------------
+    def add(self, queue: ModelQueue) -> None:
+        with self._cond:
+            self.queues[queue.model_id] = queue
+
+    def remove(self, model_id: str, reason: MSCError) -> None:
+        with self._cond:
+            q = self.queues.pop(model_id, None)
+            if q is not None:
+                while q.items:
+                    p = q.items.popleft()
+                    if not p.future.done():
+                        p.future.set_exception(reason)
+                q.model = None
+
+    def submit(self, model_id: str, pending: Pending) -> None:
+        with self._cond:
+            q = self.queues[model_id]
+            if len(q.items) >= q.max_queue_size:
+                q.prune()
+            if len(q.items) >= q.max_queue_size:
+                raise QueueFull(f"queue of model {model_id!r} is full ({q.max_queue_size} requests)",
+                                {"model_id": model_id, "max_queue_size": q.max_queue_size})
+            q.items.append(pending)
+            self.metrics.record_queue_depth(model_id, len(q.items))
+            self._cond.notify()
+
+    def abandon(self, pending: Pending) -> None:
+        with self._cond:
+            pending.abandoned = True
+
+    def depth(self) -> int:
+        with self._cond:
+            return sum(len(q.items) for q in self.queues.values())
+
+    def depths(self) -> dict[str, int]:
+        with self._cond:
+            return {m: len(q.items) for m, q in self.queues.items()}
+
+    def close(self, reason: MSCError) -> None:
+        """Stop the worker after its current run; waiting requests fail with `reason`."""
+        with self._cond:
+            self._stop = True
+            for model_id in list(self.queues):
+                self.remove(model_id, reason)
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+        self.scheduler.unregister(self.name)
+
+    # ---- worker -----------------------------------------------------------------------------
+    def _next_batch(self):
+        """Wait for a ready queue; returns (queue, batch) or None when stopping."""
+        with self._cond:
+            while not self._stop:
+                now = time.monotonic()
+                ready, wake = [], None
+                for q in self.queues.values():
+                    t = q.ready_at(self.max_queue_delay_s)
+                    if t is None:
+                        continue
+                    if t <= now:
+                        ready.append(q)
+                    else:
+                        wake = t if wake is None else min(wake, t)
+                if ready:
+                    q = choose_queue(self.policy, ready, self._last_served)
+                    self._last_served = q.model_id
+                    batch = q.take()
+                    if batch:
+                        return q, batch
+                    continue
+                self._cond.wait(None if wake is None else max(0.0, wake - now))
+            return None
+
+    def _loop(self) -> None:
+        while True:
+            item = self._next_batch()
+            if item is None:
+                return
+            try:
+                self._serve(*item)
+            except BaseException:  # never let the worker die; each request is already answered
+                log.exception("worker %s: unexpected failure", self.name)
+            del item  # drop references to the model and tensors before waiting again
+
+    def _serve(self, queue: ModelQueue, batch: list[Pending]) -> None:
+        model = queue.model
+        groups: dict[tuple, list[Pending]] = {}
+        for p in batch:
+            groups.setdefault(p.prepared.batch_key, []).append(p)
+        for group in groups.values():
+            self.metrics.active_add(len(group))
+            try:
+                try:
+                    self._run(queue, model, group)
+                except Exception as exc:
+                    if len(group) == 1:
+                        _fail(group[0], exc)
+                        continue
+                    log.info("worker %s: batch of %d failed (%s); retrying singly", self.name, len(group), exc)
+                    for p in group:
+                        try:
+                            self._run(queue, model, [p])
+                        except Exception as exc1:
+                            _fail(p, exc1)
+            finally:
+                self.metrics.active_add(-len(group))
+
+    def _run(self, queue: ModelQueue, model, group: list[Pending]) -> None:
+        cuda = self.cuda_device
+        with self.scheduler.slot(self.name):
+            if cuda is not None:
+                torch.cuda.reset_peak_memory_stats(cuda)
+                base = torch.cuda.memory_allocated(cuda)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                outputs = model.run([p.prepared for p in group])
+            if cuda is not None:
+                torch.cuda.synchronize(cuda)
+                peak = torch.cuda.max_memory_allocated(cuda) - base
+            run_s = time.perf_counter() - t0
+        queue.device_time_s += run_s
+        if len(outputs) != len(group):
+            raise InternalError(f"model returned {len(outputs)} outputs for {len(group)} requests")
+        self.metrics.record_batch(len(group))
+        for p, out in zip(group, outputs):
+            if cuda is None:
+                memory = int(p.prepared.tensor.nbytes) + _nbytes(out.output_data)
+            else:
+                memory = int(peak)
+            if not p.future.done():
+                p.future.set_result(Result(out, run_s, len(group), memory))
+
+
+def _fail(p: Pending, exc: BaseException) -> None:
+    if not p.future.done():
+        p.future.set_exception(map_run_error(exc))
+
+
+def _nbytes(data) -> int:
+    nbytes = getattr(data, "nbytes", None)
+    if nbytes is not None:
+        return int(nbytes)
+    try:
+        import numpy as np
+        return int(np.asarray(data).nbytes)
+    except Exception:
+        return 0
+

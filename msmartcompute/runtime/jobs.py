@@ -1,0 +1,161 @@
+"""Async jobs: rows in the store's `jobs` table, run by a small pool of threads.
+
+The runner is generic: `register(kind, handler, rerun_on_restart)` plugs a kind in
+(inference here; training adds its own). A handler takes the job's request dict and returns
+a JSON-able result dict, or raises an MSCError (stored as the job's error).
+
+A job goes queued -> running -> completed | failed. The result is written in the same UPDATE
+that marks the job completed, so a completed job always has its result. On start(), queued
+jobs run again; jobs left `running` by a stopped server are queued again when their kind
+says rerun_on_restart (inference), else marked failed with the reason (training).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from . import clock
+from .errors import InternalError, MSCError
+from .store import Store
+
+log = logging.getLogger("msmartcompute.runtime.jobs")
+
+
+@dataclass
+class Kind:
+    handler: Callable[[dict], dict]
+    rerun_on_restart: bool
+
+
+def error_dict(exc: BaseException) -> dict:
+    if not isinstance(exc, MSCError):
+        exc = InternalError(f"{type(exc).__name__}: {exc}")
+    return {"code": exc.code, "message": exc.message, "details": exc.details}
+
+
+class JobRunner:
+    def __init__(self, store: Store, workers: int = 4):
+        self.store = store
+        self.workers = workers
+        self.kinds: dict[str, Kind] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self._threads: list[threading.Thread] = []
+
+    def register(self, kind: str, handler: Callable[[dict], dict], rerun_on_restart: bool) -> None:
+        self.kinds[kind] = Kind(handler, rerun_on_restart)
+
+    # ---- rows ---------------------------------------------------------------------------------
+    def submit(self, job_id: str, kind: str, owner: str | None, request: dict) -> dict:
+        self.store.connect().execute(
+            "INSERT INTO jobs(id, kind, owner, status, request, created_at) VALUES (?, ?, ?, 'queued', ?, ?)",
+            (job_id, kind, owner, json.dumps(request), clock.now()))
+        with self._cond:
+            self._cond.notify()
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> dict | None:
+        row = self.store.connect().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _row(row)
+
+    def queued_ahead(self, job_id: str) -> int:
+        """Queued or running jobs created before this one."""
+        return self.store.connect().execute(
+            "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') AND rowid < "
+            "(SELECT rowid FROM jobs WHERE id = ?)", (job_id,)).fetchone()[0]
+
+    def count(self, status: str) -> int:
+        return self.store.connect().execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
+
+    def mean_duration(self, kind: str, last: int = 50) -> float | None:
+        """Mean seconds from start to completion of the latest completed jobs of a kind."""
+        row = self.store.connect().execute(
+            "SELECT AVG(completed_at - started_at) FROM (SELECT completed_at, started_at FROM jobs "
+            "WHERE kind = ? AND status = 'completed' ORDER BY completed_at DESC LIMIT ?)", (kind, last)).fetchone()
+        return row[0]
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Jobs a stopped server left running: queue again or fail, by kind."""
+        conn = self.store.connect()
+        for row in conn.execute("SELECT id, kind FROM jobs WHERE status = 'running'").fetchall():
+            kind = self.kinds.get(row["kind"])
+            if kind is not None and kind.rerun_on_restart:
+                conn.execute("UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ?", (row["id"],))
+            else:
+                err = {"code": "INTERNAL_ERROR", "details": {},
+                       "message": f"the server stopped while this {row['kind']} job was running; "
+                                  f"{row['kind']} jobs are not resumed"}
+                conn.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ? WHERE id = ?",
+                             (json.dumps(err), clock.now(), row["id"]))
+
+    def start(self) -> None:
+        self.recover()
+        with self._cond:
+            self._stop = False
+        for i in range(self.workers):
+            t = threading.Thread(target=self._loop, name=f"msc-jobs-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=10)
+        self._threads.clear()
+
+    # ---- workers ------------------------------------------------------------------------------
+    def _claim(self) -> dict | None:
+        if not self.kinds:
+            return None
+        kinds = list(self.kinds)
+        row = self.store.connect().execute(
+            "UPDATE jobs SET status = 'running', started_at = ? WHERE id = (SELECT id FROM jobs "
+            f"WHERE status = 'queued' AND kind IN ({', '.join('?' * len(kinds))}) ORDER BY rowid LIMIT 1) "
+            "RETURNING *", (clock.now(), *kinds)).fetchone()
+        return None if row is None else _row(row)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    if self._stop:
+                        return
+                job = self._claim()
+                if job is None:
+                    with self._cond:
+                        if not self._stop:
+                            self._cond.wait(0.5)
+                    continue
+                self._execute(job)
+        finally:
+            self.store.close()  # this thread's connection
+
+    def _execute(self, job: dict) -> None:
+        conn = self.store.connect()
+        try:
+            result = self.kinds[job["kind"]].handler(job["request"])
+        except BaseException as exc:  # the job fails, the worker lives on
+            if self._stop and self.kinds[job["kind"]].rerun_on_restart:  # cut short by close(): run again
+                conn.execute("UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ?", (job["id"],))
+                return
+            if not isinstance(exc, MSCError):
+                log.exception("job %s failed", job["id"])
+            conn.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ? WHERE id = ?",
+                         (json.dumps(error_dict(exc)), clock.now(), job["id"]))
+            return
+        conn.execute("UPDATE jobs SET status = 'completed', result = ?, completed_at = ? WHERE id = ?",
+                     (json.dumps(result), clock.now(), job["id"]))
+
+
+def _row(row) -> dict:
+    job = dict(row)
+    for key in ("request", "result", "error"):
+        if job[key] is not None:
+            job[key] = json.loads(job[key])
+    return job

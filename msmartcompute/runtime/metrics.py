@@ -1,0 +1,161 @@
+"""Live counters, latency and throughput, device readings, and the persisted history.
+
+What the fields mean:
+  total/successful/failed_requests  API requests, counted by record_request() (the API calls it
+                                    once per HTTP request).
+  inference_requests/_failures      inferences run by the engine (sync, async, batch items).
+  latency                           p50, in seconds, of the most recent inferences (end to end:
+                                    queue wait + run); latency_p50 / latency_p99 the same window.
+  request_latency_p50/_p99          the same over API requests (record_request).
+  throughput                        inferences completed per second over the sliding window
+                                    (RuntimeConfig.metrics_window_s, or the uptime when shorter);
+                                    tokens_per_second likewise for generated tokens.
+  active_requests / queued_requests requests inside a run() now / waiting in batch queues and
+                                    queued async jobs.
+  batch_sizes / queue_depth         how many run() calls had each batch size; the deepest each
+                                    model's queue has been.
+  gpu_utilization, temperature,     NVML readings (None with no GPU);
+  power_usage
+  memory_utilization                device memory used / total (NVML), else host memory in use.
+A sampler thread persists a snapshot every RuntimeConfig.metrics_sample_interval_s into the
+store's metrics_history table; history() averages them per `interval`-second bucket.
+"""
+from __future__ import annotations
+
+import collections
+import statistics
+import threading
+import time
+
+from . import clock, devices
+from .store import Store
+
+HISTORY_FIELDS = ("gpu_utilization", "memory_utilization", "temperature", "power_usage", "throughput",
+                  "latency", "active_requests", "queued_requests")
+_RECENT = 1024  # latencies kept for the percentiles
+
+
+def _percentile(values, q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+class Metrics:
+    def __init__(self, store: Store, window_s: float = 60.0):
+        self.store = store
+        self.window_s = window_s
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self.total = self.successful = self.failed = 0
+        self.inferences = self.inference_failures = 0
+        self.active = 0
+        self._request_latency = collections.deque(maxlen=_RECENT)
+        self._latency = collections.deque(maxlen=_RECENT)
+        self._done = collections.deque()  # (monotonic time, tokens) of completed inferences in the window
+        self.batch_sizes: collections.Counter = collections.Counter()
+        self.queue_depth: dict[str, int] = {}
+
+    # ---- recording --------------------------------------------------------------------------
+    def record_request(self, ok: bool, latency_s: float) -> None:
+        with self._lock:
+            self.total += 1
+            if ok:
+                self.successful += 1
+            else:
+                self.failed += 1
+            self._request_latency.append(float(latency_s))
+
+    def record_inference(self, ok: bool, latency_s: float, tokens: int = 0) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.inferences += 1
+            if not ok:
+                self.inference_failures += 1
+                return
+            self._latency.append(float(latency_s))
+            self._done.append((now, int(tokens)))
+            self._trim(now)
+
+    def record_batch(self, size: int) -> None:
+        with self._lock:
+            self.batch_sizes[size] += 1
+
+    def record_queue_depth(self, model_id: str, depth: int) -> None:
+        with self._lock:
+            if depth > self.queue_depth.get(model_id, 0):
+                self.queue_depth[model_id] = depth
+
+    def active_add(self, n: int) -> None:
+        with self._lock:
+            self.active += n
+
+    def _trim(self, now: float) -> None:
+        while self._done and self._done[0][0] < now - self.window_s:
+            self._done.popleft()
+
+    # ---- reading ----------------------------------------------------------------------------
+    def recent_latency(self) -> float | None:
+        with self._lock:
+            return statistics.median(self._latency) if self._latency else None
+
+    def snapshot(self, queued: int) -> dict:
+        now = time.monotonic()
+        if devices.gpu_count() > 0:
+            readings = devices.gpu_readings(0)
+            memory_utilization = (readings["memory_used"] / readings["memory_total"]
+                                  if readings["memory_total"] else devices.host_memory_usage())
+        else:
+            readings = devices.gpu_readings(0)
+            memory_utilization = devices.host_memory_usage()
+        with self._lock:
+            self._trim(now)
+            span = max(1e-9, min(self.window_s, now - self.started))
+            latency = list(self._latency)
+            request_latency = list(self._request_latency)
+            return {
+                "gpu_utilization": readings["gpu_utilization"],
+                "memory_utilization": round(memory_utilization, 4),
+                "temperature": readings["temperature"],
+                "power_usage": readings["power_usage"],
+                "throughput": len(self._done) / span,
+                "tokens_per_second": sum(t for _, t in self._done) / span,
+                "latency": statistics.median(latency) if latency else None,
+                "latency_p50": _percentile(latency, 0.5),
+                "latency_p99": _percentile(latency, 0.99),
+                "request_latency_p50": _percentile(request_latency, 0.5),
+                "request_latency_p99": _percentile(request_latency, 0.99),
+                "active_requests": self.active,
+                "queued_requests": int(queued),
+                "total_requests": self.total,
+                "successful_requests": self.successful,
+                "failed_requests": self.failed,
+                "inference_requests": self.inferences,
+                "inference_failures": self.inference_failures,
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "queue_depth": dict(self.queue_depth),
+            }
+
+    # ---- history ----------------------------------------------------------------------------
+    def persist(self, snapshot: dict, ts: float | None = None) -> None:
+        ts = clock.now() if ts is None else ts
+        self.store.connect().execute(
+            f"INSERT INTO metrics_history(ts, {', '.join(HISTORY_FIELDS)}) "
+            f"VALUES (?{', ?' * len(HISTORY_FIELDS)})", (ts, *[snapshot.get(f) for f in HISTORY_FIELDS]))
+
+    def history(self, start: float | None, end: float | None, interval: int = 60) -> list[dict]:
+        """Snapshots in [start, end] averaged per `interval`-second bucket (bucket start = timestamp)."""
+        interval = max(1, int(interval))
+        start = 0.0 if start is None else start
+        end = clock.now() if end is None else end
+        averages = ", ".join(f"AVG({f}) AS {f}" for f in HISTORY_FIELDS)
+        rows = self.store.connect().execute(
+            f"SELECT CAST(ts / ? AS INTEGER) * ? AS bucket, COUNT(*) AS samples, {averages} "
+            "FROM metrics_history WHERE ts >= ? AND ts <= ? GROUP BY bucket ORDER BY bucket",
+            (interval, interval, start, end)).fetchall()
+        return [{"timestamp": clock.iso(r["bucket"]), "samples": r["samples"],
+                 **{f: r[f] for f in HISTORY_FIELDS}} for r in rows]
+
+    def prune_history(self, older_than: float) -> None:
+        self.store.connect().execute("DELETE FROM metrics_history WHERE ts < ?", (older_than,))

@@ -1,0 +1,209 @@
+"""Loaded models: where each lives (device, vGPU), the memory it holds, its batch queue.
+
+load: model_path must resolve (realpath, symlinks followed) under one of
+RuntimeConfig.model_roots (a relative path is taken from the first root); the model is built
+on its vGPU's device, or on the least-loaded device; its memory is measured (CUDA: the
+allocator's growth across the build; host: ServedModel.tensor_bytes()) and reserved in the
+capacity ledger, which refuses it with INSUFFICIENT_MEMORY when it does not fit.
+The load spec is persisted in the store, so a new Runtime on the same state dir loads the
+same models at start(). unload drops every reference (registry, queue, worker), collects,
+empties the CUDA cache and trims the C heap, so the memory really goes back.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import models
+from . import clock
+from .access import require_admin
+from .batching import Executor, ModelQueue
+from .caller import Caller
+from .errors import InsufficientMemory, InvalidInputData, InvalidModelId, ModelAlreadyLoaded, MSCError
+from .store import Store
+from .vgpu import VGPUManager
+
+log = logging.getLogger("msmartcompute.runtime.registry")
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    spec: dict
+    model: object            # models.ServedModel
+    memory: int              # bytes, measured
+    loaded_at: float         # unix
+    load_time_s: float
+    device: int
+    vgpu_id: str | None
+    executor: Executor
+    queue: ModelQueue
+
+    def public(self) -> dict:
+        return {"model_id": self.model_id, "model_type": self.spec.get("model_type"), "status": "loaded",
+                "memory_usage": self.memory, "load_time": clock.iso(self.loaded_at),
+                "virtual_gpu_id": self.vgpu_id, "device": str(self.model.device)}
+
+
+def release_memory() -> None:
+    """Give freed memory back: collect cycles, empty the CUDA cache, trim glibc's heap."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _positive_int(spec: dict, name: str, default: int) -> int:
+    value = spec.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidInputData(f"{name} must be an integer >= 1, got {value!r}", {"field": name})
+    return value
+
+
+class Registry:
+    def __init__(self, store: Store, vgpus: VGPUManager, model_roots: list[Path],
+                 executor_for: Callable[[int, str | None], Executor], max_batch_size: int, max_queue_size: int):
+        self.store = store
+        self.vgpus = vgpus
+        self.model_roots = [Path(os.path.realpath(r)) for r in model_roots]
+        self.executor_for = executor_for
+        self.default_max_batch_size = max_batch_size
+        self.max_queue_size = max_queue_size
+        self.models: dict[str, LoadedModel] = {}
+        self.failed: dict[str, str] = {}  # persisted models that could not be restored -> why
+        self._lock = threading.RLock()  # one load at a time: the CUDA allocator delta is per process
+
+    # ---- queries ------------------------------------------------------------------------------
+    def entry(self, model_id) -> LoadedModel:
+        entry = self.models.get(model_id)
+        if entry is None:
+            raise InvalidModelId(f"model {model_id!r} is not loaded",
+                                 {"model_id": model_id, "available_models": sorted(self.models)})
+        return entry
+
+    def list(self) -> list[dict]:
+        out = [e.public() for e in list(self.models.values())]
+        out += [{"model_id": m, "model_type": self.store.get("models", m, {}).get("model_type"),
+                 "status": "failed", "error": why, "memory_usage": 0, "load_time": None,
+                 "virtual_gpu_id": None, "device": None} for m, why in self.failed.items()]
+        return out
+
+    def total_memory(self) -> int:
+        return sum(e.memory for e in list(self.models.values()))
+
+    # ---- load / unload ------------------------------------------------------------------------
+    def resolve_path(self, model_path: str) -> str:
+        if not isinstance(model_path, str) or not model_path:
+            raise InvalidInputData("model_path must be a non-empty string", {"field": "model_path"})
+        if not self.model_roots:
+            raise InvalidInputData("model_path is not allowed: no model root is configured")
+        path = Path(model_path)
+        if not path.is_absolute():
+            path = self.model_roots[0] / path
+        real = Path(os.path.realpath(path))
+        if not any(real == root or root in real.parents for root in self.model_roots):
+            raise InvalidInputData(f"model_path {model_path!r} is outside the model roots",
+                                   {"field": "model_path", "model_roots": [str(r) for r in self.model_roots]})
+        if not real.is_file():
+            raise InvalidInputData(f"model_path {model_path!r} is not a file", {"field": "model_path"})
+        return str(real)
+
+    def load(self, spec: dict, caller: Caller | None = None, *, persist: bool = True) -> dict:
+        require_admin(caller, "load a model")
+        model_id = spec.get("model_id")
+        if not isinstance(model_id, str) or not model_id:
+            raise InvalidInputData("model_id must be a non-empty string", {"field": "model_id"})
+        with self._lock:
+            if model_id in self.models:
+                raise ModelAlreadyLoaded(f"model {model_id!r} is already loaded", {"model_id": model_id})
+            build_spec = dict(spec)
+            if spec.get("model_path"):
+                build_spec["model_path"] = self.resolve_path(spec["model_path"])
+            max_batch = _positive_int(spec, "max_batch_size", self.default_max_batch_size)
+            priority = spec.get("priority", 0)
+            if not isinstance(priority, int) or isinstance(priority, bool):
+                raise InvalidInputData("priority must be an integer", {"field": "priority"})
+            vgpu_id = spec.get("virtual_gpu_id")
+            device = self.vgpus.get(vgpu_id).physical_gpu_id if vgpu_id else self.vgpus.least_loaded()
+            torch_device = self.vgpus.device(device).torch_device
+
+            t0 = time.perf_counter()
+            before = torch.cuda.memory_allocated(torch_device) if torch_device.type == "cuda" else 0
+            try:
+                model = models.build_model(build_spec, torch_device)
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                release_memory()
+                raise InsufficientMemory(f"out of memory while loading {model_id!r}: {exc}",
+                                         {"model_id": model_id}) from None
+            except (ValueError, OSError) as exc:
+                raise InvalidInputData(f"cannot load model {model_id!r}: {exc}", {"model_id": model_id}) from None
+            if torch_device.type == "cuda":
+                memory = torch.cuda.memory_allocated(torch_device) - before
+            else:
+                memory = model.tensor_bytes()
+            try:
+                self.vgpus.reserve(("model", model_id), memory, device=device, vgpu=vgpu_id or None)
+            except MSCError:
+                del model
+                release_memory()
+                raise
+            load_time = time.perf_counter() - t0
+            executor = self.executor_for(device, vgpu_id or None)
+            queue = ModelQueue(model_id, model, max_batch, self.max_queue_size, priority)
+            executor.add(queue)
+            self.models[model_id] = LoadedModel(model_id, dict(spec), model, int(memory), clock.now(),
+                                                load_time, device, vgpu_id or None, executor, queue)
+            self.failed.pop(model_id, None)
+            if persist:
+                self.store.put("models", model_id, dict(spec))
+            return {"model_id": model_id, "message": "Model loaded successfully",
+                    "memory_allocated": int(memory), "load_time": round(load_time, 6)}
+
+    def unload(self, model_id: str, caller: Caller | None = None, *, forget: bool = True) -> dict:
+        require_admin(caller, "unload a model")
+        with self._lock:
+            if model_id in self.failed and forget:
+                del self.failed[model_id]
+                self.store.delete("models", model_id)
+                return {"model_id": model_id, "message": "Model unloaded successfully"}
+            entry = self.entry(model_id)
+            del self.models[model_id]
+            entry.executor.remove(model_id, InvalidModelId(f"model {model_id!r} was unloaded",
+                                                           {"model_id": model_id}))
+            self.vgpus.release(("model", model_id))
+            if forget:
+                self.store.delete("models", model_id)
+            entry.model = entry.queue = entry.executor = None
+            del entry
+            release_memory()
+            return {"model_id": model_id, "message": "Model unloaded successfully"}
+
+    def restore(self) -> None:
+        """Load every persisted model again (vGPUs must be restored first)."""
+        for model_id, spec in self.store.items("models"):
+            if model_id in self.models:
+                continue
+            try:
+                self.load(spec, persist=False)
+            except MSCError as exc:
+                log.warning("could not restore model %s: %s", model_id, exc.message)
+                self.failed[model_id] = exc.message
+
+    def close(self) -> None:
+        """Drop every model from memory; the persisted specs stay for the next start."""
+        for model_id in list(self.models):
+            self.unload(model_id, forget=False)

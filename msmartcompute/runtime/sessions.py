@@ -1,0 +1,57 @@
+"""User sessions bound to a loaded model; they expire RuntimeConfig.session_ttl_s after
+creation (default one hour). Expired sessions are purged by the runtime's reaper and on
+every read. Ids are `<user_id>_<n>`; only the owner or an admin may read or end one."""
+from __future__ import annotations
+
+import threading
+
+from . import clock, ids
+from .access import require_owner
+from .caller import Caller
+from .errors import InvalidInputData, NotFound
+from .store import Store
+
+
+class Sessions:
+    def __init__(self, store: Store, ttl_s: float):
+        self.store = store
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+
+    def create(self, user_id: str, model_id: str, caller: Caller | None = None) -> dict:
+        if not isinstance(user_id, str) or not user_id:
+            raise InvalidInputData("user_id is required", {"field": "user_id"})
+        require_owner(caller, user_id, f"a session for user {user_id!r}")
+        now = clock.now()
+        record = {"session_id": ids.session_id(self.store, user_id), "user_id": user_id, "model_id": model_id,
+                  "created_at": now, "expires_at": now + self.ttl_s}
+        self.store.put("sessions", record["session_id"], record)
+        return _public(record)
+
+    def get(self, session_id: str, caller: Caller | None = None) -> dict:
+        record = self.store.get("sessions", session_id)
+        if record is not None and record["expires_at"] <= clock.now():
+            self.store.delete("sessions", session_id)
+            record = None
+        if record is None:
+            raise NotFound(f"session {session_id!r} not found (or expired)")
+        require_owner(caller, record["user_id"], f"session {session_id}")
+        return _public(record)
+
+    def delete(self, session_id: str, caller: Caller | None = None) -> dict:
+        self.get(session_id, caller)
+        self.store.delete("sessions", session_id)
+        return {"session_id": session_id, "message": "Session ended successfully"}
+
+    def purge(self) -> int:
+        """Delete every expired session; returns how many."""
+        with self._lock:
+            now = clock.now()
+            gone = [k for k, r in self.store.items("sessions") if r["expires_at"] <= now]
+            for k in gone:
+                self.store.delete("sessions", k)
+            return len(gone)
+
+
+def _public(record: dict) -> dict:
+    return {**record, "created_at": clock.iso(record["created_at"]), "expires_at": clock.iso(record["expires_at"])}
