@@ -38,20 +38,31 @@ def test_models_lifecycle(api):
     assert error["details"]["model_id"] == "mlp-small" and error["details"]["available_models"] == []
 
 
-def test_inference_matches_the_model(loaded):
-    rows = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32).tolist()
-    body = assert_ok(loaded.post("/api/v1/inference", {"model_id": "mlp-small", "input_data": rows,
-                                                        "batch_size": 3, "sequence_length": 4}),
+def test_inference_matches_a_users_checkpoint(api):
+    # A plain nn.Sequential checkpoint, as a user brings it, placed under the model root.
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    reference = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    root = api.runtime.state_dir / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    save_file(reference.state_dict(), str(root / "mlp.safetensors"))
+    assert_ok(api.post("/api/v1/models", dict(MLP_SPEC, model_path=str(root / "mlp.safetensors"))))
+    rows = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    body = assert_ok(api.post("/api/v1/inference", {"model_id": "mlp-small", "input_data": rows.tolist(),
+                                                     "batch_size": 3, "sequence_length": 4}),
                      "request_id", "output_data", "inference_time", "tokens_generated", "memory_used")
     assert body["request_id"].startswith("req_")
-    module = loaded.runtime.registry.get("mlp-small").module if hasattr(loaded.runtime, "registry") else None
-    out = np.asarray(body["output_data"])
-    assert out.shape == (3, 3)
-    if module is not None:
-        with torch.no_grad():
-            expected = module(torch.tensor(rows)).numpy()
-        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-    assert body["tokens_generated"] == 0
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(rows)).numpy()
+    np.testing.assert_allclose(np.asarray(body["output_data"]), expected, rtol=1e-5, atol=1e-6)
+    assert body["tokens_generated"] == 0 and body["inference_time"] >= 0
+
+
+def test_model_path_outside_the_roots_is_refused(api):
+    error = assert_error(api.post("/api/v1/models", dict(MLP_SPEC, model_path="/etc/passwd")), 400,
+                         "INVALID_INPUT_DATA")
+    assert "model_path" in error["message"]
 
 
 @pytest.mark.parametrize("body,field", [
@@ -176,7 +187,7 @@ def test_resources(loaded):
 
 def test_virtual_gpus(loaded):
     vgpu = assert_ok(loaded.post("/api/v1/virtualization/gpus", {
-        "virtual_gpu_id": "vgpu_1", "memory_size": 268435456, "compute_units": 1,
+        "virtual_gpu_id": "vgpu_1", "memory_size": 64 << 20, "compute_units": 1,
         "scheduling_policy": "round_robin"}),
         "virtual_gpu_id", "physical_gpu_id", "memory_size", "compute_units", "status", "created_at")
     assert vgpu["status"] == "active" and vgpu["physical_gpu_id"] == 0
