@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import LiveServer
+from live_server import LiveServer
 from msmartcompute.client import (InvalidInputDataError, InvalidModelIdError, MSmartComputeClient,
                                   UnauthorizedError)
 
