@@ -7,6 +7,8 @@ enable_quantization / enable_mixed_precision are refused rather than ignored; an
 program whose batch dimension is static runs each request on its own."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .base import Output, Prepared, ServedModel, float_rows, to_numpy
@@ -16,7 +18,9 @@ from .spec import flag, tensor_cores
 def _load(kind: str, path: str, device: torch.device):
     try:
         if kind == "torchscript":
-            return torch.jit.load(path, map_location=device), None
+            with warnings.catch_warnings():  # TorchScript is deprecated upstream; still served
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(path, map_location=device), None
         program = torch.export.load(path)
         return program.module().to(device), program
     except FileNotFoundError:
