@@ -10,10 +10,13 @@ def utc_now_iso() -> str:
 
 
 def ok(fields: dict) -> dict:
-    """A success body: the endpoint's fields plus success, error and timestamp."""
+    """A success body: the endpoint's fields plus success, error and timestamp.
+
+    `error` is null unless the request succeeded in reading something that failed:
+    GET /inference/{id} of a failed job carries the job's {code, message} there."""
     body = {"success": True}
     body.update(fields)
-    body["error"] = None
+    body.setdefault("error", None)
     body.setdefault("timestamp", utc_now_iso())
     return body
 
