@@ -1,4 +1,10 @@
 """torchscript / exported families: a user's program file served as is."""
+import io
+import json
+import os
+import pickle
+import zipfile
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +92,56 @@ def test_torchscript_bad_width_is_a_value_error(tmp_path):
 def test_program_refusals(extra, message):
     with pytest.raises(ValueError, match=message):
         build_model({"model_type": "torchscript", **extra}, CPU)
+
+
+class _Evil:
+    target = None
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def _rewrite_archive(src, dst, edit):
+    """Copy the .pt2 zip at src to dst, passing every (name, bytes) through edit."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, edit(info.filename, zin.read(info.filename)))
+
+
+@pytest.mark.parametrize("attack", ["pickled_weight", "sample_inputs", "opaque_constant"])
+def test_exported_archive_with_pickled_objects_is_refused(tmp_path, attack):
+    """Each crafted archive creates the marker file under a plain torch.export.load (checked
+    by hand on torch 2.14.1); served, it is refused and nothing runs."""
+    good = tmp_path / "net.pt2"
+    save_program("exported", good)
+    marker = tmp_path / "pwned"
+    _Evil.target = str(marker)
+    buf = io.BytesIO()
+    torch.save({"x": _Evil()}, buf)
+    evil = buf.getvalue()
+
+    def edit(name, data):
+        if attack == "pickled_weight":
+            if name.endswith("model_weights_config.json"):
+                config = json.loads(data)
+                config["config"]["fc.weight"]["use_pickle"] = True
+                return json.dumps(config).encode()
+            if name.endswith("data/weights/weight_0"):  # fc.weight's payload
+                return evil
+        if attack == "sample_inputs" and name.endswith("sample_inputs/model.pt"):
+            return evil
+        if attack == "opaque_constant":
+            if name.endswith("_constants_config.json"):
+                return json.dumps({"config": {"thing": {"path_name": "opaque_obj_0", "is_param": False,
+                                                           "use_pickle": True, "tensor_meta": None}}}).encode()
+        return data
+
+    bad = tmp_path / "bad.pt2"
+    _rewrite_archive(good, bad, edit)
+    if attack == "opaque_constant":  # the payload pickle.loads would read
+        with zipfile.ZipFile(bad, "a") as z:
+            z.writestr(z.namelist()[0].split("/")[0] + "/data/constants/opaque_obj_0", pickle.dumps(_Evil()))
+    with pytest.raises(ValueError, match="refused"):
+        build_model({"model_type": "exported", "model_path": str(bad)}, CPU)
+    assert not marker.exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ

@@ -4,15 +4,60 @@ torchscript: torch.jit.load of a TorchScript archive. exported: torch.export.loa
 .pt2 ExportedProgram. Float rows in ([rows, width], float32), rows out (the program's
 output flattened to [rows, -1]). The program decides its own precision and weights, so
 enable_quantization / enable_mixed_precision are refused rather than ignored; an exported
-program whose batch dimension is static runs each request on its own."""
+program whose batch dimension is static runs each request on its own.
+
+Loading a .pt2 never unpickles arbitrary objects: torch.export.load falls back to
+torch.load(weights_only=False) for some payloads and to pickle.loads for "opaque"
+constants, so archives with opaque constants are refused and the load runs with
+TORCH_FORCE_WEIGHTS_ONLY_LOAD set (under a lock: the variable is process-wide)."""
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import pickle
+import threading
 import warnings
+import zipfile
 
 import torch
 
 from .base import Output, Prepared, ServedModel, float_rows, to_numpy
 from .spec import flag, tensor_cores
+
+
+_FORCE_WEIGHTS_ONLY = threading.Lock()
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every torch.load inside runs with weights_only=True, whatever its call site asks."""
+    with _FORCE_WEIGHTS_ONLY:
+        before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def _refuse_opaque_constants(path: str) -> None:
+    """Opaque constants in a .pt2 are read with pickle.loads: refuse the archive."""
+    from torch.export.pt2_archive.constants import OPAQUE_OBJ_FILENAME_PREFIX
+
+    if not zipfile.is_zipfile(path):
+        return  # torch.export.load gives the error
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.endswith("_constants_config.json"):
+                config = json.loads(archive.read(name)).get("config", {})
+                for fqn, entry in config.items():
+                    if str(entry.get("path_name", "")).startswith(OPAQUE_OBJ_FILENAME_PREFIX):
+                        raise ValueError(f"model_path {path!r} was refused: constant {fqn!r} is a pickled "
+                                         "Python object, and programs may only hold tensors")
 
 
 def _load(kind: str, path: str, device: torch.device):
@@ -21,8 +66,15 @@ def _load(kind: str, path: str, device: torch.device):
             with warnings.catch_warnings():  # TorchScript is deprecated upstream; still served
                 warnings.simplefilter("ignore", FutureWarning)
                 return torch.jit.load(path, map_location=device), None
-        program = torch.export.load(path)
+        _refuse_opaque_constants(path)
+        with _weights_only_loads():
+            program = torch.export.load(path)
         return program.module().to(device), program
+    except ValueError:
+        raise
+    except pickle.UnpicklingError as exc:  # weights_only refused a payload
+        raise ValueError(f"model_path {path!r} was refused: it holds pickled Python objects, and "
+                         f"programs may only hold tensors ({str(exc).splitlines()[0]})") from None
     except FileNotFoundError:
         raise ValueError(f"model_path {path!r} does not exist") from None
     except Exception as exc:

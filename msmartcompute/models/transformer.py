@@ -166,8 +166,10 @@ class Decoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, caches: list[KVCache] | None = None,
-                start: int = 0) -> torch.Tensor:
-        """tokens [B, S] -> logits [B, S, V] (float32). Without caches: the full causal forward."""
+                start: int = 0, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, V] (float32), or [B, 1, V] with last_only (generation
+        needs only the last position; this skips a [B, S, V] lm_head). Without caches: the full
+        causal forward."""
         b, s = tokens.shape
         if positions is None:
             positions = torch.arange(start, start + s, device=tokens.device).expand(b, s)
@@ -175,6 +177,8 @@ class Decoder(nn.Module):
         x = self.embed(tokens)  # [B, S, C]
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, causal, mask, None if caches is None else caches[i], start)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()
 
 
@@ -183,7 +187,7 @@ class Decoder(nn.Module):
 def prefill(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
             caches: list[KVCache]) -> torch.Tensor:
     """tokens [B, S] -> logits of the last position [B, V]; fills caches[:, :, :S]."""
-    return model(tokens, positions, mask, caches, start=0)[:, -1]
+    return model(tokens, positions, mask, caches, start=0, last_only=True)[:, -1]
 
 
 def decode_one_token(model: Decoder, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None,
