@@ -98,7 +98,7 @@ class Runtime:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=10)
-        self.jobs._stop = True  # running jobs cut short by the executors' close are queued again
+        self.jobs.stopping()  # running jobs cut short by the executors' close are queued again
         with self._executors_lock:
             executors, self.executors = list(self.executors.values()), {}
         for ex in executors:
