@@ -56,7 +56,8 @@ def test_64_concurrent_requests_batch_and_match_unbatched(tmp_path):
         assert sum(k * v for k, v in sizes.items()) == 64
         assert max(sizes) > 1, sizes
         assert max(sizes) <= 16  # the load spec's max_batch_size
-        assert rt.metrics()["queue_depth"]["mlp"] > 1
+        assert rt.metrics()["queue_depth_max"]["mlp"] > 1
+        assert rt.metrics()["queue_depth"] == {"mlp": 0}
 
         model = rt.registry.models["mlp"].model
         ref64 = copy.deepcopy(model.module).double()
@@ -146,7 +147,7 @@ def test_full_queue_rejects_fast(tmp_path):
             while executor.depth() < 4 and time.monotonic() < deadline:  # one taken by the worker, 4 wait
                 time.sleep(0.01)
             assert executor.depth() == 4
-            assert rt.metrics()["queued_requests"] == 4
+            assert rt.metrics()["queued_requests"] == 4 and rt.metrics()["queue_depth"] == {"mlp": 4}
             t0 = time.perf_counter()
             with pytest.raises(QueueFull) as err:
                 rt.infer({"model_id": "mlp", "input_data": rows(9, 1)})

@@ -152,3 +152,19 @@ def test_runner_takes_new_kinds(tmp_path):
         assert job["created_at"] <= job["started_at"] <= job["completed_at"]
     finally:
         rt.close()
+
+
+def test_close_is_prompt_and_loses_no_job(tmp_path):
+    rt = make_runtime(tmp_path, job_workers=2)
+    rt.load_model(SPEC)
+    ids = [rt.submit_inference({"model_id": "mlp", "input_data": X})["request_id"] for _ in range(20)]
+    threads = [*rt._threads, *rt.jobs._threads, *(ex._thread for ex in rt.executors.values())]
+    t0 = time.perf_counter()
+    rt.close()
+    assert time.perf_counter() - t0 < 2.0
+    assert not any(t.is_alive() for t in threads)
+    rt = make_runtime(tmp_path)  # whatever close cut short runs again; nothing failed
+    try:
+        assert {wait_done(rt, i)["status"] for i in ids} == {"completed"}
+    finally:
+        rt.close()

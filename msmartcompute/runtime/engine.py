@@ -342,7 +342,10 @@ class Runtime:
         return sum(ex.depth() for ex in executors) + self.jobs.count("queued")
 
     def metrics(self) -> dict:
-        return self.metrics_.snapshot(self.queued_requests())
+        with self._executors_lock:
+            executors = list(self.executors.values())
+        depths = {m: d for ex in executors for m, d in ex.depths().items()}
+        return self.metrics_.snapshot(sum(depths.values()) + self.jobs.count("queued"), depths)
 
     def metrics_history(self, start_time: datetime | None = None, end_time: datetime | None = None,
                         interval: int = 60) -> list[dict]:
