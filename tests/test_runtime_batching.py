@@ -185,8 +185,11 @@ def test_vgpu_policy_orders_service(tmp_path, policy):
         rt.load_model(mlp_spec("a", max_batch_size=1, virtual_gpu_id="v", priority=0))
         rt.load_model(mlp_spec("b", max_batch_size=1, virtual_gpu_id="v", priority=5))
         model = {m: rt.registry.models[m].model for m in "ab"}
-        for i in range(10):  # model a has used device time; b none
+        for i in range(3):
             rt.infer({"model_id": "a", "input_data": rows(i, 1)})
+        queue_a = rt.registry.models["a"].queue
+        assert queue_a.device_time_s > 0 and rt.registry.models["b"].queue.device_time_s == 0
+        queue_a.device_time_s += 1.0  # as if a had run for a second: b is owed far more than it will use
         order = []
         with rt.vgpus.schedulers[0].exclusive():
             decoy = submit_raw(rt, "a", model["a"].prepare(rows(0, 1), {}))
