@@ -224,3 +224,20 @@ def test_device_time_shared_by_compute_units():
         t.join()
     ratio = sched.used_s["big"] / sched.used_s["small"]
     assert 2.2 < ratio < 4.0, ratio
+
+
+def test_unload_fails_the_requests_still_queued(tmp_path):
+    rt = make_runtime(tmp_path)
+    try:
+        rt.load_model(mlp_spec(max_batch_size=1))
+        model = rt.registry.models["mlp"].model
+        with rt.vgpus.schedulers[0].exclusive():
+            pending = [submit_raw(rt, "mlp", model.prepare(rows(i, 1), {})) for i in range(3)]
+            time.sleep(0.05)  # the worker holds the first and waits for the device
+            rt.unload_model("mlp")
+        first = pending[0].future.result(timeout=10)  # already taken: it completes
+        assert first.output.output_data.shape == (1, OUT)
+        for p in pending[1:]:
+            assert p.future.exception(timeout=10).code == "INVALID_MODEL_ID"
+    finally:
+        rt.close()

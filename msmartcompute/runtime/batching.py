@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InsufficientMemory, InternalError, InvalidInputData, MSCError, QueueFull, RequestTimeout
+from .errors import (InsufficientMemory, InternalError, InvalidInputData, InvalidModelId, MSCError, QueueFull,
+                     RequestTimeout)
 from .vgpu import DeviceScheduler
 
 log = logging.getLogger("msmartcompute.runtime.batching")
@@ -229,6 +230,10 @@ class Executor:
 
     def _serve(self, queue: ModelQueue, batch: list[Pending]) -> None:
         model = queue.model
+        if model is None:  # unloaded between take() and now
+            for p in batch:
+                _fail(p, InvalidModelId(f"model {queue.model_id!r} was unloaded", {"model_id": queue.model_id}))
+            return
         groups: dict[tuple, list[Pending]] = {}
         for p in batch:
             groups.setdefault(p.prepared.batch_key, []).append(p)
