@@ -85,6 +85,7 @@ class _Evil:
         return (open, (self.target, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 @pytest.mark.parametrize("writer", ["torch.save", "pickle"])
 def test_malicious_pickle_is_refused(tmp_path, writer):
     import pickle

@@ -7,26 +7,30 @@ from __future__ import annotations
 import torch
 
 from .base import Output, Prepared, ServedModel
+from .encoder import EncoderModel
+from .mlp import MLPModel
+from .programs import ProgramModel
+from .transformer import TransformerModel
 
-MODEL_TYPES: tuple[str, ...] = ("mlp",)
-
-
-def _families() -> dict:
-    from .mlp import MLPModel
-
-    return {"mlp": MLPModel}
+_FAMILIES = {
+    "transformer": TransformerModel,
+    "encoder": EncoderModel,
+    "mlp": MLPModel,
+    "torchscript": lambda spec, device: ProgramModel(spec, device, "torchscript"),
+    "exported": lambda spec, device: ProgramModel(spec, device, "exported"),
+}
+MODEL_TYPES: tuple[str, ...] = tuple(_FAMILIES)
 
 
 def build_model(spec: dict, device: torch.device) -> ServedModel:
     """Build and load the model a POST /models body describes. Raises ValueError."""
     model_type = spec.get("model_type")
-    families = _families()
-    if model_type not in families:
+    if model_type not in _FAMILIES:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
     params = spec.get("parameters")
     if params is not None and not isinstance(params, dict):
         raise ValueError("parameters must be an object")
-    return families[model_type](spec, torch.device(device))
+    return _FAMILIES[model_type](spec, torch.device(device))
 
 
 __all__ = ["MODEL_TYPES", "Output", "Prepared", "ServedModel", "build_model"]

@@ -1,0 +1,155 @@
+"""torchscript / exported: a user's own program file, served as is.
+
+torchscript: torch.jit.load of a TorchScript archive. exported: torch.export.load of a
+.pt2 ExportedProgram. Float rows in ([rows, width], float32), rows out (the program's
+output flattened to [rows, -1]). The program decides its own precision and weights, so
+enable_quantization / enable_mixed_precision are refused rather than ignored; an exported
+program whose batch dimension is static runs each request on its own.
+
+Loading a .pt2 never unpickles arbitrary objects: torch.export.load falls back to
+torch.load(weights_only=False) for some payloads and to pickle.loads for "opaque"
+constants, so archives with opaque constants are refused and the load runs with
+TORCH_FORCE_WEIGHTS_ONLY_LOAD set (under a lock: the variable is process-wide)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import threading
+import warnings
+import zipfile
+
+import torch
+
+from .base import Output, Prepared, ServedModel, float_rows, to_numpy
+from .spec import flag, tensor_cores
+
+
+_FORCE_WEIGHTS_ONLY = threading.Lock()
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every torch.load inside runs with weights_only=True, whatever its call site asks."""
+    with _FORCE_WEIGHTS_ONLY:
+        before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def _refuse_opaque_constants(path: str) -> None:
+    """Opaque constants in a .pt2 are read with pickle.loads: refuse the archive."""
+    from torch.export.pt2_archive.constants import OPAQUE_OBJ_FILENAME_PREFIX
+
+    if not zipfile.is_zipfile(path):
+        return  # torch.export.load gives the error
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.endswith("_constants_config.json"):
+                config = json.loads(archive.read(name)).get("config", {})
+                for fqn, entry in config.items():
+                    if str(entry.get("path_name", "")).startswith(OPAQUE_OBJ_FILENAME_PREFIX):
+                        raise ValueError(f"model_path {path!r} was refused: constant {fqn!r} is a pickled "
+                                         "Python object, and programs may only hold tensors")
+
+
+def _load(kind: str, path: str, device: torch.device):
+    try:
+        if kind == "torchscript":
+            with warnings.catch_warnings():  # TorchScript is deprecated upstream; still served
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(path, map_location=device), None
+        _refuse_opaque_constants(path)
+        with _weights_only_loads():
+            program = torch.export.load(path)
+        return program.module().to(device), program
+    except ValueError:
+        raise
+    except pickle.UnpicklingError as exc:  # weights_only refused a payload
+        raise ValueError(f"model_path {path!r} was refused: it holds pickled Python objects, and "
+                         f"programs may only hold tensors ({str(exc).splitlines()[0]})") from None
+    except FileNotFoundError:
+        raise ValueError(f"model_path {path!r} does not exist") from None
+    except Exception as exc:
+        raise ValueError(f"model_path {path!r} could not be loaded as a {kind} program: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def _input_shape(program) -> list[int | None] | None:
+    """The exported program's one user input shape (None for a dynamic dim)."""
+    user_inputs = program.graph_signature.user_inputs
+    if len(user_inputs) != 1:
+        raise ValueError(f"an exported program must take one tensor input, this one takes {len(user_inputs)}")
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name == user_inputs[0]:
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise ValueError("an exported program's input must be a tensor")
+            return [d if isinstance(d, int) else None for d in val.shape]
+    return None
+
+
+class ProgramModel(ServedModel):
+    def __init__(self, spec: dict, device: torch.device, kind: str):
+        self.model_type = kind
+        path = spec.get("model_path")
+        if not path:
+            raise ValueError(f"a {kind} model needs model_path (the program file)")
+        for name in ("enable_quantization", "enable_mixed_precision"):
+            if flag(spec, name):
+                raise ValueError(f"{name} cannot be applied to a {kind} program: it is served as is "
+                                 "(convert it before saving)")
+        self.device = device
+        self.dtype = torch.float32
+        self.tensor_cores = flag(spec, "enable_tensor_cores")
+        self.module, program = _load(kind, path, device)
+        width = (spec.get("parameters") or {}).get("input_size")
+        self.static_batch = None
+        if program is not None:
+            shape = _input_shape(program)
+            if shape is not None:
+                if len(shape) != 2:
+                    raise ValueError(f"an exported program served on rows must take a 2-D input, "
+                                     f"this one takes shape {shape}")
+                self.static_batch, width = shape[0], shape[1] if shape[1] is not None else width
+        self.input_size = width
+
+    def prepare(self, input_data, options: dict) -> Prepared:
+        x = float_rows(input_data, self.input_size)  # [rows, width]
+        if self.static_batch is not None and x.shape[0] != self.static_batch:
+            raise ValueError(f"this exported program takes exactly {self.static_batch} rows, got {x.shape[0]}")
+        return Prepared(tensor=x.to(self.device), options=dict(options or {}),
+                        batch_key=("rows", x.shape[1]), rows=x.shape[0])
+
+    @torch.inference_mode()
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, width] -> [N, -1]."""
+        try:
+            with tensor_cores(self.tensor_cores, self.device):
+                y = self.module(x)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # the program rejected this input (shape, dtype, ...)
+            raise ValueError(f"the {self.model_type} program failed on input of shape {tuple(x.shape)}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        if isinstance(y, (tuple, list)) and len(y) == 1:
+            y = y[0]
+        if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"the {self.model_type} program must return one tensor with a row per input "
+                             f"row ({x.shape[0]}), got {type(y).__name__} "
+                             f"{tuple(y.shape) if isinstance(y, torch.Tensor) else ''}")
+        return y.reshape(y.shape[0], -1)
+
+    def run(self, batch: list[Prepared]) -> list[Output]:
+        if self.static_batch is not None:  # the program's batch size is fixed: one request at a time
+            parts = [self._forward(p.tensor) for p in batch]
+        else:
+            parts = self._forward(torch.cat([p.tensor for p in batch])).split([p.rows for p in batch])
+        return [Output(output_data=to_numpy(part), tokens_generated=0) for part in parts]
