@@ -241,3 +241,34 @@ def test_unload_fails_the_requests_still_queued(tmp_path):
             assert p.future.exception(timeout=10).code == "INVALID_MODEL_ID"
     finally:
         rt.close()
+
+
+def test_generation_batches_group_by_options_and_count_tokens(tmp_path):
+    rt = make_runtime(tmp_path, max_queue_delay_ms=30)
+    try:
+        rt.load_model({"model_id": "lm", "model_type": "transformer", "max_sequence_length": 32,
+                       "parameters": {"vocab_size": 50, "hidden_size": 32, "num_layers": 1, "num_heads": 4}})
+        model = rt.registry.models["lm"].model
+        requests = [{"model_id": "lm", "input_data": np.random.default_rng(i).integers(0, 50, (1 + i % 2, 5)),
+                     "options": {"temperature": 0, "max_tokens": 3 + 2 * (i % 2)}} for i in range(12)]
+        results, barrier = [None] * 12, threading.Barrier(12)
+
+        def call(i):
+            barrier.wait()
+            results[i] = rt.infer(requests[i])
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for req, res in zip(requests, results):
+            alone = model.run([model.prepare(req["input_data"], req["options"])])[0]
+            np.testing.assert_array_equal(np.asarray(res["output_data"]), alone.output_data)
+            assert res["tokens_generated"] == req["input_data"].shape[0] * req["options"]["max_tokens"]
+        m = rt.metrics()
+        sizes = {int(k): v for k, v in m["batch_sizes"].items()}
+        assert sum(k * v for k, v in sizes.items()) == 12 and max(sizes) > 1  # mixed options, still batched
+        assert m["tokens_per_second"] > 0
+    finally:
+        rt.close()
