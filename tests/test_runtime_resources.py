@@ -70,6 +70,8 @@ def test_quotas_refuse_what_does_not_fit(runtime):
         runtime.create_vgpu({"memory_size": MiB, "compute_units": cu})  # one unit is taken by 'small'
     assert err.value.details["available_compute_units"] == cu - 1
     # models inside the vGPU's quota
+    with pytest.raises(InvalidInputData, match="does not exist"):
+        runtime.load_model(mlp_spec("fits", virtual_gpu_id="nope"))
     runtime.load_model(mlp_spec("fits", virtual_gpu_id="small"))
     with pytest.raises(InsufficientMemory) as err:
         runtime.load_model(mlp_spec("second", virtual_gpu_id="small"))

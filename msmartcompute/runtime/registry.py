@@ -139,6 +139,9 @@ class Registry:
             if not isinstance(priority, int) or isinstance(priority, bool):
                 raise InvalidInputData("priority must be an integer", {"field": "priority"})
             vgpu_id = spec.get("virtual_gpu_id")
+            if vgpu_id and vgpu_id not in self.vgpus.vgpus:
+                raise InvalidInputData(f"virtual_gpu_id {vgpu_id!r} does not exist",
+                                       {"field": "virtual_gpu_id", "available_vgpus": sorted(self.vgpus.vgpus)})
             device = self.vgpus.get(vgpu_id).physical_gpu_id if vgpu_id else self.vgpus.least_loaded()
             torch_device = self.vgpus.device(device).torch_device
 
