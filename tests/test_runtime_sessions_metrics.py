@@ -117,7 +117,7 @@ def test_metrics_history_aggregates_by_interval(tmp_path):
         base = 1_700_000_040 - 1_700_000_040 % 60  # a bucket boundary
         samples = [(base + 5, 0.2, 1.0), (base + 50, 0.4, 3.0), (base + 65, 0.6, None), (base + 130, 0.8, 2.0)]
         for ts, mem, latency in samples:
-            rt.metrics_.persist({"memory_utilization": mem, "latency": latency}, ts=ts)
+            rt.meter.persist({"memory_utilization": mem, "latency": latency}, ts=ts)
         start = datetime.fromtimestamp(base, timezone.utc)
         end = datetime.fromtimestamp(base + 120, timezone.utc)
         hist = rt.metrics_history(start, end, interval=60)

@@ -224,8 +224,10 @@ class Executor:
                 return
             try:
                 self._serve(*item)
-            except BaseException:  # never let the worker die; each request is already answered
+            except Exception as exc:  # never let the worker die; answer whoever is still waiting
                 log.exception("worker %s: unexpected failure", self.name)
+                for p in item[1]:
+                    _fail(p, exc)
             del item  # drop references to the model and tensors before waiting again
 
     def _serve(self, queue: ModelQueue, batch: list[Pending]) -> None:
