@@ -151,7 +151,7 @@ def test_full_queue_rejects_fast(tmp_path):
             t0 = time.perf_counter()
             with pytest.raises(QueueFull) as err:
                 rt.infer({"model_id": "mlp", "input_data": rows(9, 1)})
-            assert time.perf_counter() - t0 < 0.1
+            assert time.perf_counter() - t0 < 0.5  # no wait for a slot (the default timeout is 30 s)
             assert err.value.code == "QUEUE_FULL" and err.value.details["max_queue_size"] == 4
         for t in threads:
             t.join()
