@@ -35,6 +35,8 @@ LOAD_MODEL = {
         "enable_tensor_cores": {"type": "boolean"},
         "enable_mixed_precision": {"type": "boolean"},
         "virtual_gpu_id": _ID,
+        "priority": {"type": "integer", "minimum": 0, "maximum": 100,
+                     "description": "scheduling priority on a vGPU with the priority policy"},
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
         "parameters": {"type": "object"},
     },
@@ -47,7 +49,6 @@ INFERENCE_OPTIONS = {
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-        "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
     },
 }
 
@@ -61,6 +62,8 @@ INFERENCE = {
         "sequence_length": {"type": "integer", "minimum": 1, "maximum": 1_048_576},
         "data_type": {"type": "string", "enum": ["float32", "float16", "bfloat16", "int64", "int32"]},
         "session_id": {"type": "string", "minLength": 1, "maxLength": 2 * MAX_ID_LENGTH},
+        "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
+                    "description": "seconds before REQUEST_TIMEOUT (default from the server config)"},
         "options": INFERENCE_OPTIONS,
     },
 }

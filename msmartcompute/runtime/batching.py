@@ -1,13 +1,14 @@
 """Dynamic batching: per-model queues served by one worker per vGPU (or per device pool).
 
 A worker picks a model whose queue is ready (max_batch_size requests waiting, or the oldest
-has waited max_queue_delay_ms; 0 ms = batching off: every request is ready at once), choosing
+has waited max_queue_delay_ms; 0 ms = batching off: one request per run, no wait), choosing
 among ready models by the vGPU's scheduling policy (`choose_queue`). It takes up to
 max_batch_size requests, groups those with equal Prepared.batch_key (order kept), and calls
 ServedModel.run() once per group inside the device's time slot (vgpu.DeviceScheduler). If a
 grouped run raises, the group's requests are run one by one so only the faulty one fails.
 
-Errors a run raises map to: torch.OutOfMemoryError / MemoryError -> INSUFFICIENT_MEMORY,
+Errors a run raises map to: torch.OutOfMemoryError / MemoryError / the CPU allocator's
+"can't allocate memory" RuntimeError -> INSUFFICIENT_MEMORY,
 ValueError -> INVALID_INPUT_DATA, anything else -> INTERNAL_ERROR; each fails its request
 alone. A full queue (RuntimeConfig.max_queue_size) refuses at once with QUEUE_FULL; a request
 not done by its deadline fails with REQUEST_TIMEOUT (its slot in the queue is skipped).
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InsufficientMemory, InternalError, InvalidInputData, MSCError, QueueFull, RequestTimeout
+from .errors import (InsufficientMemory, InternalError, InvalidInputData, InvalidModelId, MSCError, QueueFull,
+                     RequestTimeout)
 from .vgpu import DeviceScheduler
 
 log = logging.getLogger("msmartcompute.runtime.batching")
@@ -50,7 +52,8 @@ class Result:
 def map_run_error(exc: BaseException) -> MSCError:
     if isinstance(exc, MSCError):
         return exc
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+    host_oom = isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # CPU allocator
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or host_oom:
         return InsufficientMemory(f"out of memory while running: {exc}".strip(), {"during": "inference"})
     if isinstance(exc, ValueError):
         return InvalidInputData(str(exc))
@@ -86,9 +89,9 @@ class ModelQueue:
             return 0.0
         return self.items[0].enqueued_at + delay_s
 
-    def take(self) -> list[Pending]:
+    def take(self, limit: int) -> list[Pending]:
         batch = []
-        while self.items and len(batch) < self.max_batch_size:
+        while self.items and len(batch) < limit:
             p = self.items.popleft()
             if p.abandoned:
                 continue
@@ -207,7 +210,7 @@ class Executor:
                 if ready:
                     q = choose_queue(self.policy, ready, self._last_served)
                     self._last_served = q.model_id
-                    batch = q.take()
+                    batch = q.take(q.max_batch_size if self.max_queue_delay_s > 0 else 1)
                     if batch:
                         return q, batch
                     continue
@@ -221,12 +224,18 @@ class Executor:
                 return
             try:
                 self._serve(*item)
-            except BaseException:  # never let the worker die; each request is already answered
+            except Exception as exc:  # never let the worker die; answer whoever is still waiting
                 log.exception("worker %s: unexpected failure", self.name)
+                for p in item[1]:
+                    _fail(p, exc)
             del item  # drop references to the model and tensors before waiting again
 
     def _serve(self, queue: ModelQueue, batch: list[Pending]) -> None:
         model = queue.model
+        if model is None:  # unloaded between take() and now
+            for p in batch:
+                _fail(p, InvalidModelId(f"model {queue.model_id!r} was unloaded", {"model_id": queue.model_id}))
+            return
         groups: dict[tuple, list[Pending]] = {}
         for p in batch:
             groups.setdefault(p.prepared.batch_key, []).append(p)

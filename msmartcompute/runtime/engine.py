@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -46,7 +46,6 @@ class RuntimeConfig:
     metrics_sample_interval_s: float = 10.0
     metrics_window_s: float = 60.0
     metrics_retention_s: float = 7 * 24 * 3600.0
-    extra: dict = field(default_factory=dict)
 
 
 class Runtime:
@@ -57,7 +56,7 @@ class Runtime:
         self.store = Store(self.state_dir / "msmartcompute.sqlite3")
         self.started_at = time.monotonic()
         roots = config.model_roots if config.model_roots is not None else [self.state_dir / "models"]
-        self.metrics_ = Metrics(self.store, config.metrics_window_s)
+        self.meter = Metrics(self.store, config.metrics_window_s)
         self.vgpus = VGPUManager(self.store, config.host_memory_capacity)
         self.allocations = Allocations(self.store, self.vgpus)
         self.sessions = Sessions(self.store, config.session_ttl_s)
@@ -98,7 +97,7 @@ class Runtime:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=10)
-        self.jobs._stop = True  # running jobs cut short by the executors' close are queued again
+        self.jobs.stopping()  # running jobs cut short by the executors' close are queued again
         with self._executors_lock:
             executors, self.executors = list(self.executors.values()), {}
         for ex in executors:
@@ -126,8 +125,8 @@ class Runtime:
         self.sessions.purge()
 
     def _sample(self) -> None:
-        self.metrics_.persist(self.metrics())
-        self.metrics_.prune_history(clock.now() - self.config.metrics_retention_s)
+        self.meter.persist(self.metrics())
+        self.meter.prune_history(clock.now() - self.config.metrics_retention_s)
 
     def _executor_for(self, device: int, vgpu_id: str | None) -> Executor:
         key = f"vgpu:{vgpu_id}" if vgpu_id else f"device:{device}"
@@ -141,7 +140,7 @@ class Runtime:
                     policy, units = "round_robin", max(1, self.vgpus.device_free(device)[1])
                 cuda = self.vgpus.device(device).torch_device
                 ex = Executor(key, policy, self.vgpus.schedulers[device], units,
-                              self.config.max_queue_delay_ms / 1000.0, self.metrics_,
+                              self.config.max_queue_delay_ms / 1000.0, self.meter,
                               cuda if cuda.type == "cuda" else None)
                 self.executors[key] = ex
             return ex
@@ -205,10 +204,10 @@ class Runtime:
         try:
             res = self._wait(executor, pending)
         except MSCError:
-            self.metrics_.record_inference(False, time.perf_counter() - t0)
+            self.meter.record_inference(False, time.perf_counter() - t0)
             raise
         elapsed = time.perf_counter() - t0
-        self.metrics_.record_inference(True, elapsed, res.output.tokens_generated)
+        self.meter.record_inference(True, elapsed, res.output.tokens_generated)
         data = res.output.output_data
         return {"request_id": pending.request_id,
                 "output_data": data.tolist() if isinstance(data, np.ndarray) else data,
@@ -220,7 +219,7 @@ class Runtime:
         try:
             executor, pending = self._enqueue(request, request_id)
         except MSCError:
-            self.metrics_.record_inference(False, time.perf_counter() - t0)
+            self.meter.record_inference(False, time.perf_counter() - t0)
             raise
         return self._finish(executor, pending, t0)
 
@@ -239,7 +238,7 @@ class Runtime:
             try:
                 queued.append((rid, *self._enqueue(request, rid), None))
             except MSCError as exc:
-                self.metrics_.record_inference(False, 0.0)
+                self.meter.record_inference(False, 0.0)
                 queued.append((rid, None, None, exc))
         results = []
         for rid, executor, pending, exc in queued:
@@ -269,7 +268,7 @@ class Runtime:
         owner = caller.user_id if caller else request.get("user_id")
         self.jobs.submit(rid, "inference", owner, stored)
         ahead = self.jobs.queued_ahead(rid)
-        per_job = self.jobs.mean_duration("inference") or self.metrics_.recent_latency() or 0.0
+        per_job = self.jobs.mean_duration("inference") or self.meter.recent_latency() or 0.0
         eta = clock.now() + (ahead // max(1, self.config.job_workers) + 1) * per_job
         return {"request_id": rid, "status": "queued", "estimated_completion": clock.iso(eta)}
 
@@ -342,11 +341,14 @@ class Runtime:
         return sum(ex.depth() for ex in executors) + self.jobs.count("queued")
 
     def metrics(self) -> dict:
-        return self.metrics_.snapshot(self.queued_requests())
+        with self._executors_lock:
+            executors = list(self.executors.values())
+        depths = {m: d for ex in executors for m, d in ex.depths().items()}
+        return self.meter.snapshot(sum(depths.values()) + self.jobs.count("queued"), depths)
 
     def metrics_history(self, start_time: datetime | None = None, end_time: datetime | None = None,
                         interval: int = 60) -> list[dict]:
-        return self.metrics_.history(clock.to_unix(start_time), clock.to_unix(end_time), interval)
+        return self.meter.history(clock.to_unix(start_time), clock.to_unix(end_time), interval)
 
     def record_request(self, ok: bool, latency_s: float) -> None:
-        self.metrics_.record_request(ok, latency_s)
+        self.meter.record_request(ok, latency_s)

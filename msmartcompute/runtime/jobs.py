@@ -101,6 +101,10 @@ class JobRunner:
             t.start()
             self._threads.append(t)
 
+    def stopping(self) -> None:
+        """Mark the runner as closing: a rerun_on_restart job cut short now is queued again, not failed."""
+        self._stop = True
+
     def close(self) -> None:
         with self._cond:
             self._stop = True

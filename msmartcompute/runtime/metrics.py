@@ -12,8 +12,8 @@ What the fields mean:
                                     tokens_per_second likewise for generated tokens.
   active_requests / queued_requests requests inside a run() now / waiting in batch queues and
                                     queued async jobs.
-  batch_sizes / queue_depth         how many run() calls had each batch size; the deepest each
-                                    model's queue has been.
+  batch_sizes                       how many run() calls had each batch size.
+  queue_depth / queue_depth_max     requests waiting per model now / the most ever seen waiting.
   gpu_utilization, temperature,     NVML readings (None with no GPU);
   power_usage
   memory_utilization                device memory used / total (NVML), else host memory in use.
@@ -100,7 +100,7 @@ class Metrics:
         with self._lock:
             return statistics.median(self._latency) if self._latency else None
 
-    def snapshot(self, queued: int) -> dict:
+    def snapshot(self, queued: int, depths: dict[str, int] | None = None) -> dict:
         now = time.monotonic()
         if devices.gpu_count() > 0:
             readings = devices.gpu_readings(0)
@@ -134,7 +134,8 @@ class Metrics:
                 "inference_requests": self.inferences,
                 "inference_failures": self.inference_failures,
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-                "queue_depth": dict(self.queue_depth),
+                "queue_depth": dict(depths or {}),
+                "queue_depth_max": dict(self.queue_depth),
             }
 
     # ---- history ----------------------------------------------------------------------------

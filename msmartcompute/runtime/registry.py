@@ -3,7 +3,7 @@
 load: model_path must resolve (realpath, symlinks followed) under one of
 RuntimeConfig.model_roots (a relative path is taken from the first root); the model is built
 on its vGPU's device, or on the least-loaded device; its memory is measured (CUDA: the
-allocator's growth across the build; host: ServedModel.tensor_bytes()) and reserved in the
+allocator's growth across the build, at least tensor_bytes(); host: ServedModel.tensor_bytes()) and reserved in the
 capacity ledger, which refuses it with INSUFFICIENT_MEMORY when it does not fit.
 The load spec is persisted in the store, so a new Runtime on the same state dir loads the
 same models at start(). unload drops every reference (registry, queue, worker), collects,
@@ -11,6 +11,7 @@ empties the CUDA cache and trims the C heap, so the memory really goes back.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -138,23 +139,14 @@ class Registry:
             if not isinstance(priority, int) or isinstance(priority, bool):
                 raise InvalidInputData("priority must be an integer", {"field": "priority"})
             vgpu_id = spec.get("virtual_gpu_id")
+            if vgpu_id and vgpu_id not in self.vgpus.vgpus:
+                raise InvalidInputData(f"virtual_gpu_id {vgpu_id!r} does not exist",
+                                       {"field": "virtual_gpu_id", "available_vgpus": sorted(self.vgpus.vgpus)})
             device = self.vgpus.get(vgpu_id).physical_gpu_id if vgpu_id else self.vgpus.least_loaded()
             torch_device = self.vgpus.device(device).torch_device
 
             t0 = time.perf_counter()
-            before = torch.cuda.memory_allocated(torch_device) if torch_device.type == "cuda" else 0
-            try:
-                model = models.build_model(build_spec, torch_device)
-            except (torch.OutOfMemoryError, MemoryError) as exc:
-                release_memory()
-                raise InsufficientMemory(f"out of memory while loading {model_id!r}: {exc}",
-                                         {"model_id": model_id}) from None
-            except (ValueError, OSError) as exc:
-                raise InvalidInputData(f"cannot load model {model_id!r}: {exc}", {"model_id": model_id}) from None
-            if torch_device.type == "cuda":
-                memory = torch.cuda.memory_allocated(torch_device) - before
-            else:
-                memory = model.tensor_bytes()
+            model, memory = self._build(model_id, build_spec, device, torch_device)
             try:
                 self.vgpus.reserve(("model", model_id), memory, device=device, vgpu=vgpu_id or None)
             except MSCError:
@@ -172,6 +164,24 @@ class Registry:
                 self.store.put("models", model_id, dict(spec))
             return {"model_id": model_id, "message": "Model loaded successfully",
                     "memory_allocated": int(memory), "load_time": round(load_time, 6)}
+
+    def _build(self, model_id: str, spec: dict, device: int, torch_device: torch.device):
+        """Build the model; returns (model, measured bytes). On CUDA the build holds the device's
+        slot, so no run's activations fall inside the allocator delta."""
+        cuda = torch_device.type == "cuda"
+        try:
+            with self.vgpus.schedulers[device].slot("__load__") if cuda else contextlib.nullcontext():
+                before = torch.cuda.memory_allocated(torch_device) if cuda else 0
+                model = models.build_model(spec, torch_device)
+                grown = torch.cuda.memory_allocated(torch_device) - before if cuda else 0
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            release_memory()
+            raise InsufficientMemory(f"out of memory while loading {model_id!r}: {exc}",
+                                     {"model_id": model_id}) from None
+        except (ValueError, OSError) as exc:
+            raise InvalidInputData(f"cannot load model {model_id!r}: {exc}", {"model_id": model_id}) from None
+        # a request's input freed meanwhile can only lower the delta; never report below the tensors
+        return model, max(grown, model.tensor_bytes())
 
     def unload(self, model_id: str, caller: Caller | None = None, *, forget: bool = True) -> dict:
         require_admin(caller, "unload a model")

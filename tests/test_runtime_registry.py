@@ -1,0 +1,174 @@
+"""Runtime model registry: load/list/get/unload, errors, model roots, restore, memory really freed."""
+import gc
+import os
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from msmartcompute.models.mlp import MLP
+from msmartcompute.runtime.caller import Caller
+from msmartcompute.runtime.engine import Runtime, RuntimeConfig
+from msmartcompute.runtime.errors import (Forbidden, InsufficientMemory, InvalidInputData, InvalidModelId,
+                                          ModelAlreadyLoaded)
+
+
+def mlp_spec(model_id="mlp", input_size=16, hidden=(32,), output_size=8, **kw):
+    return {"model_id": model_id, "model_type": "mlp", "max_batch_size": 16,
+            "parameters": {"input_size": input_size, "hidden_sizes": list(hidden), "output_size": output_size},
+            **kw}
+
+
+@pytest.fixture
+def runtime(tmp_path):
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path / "state"))
+    rt.start()
+    yield rt
+    rt.close()
+
+
+def test_load_list_get_unload(runtime):
+    out = runtime.load_model(mlp_spec())
+    n_params = 16 * 32 + 32 + 32 * 8 + 8
+    assert out["model_id"] == "mlp" and out["memory_allocated"] == 4 * n_params  # float32 bytes, measured
+    assert out["load_time"] > 0 and out["message"]
+    [entry] = runtime.list_models()
+    assert entry == runtime.get_model("mlp")
+    assert entry["status"] == "loaded" and entry["memory_usage"] == 4 * n_params
+    assert entry["device"] == "cpu" and entry["virtual_gpu_id"] is None and entry["load_time"].endswith("Z")
+    assert runtime.unload_model("mlp")["model_id"] == "mlp"
+    assert runtime.list_models() == []
+    with pytest.raises(InvalidModelId):
+        runtime.infer({"model_id": "mlp", "input_data": np.zeros((1, 16), np.float32)})
+
+
+def test_errors(runtime):
+    runtime.load_model(mlp_spec())
+    with pytest.raises(ModelAlreadyLoaded):
+        runtime.load_model(mlp_spec())
+    with pytest.raises(InvalidModelId) as err:
+        runtime.get_model("nope")
+    assert err.value.details["available_models"] == ["mlp"]
+    with pytest.raises(InvalidModelId) as err:
+        runtime.unload_model("nope")
+    assert err.value.details["available_models"] == ["mlp"]
+    with pytest.raises(InvalidInputData, match="hidden_sizes"):
+        runtime.load_model(mlp_spec("bad", hidden=("x",)))
+    with pytest.raises(InvalidInputData, match="16 values"):
+        runtime.infer({"model_id": "mlp", "input_data": np.zeros((1, 5), np.float32)})
+    user = Caller("u1", "user")
+    with pytest.raises(Forbidden):
+        runtime.load_model(mlp_spec("other"), caller=user)
+    with pytest.raises(Forbidden):
+        runtime.unload_model("mlp", caller=user)
+    assert [m["model_id"] for m in runtime.list_models(caller=user)] == ["mlp"]
+
+
+def test_model_path_must_lie_under_a_model_root(tmp_path):
+    torch.manual_seed(0)
+    seq = MLP(16, [32], 8)
+    root = tmp_path / "state" / "models"
+    root.mkdir(parents=True)
+    save_file(seq.state_dict(), str(root / "w.safetensors"))
+    outside = tmp_path / "outside.safetensors"
+    save_file(seq.state_dict(), str(outside))
+    os.symlink(outside, root / "link.safetensors")  # inside by name, outside once followed
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path / "state"))
+    rt.start()
+    try:
+        rt.load_model(mlp_spec("a", model_path=str(root / "w.safetensors")))
+        rt.load_model(mlp_spec("b", model_path="w.safetensors"))  # relative: from the first root
+        x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+        with torch.no_grad():
+            expected = seq(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(rt.infer({"model_id": "a", "input_data": x})["output_data"], expected,
+                                   rtol=1e-6, atol=1e-6)
+        for bad in (str(outside), str(root / "link.safetensors"), str(root / ".." / ".." / "outside.safetensors")):
+            with pytest.raises(InvalidInputData, match="outside the model roots"):
+                rt.load_model(mlp_spec("c", model_path=bad))
+        with pytest.raises(InvalidInputData, match="not a file"):
+            rt.load_model(mlp_spec("c", model_path=str(root / "missing.safetensors")))
+    finally:
+        rt.close()
+
+
+def test_registry_restored_after_restart(tmp_path):
+    config = RuntimeConfig(state_dir=tmp_path)
+    x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
+    rt = Runtime(config)
+    rt.start()
+    rt.load_model(mlp_spec("keep", seed=7))
+    rt.load_model(mlp_spec("gone"))
+    rt.unload_model("gone")
+    before = rt.infer({"model_id": "keep", "input_data": x})["output_data"]
+    rt.close()
+    rt.close()  # idempotent
+
+    rt = Runtime(config)
+    rt.start()
+    rt.start()  # idempotent
+    try:
+        assert [m["model_id"] for m in rt.list_models()] == ["keep"]
+        assert rt.infer({"model_id": "keep", "input_data": x})["output_data"] == before
+    finally:
+        rt.close()
+
+
+def test_restore_reports_a_model_that_no_longer_fits(tmp_path):
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path))
+    rt.start()
+    rt.load_model(mlp_spec(hidden=(256,)))
+    rt.close()
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, host_memory_capacity=1024))
+    rt.start()
+    try:
+        [entry] = rt.list_models()
+        assert entry["status"] == "failed" and "requested" in entry["error"]
+        rt.unload_model("mlp")  # forgets it
+        assert rt.list_models() == [] and rt.store.get("models", "mlp") is None
+    finally:
+        rt.close()
+
+
+def test_load_refused_when_it_does_not_fit(tmp_path):
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, host_memory_capacity=100_000))
+    rt.start()
+    try:
+        with pytest.raises(InsufficientMemory) as err:
+            rt.load_model(mlp_spec(hidden=(1024,)))  # 4 * (16*1024 + 1024 + 1024*8 + 8) bytes
+        assert err.value.details["requested"] == 4 * (16 * 1024 + 1024 + 1024 * 8 + 8)
+        assert err.value.details["available"] == 100_000
+        assert rt.list_models() == [] and rt.vgpus.reserved_bytes() == 0
+    finally:
+        rt.close()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_load_unload_20_times_returns_memory(runtime):
+    spec = mlp_spec("big", input_size=512, hidden=(2048, 2048), output_size=512)
+    x = np.ones((4, 512), np.float32)
+
+    def cycle():
+        out = runtime.load_model(spec)
+        runtime.infer({"model_id": "big", "input_data": x})
+        module = weakref.ref(runtime.registry.models["big"].model.module)
+        runtime.unload_model("big")
+        return out["memory_allocated"], module
+
+    size, _ = cycle()  # warm-up: first-use allocations of torch and the worker
+    assert size > 20 * 2**20
+    gc.collect()
+    baseline_rss, baseline_reserved = rss_bytes(), runtime.vgpus.reserved_bytes()
+    for _ in range(20):
+        _, module = cycle()
+        assert module() is None, "the unloaded model is still referenced"
+    assert runtime.vgpus.reserved_bytes() == baseline_reserved
+    assert runtime.registry.total_memory() == 0
+    growth = rss_bytes() - baseline_rss
+    assert growth < 0.02 * baseline_rss, f"RSS grew {growth} bytes over 20 load/unload cycles"
