@@ -8,6 +8,12 @@ capacity ledger, which refuses it with INSUFFICIENT_MEMORY when it does not fit.
 The load spec is persisted in the store, so a new Runtime on the same state dir loads the
 same models at start(). unload drops every reference (registry, queue, worker), collects,
 empties the CUDA cache and trims the C heap, so the memory really goes back.
+
+swap() puts a trained or optimized module in place of the served one under the model
+queue's run lock (one attribute pair, so a run sees all-old or all-new weights), re-reserves
+the memory it measures and records the change in the persisted spec: a "model_path" to the
+saved trained weights, and the "optimizations" list, which load() replays after building,
+so a restart gives the same model.
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ from typing import Callable
 import torch
 
 from .. import models
-from . import clock
+from ..models.base import module_bytes
+from . import clock, optimize
 from .access import require_admin
 from .batching import Executor, ModelQueue
 from .caller import Caller
@@ -122,6 +129,37 @@ class Registry:
             raise InvalidInputData(f"model_path {model_path!r} is not a file", {"field": "model_path"})
         return str(real)
 
+    def resolve_save_path(self, save_path: str) -> str:
+        """Where to write trained weights: a .safetensors path under a model root (its folder is made)."""
+        if not isinstance(save_path, str) or not save_path.endswith(".safetensors"):
+            raise InvalidInputData("save_path must be a path ending in .safetensors", {"field": "save_path"})
+        if not self.model_roots:
+            raise InvalidInputData("save_path is not allowed: no model root is configured", {"field": "save_path"})
+        path = Path(save_path)
+        if not path.is_absolute():
+            path = self.model_roots[0] / path
+        real = Path(os.path.realpath(path))
+        if not any(root in real.parents for root in self.model_roots):
+            raise InvalidInputData(f"save_path {save_path!r} is outside the model roots",
+                                   {"field": "save_path", "model_roots": [str(r) for r in self.model_roots]})
+        real.parent.mkdir(parents=True, exist_ok=True)
+        return str(real)
+
+    def swap(self, entry: LoadedModel, module, dtype: torch.dtype, spec_changes: dict) -> None:
+        """Serve `module` (compute dtype `dtype`) in place of entry's; see the module docstring."""
+        with self._lock:
+            if self.models.get(entry.model_id) is not entry:
+                raise InvalidModelId(f"model {entry.model_id!r} was unloaded meanwhile; the result was dropped",
+                                     {"model_id": entry.model_id})
+            memory = max(0, entry.memory - entry.model.tensor_bytes() + module_bytes(module))
+            self.vgpus.resize(("model", entry.model_id), memory)
+            with entry.queue.run_lock:
+                entry.model.module, entry.model.dtype = module, dtype
+            entry.memory = int(memory)
+            entry.spec.update(spec_changes)
+            self.store.put("models", entry.model_id, dict(entry.spec))
+        release_memory()
+
     def load(self, spec: dict, caller: Caller | None = None, *, persist: bool = True) -> dict:
         require_admin(caller, "load a model")
         model_id = spec.get("model_id")
@@ -145,6 +183,10 @@ class Registry:
             before = torch.cuda.memory_allocated(torch_device) if torch_device.type == "cuda" else 0
             try:
                 model = models.build_model(build_spec, torch_device)
+                for step in spec.get("optimizations") or []:  # replayed in order (see swap)
+                    if not isinstance(step, dict) or step.get("target_precision") not in ("int8", "fp16", "bf16"):
+                        raise ValueError(f"optimizations holds an unknown step {step!r}")
+                    model.module, model.dtype = optimize.convert(model, step)
             except (torch.OutOfMemoryError, MemoryError) as exc:
                 release_memory()
                 raise InsufficientMemory(f"out of memory while loading {model_id!r}: {exc}",
