@@ -292,9 +292,8 @@ def fit(model, plan: Plan, progress: Callable[[int, float, list[float]], None] |
         if not torch.isfinite(p).all():
             raise TrainingDiverged("training diverged: the weights became non-finite; the model was left "
                                    "unchanged (lower learning_rate)", {"field": "learning_rate"})
+    opt.zero_grad(set_to_none=True)  # the served copy carries no gradients
     module = module.to(served_dtype).eval()
-    for p in module.parameters():
-        p.requires_grad_(True)  # as built; inference runs under inference_mode
     old, new = served.state_dict(), module.state_dict()
     updated = any(not torch.equal(old[k], new[k]) for k in old)
     return Outcome(module, history, time.perf_counter() - t0, updated)
