@@ -93,6 +93,17 @@ def test_transformer_memorises_a_sequence(rt):
     assert out == [SEQUENCE[2:]]
 
 
+def test_encoder_trains_its_pooled_vectors(rt):
+    rt.load_model(dict(TINY_LM_SPEC, model_id="enc", model_type="encoder"))
+    tokens = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
+    targets = np.eye(32)[:4] * 3  # pooled vector of row i -> 3 * e_i
+    before = float(((outputs(rt, "enc", tokens) - targets) ** 2).mean())
+    r = rt.train({"model_id": "enc", "training_data": tokens, "labels": targets, "loss_function": "mse",
+                  "epochs": 30, "learning_rate": 0.01})
+    after = float(((outputs(rt, "enc", tokens) - targets) ** 2).mean())
+    assert after < 0.2 * before and r["model_updated"]
+
+
 def test_async_training_reports_progress_and_inference_sees_old_or_new_weights(rt):
     rt.load_model(BLOB_SPEC)
     x, y = blobs(n=64)
