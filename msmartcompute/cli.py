@@ -1,8 +1,9 @@
-"""Command line: `msmartcompute serve | keys ...`."""
+"""Command line: `msmartcompute serve | keys ... | train`."""
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import socket
 import sys
@@ -102,6 +103,51 @@ def keys_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def progress_bar(result: dict, width: int = 30) -> str:
+    """One line for a training job: `[#####-----]  12/100 epochs  loss 0.1234  running`."""
+    total = max(1, int(result.get("epochs") or 1))
+    done = int(result.get("epochs_completed") or 0)
+    filled = min(width, width * done // total)
+    loss = result.get("current_loss")
+    return (f"[{'#' * filled}{'-' * (width - filled)}] {done:>{len(str(total))}}/{total} epochs"
+            f"  loss {'-' if loss is None else f'{loss:.4g}'}  {result.get('status', '')}")
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Submit a training request (a JSON file: the POST /training body) and print the result;
+    --async queues it and draws a progress bar on stderr while it runs."""
+    from .client import MSmartComputeClient, MSmartComputeError
+
+    try:
+        with open(args.file) as f:
+            body = json.load(f)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    base = args.url.rstrip("/")
+    client = MSmartComputeClient(base if base.endswith("/api/v1") else base + "/api/v1", args.key,
+                                 timeout=args.timeout)
+    try:
+        if not args.async_:
+            result = client._request("POST", "/training", body)
+        else:
+            job = client._request("POST", "/training/async", body)
+            print(f"queued {job['request_id']}", file=sys.stderr)
+
+            def draw(r: dict) -> None:
+                print("\r" + progress_bar(r), end="", file=sys.stderr, flush=True)
+
+            try:
+                result = client.wait(job["request_id"], timeout=args.timeout, kind="training", on_progress=draw)
+            finally:
+                print(file=sys.stderr)
+    except MSmartComputeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msmartcompute", description="MSmartCompute engine and server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = ksub.add_parser("revoke", help="revoke a key by id")
     r.add_argument("key_id")
     k.set_defaults(func=keys_command)
+
+    t = sub.add_parser("train", help="train a model on a server from a JSON request file")
+    t.add_argument("--url", default="http://127.0.0.1:8080", help="server URL (default http://127.0.0.1:8080)")
+    t.add_argument("--key", help="API key")
+    t.add_argument("--file", required=True, help="the POST /training body, as JSON")
+    t.add_argument("--async", dest="async_", action="store_true",
+                   help="queue the job and show a progress bar until it ends")
+    t.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait (default 3600)")
+    t.set_defaults(func=train_command)
     return parser
 
 

@@ -108,12 +108,16 @@ class MSmartComputeClient:
     def batch_inference(self, requests: list[dict]) -> dict:
         return self._request("POST", "/inference/batch", {"requests": requests})
 
-    def wait(self, request_id: str, timeout: float = 300.0, poll_interval: float = 0.05) -> dict:
-        """Poll an async job until it completes; raises JobFailedError or RequestTimeoutError."""
+    def wait(self, request_id: str, timeout: float = 300.0, poll_interval: float = 0.05,
+             kind: str = "inference", on_progress=None) -> dict:
+        """Poll an async job (kind "inference" or "training") until it completes; raises
+        JobFailedError or RequestTimeoutError. on_progress(result) is called after each poll."""
         deadline = time.monotonic() + timeout
-        getter = self.get_inference
+        getter = {"inference": self.get_inference, "training": self.get_training}[kind]
         while True:
             result = getter(request_id)
+            if on_progress is not None:
+                on_progress(result)
             if result["status"] == "completed":
                 return result
             if result["status"] == "failed":
@@ -124,6 +128,37 @@ class MSmartComputeClient:
                 raise RequestTimeoutError("REQUEST_TIMEOUT", f"{request_id} still {result['status']} after {timeout}s")
             time.sleep(poll_interval)
             poll_interval = min(poll_interval * 1.5, 1.0)
+
+    # --- training ---------------------------------------------------------------------------
+    @staticmethod
+    def _training_body(model_id, training_data, labels, fields) -> dict:
+        body = {"model_id": model_id, "training_data": training_data, **fields}
+        if labels is not None:
+            body["labels"] = labels
+        return body
+
+    def train(self, model_id: str, training_data, labels=None, **fields) -> dict:
+        """Synchronous training; fields: epochs, learning_rate, optimizer, loss_function,
+        hyperparameters, seed, save_path."""
+        return self._request("POST", "/training", self._training_body(model_id, training_data, labels, fields))
+
+    def train_async(self, model_id: str, training_data, labels=None, **fields) -> dict:
+        return self._request("POST", "/training/async",
+                             self._training_body(model_id, training_data, labels, fields))
+
+    def get_training(self, request_id: str) -> dict:
+        return self._request("GET", f"/training/{urllib.parse.quote(request_id, safe='')}")
+
+    # --- optimization ------------------------------------------------------------------------
+    def optimize_model(self, model_id: str, optimization_type: str = "quantization",
+                       target_precision: str | None = None, calibration_data=None,
+                       options: dict | None = None) -> dict:
+        body = {"optimization_type": optimization_type, "options": options or {}}
+        if target_precision is not None:
+            body["target_precision"] = target_precision
+        if calibration_data is not None:
+            body["calibration_data"] = calibration_data
+        return self._request("POST", f"/models/{urllib.parse.quote(model_id, safe='')}/optimize", body)
 
     # --- sessions --------------------------------------------------------------------------
     def create_session(self, user_id: str, model_id: str) -> dict:

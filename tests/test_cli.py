@@ -52,3 +52,24 @@ def test_config_file_preloads_models_and_logs_requests(tmp_path):
     log = server.process.stdout.read().decode()
     assert "GET /api/v1/models 200" in log and "trace-42" in log
     assert key.split("_", 2)[2] not in log  # keys never reach the log
+
+
+def test_train_command_with_progress_bar(tmp_path, live_server):
+    from msmartcompute.client import MSmartComputeClient
+
+    MSmartComputeClient(live_server.base_url + "/api/v1").load_model(
+        {"model_id": "cli-mlp", "model_type": "mlp", "parameters": {"input_size": 2, "hidden_sizes": [4],
+                                                                   "output_size": 2}})
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"model_id": "cli-mlp", "training_data": [[0, 1], [1, 0]], "labels": [0, 1],
+                                   "epochs": 5}))
+    done = run_cli("train", "--url", live_server.base_url, "--file", str(request), "--async")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "completed" and len(result["loss_history"]) == 5
+    assert "[" + "#" * 30 + "] 5/5 epochs" in done.stderr and "queued req_" in done.stderr
+    sync = run_cli("train", "--url", live_server.base_url, "--file", str(request))
+    assert sync.returncode == 0 and json.loads(sync.stdout)["epochs_completed"] == 5
+    request.write_text(json.dumps({"model_id": "cli-mlp", "training_data": [[0, 1]], "labels": [0, 1]}))
+    bad = run_cli("train", "--url", live_server.base_url, "--file", str(request))
+    assert bad.returncode == 1 and "INVALID_INPUT_DATA" in bad.stderr and "labels" in bad.stderr

@@ -109,6 +109,28 @@ def test_python_sdk(server):
     client.unload_model("py-mlp")
 
 
+def test_python_sdk_training_and_optimize(server):
+    client = MSmartComputeClient(server.base_url + "/api/v1", ADMIN_KEY)
+    client.load_model({"model_id": "py-train", "model_type": "mlp",
+                       "parameters": {"input_size": 2, "hidden_sizes": [16], "output_size": 2}})
+    x = [[-1.0, -1.0], [-1.2, -0.8], [1.0, 1.0], [0.9, 1.1]] * 4
+    y = [0, 0, 1, 1] * 4
+    sync = client.train("py-train", x, y, epochs=40, learning_rate=0.05, hyperparameters={"batch_size": 8})
+    assert sync["epochs_completed"] == 40 and sync["final_loss"] < sync["loss_history"][0]
+    job = client.train_async("py-train", x, y, epochs=10)
+    seen = []
+    done = client.wait(job["request_id"], timeout=60, kind="training", on_progress=seen.append)
+    assert done["status"] == "completed" and done["epochs_completed"] == 10 and seen[-1] == done
+    assert client.get_training(job["request_id"])["loss_history"] == done["loss_history"]
+    with pytest.raises(InvalidInputDataError) as err:
+        client.train("py-train", x, y[:3])
+    assert err.value.details["field"] == "labels"
+    opt = client.optimize_model("py-train", "quantization", "int8", calibration_data=x)
+    assert opt["model_updated"] and opt["accuracy_metric"] == "top1_disagreement"
+    assert np.argmax(client.inference("py-train", x)["output_data"], axis=1).tolist() == y
+    client.unload_model("py-train")
+
+
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs node")
 def test_js_sdk(server):
     env = {**os.environ, "MSC_BASE_URL": server.base_url, "MSC_API_KEY": ADMIN_KEY}
@@ -116,4 +138,4 @@ def test_js_sdk(server):
     result = subprocess.run(["node", "--test", "sdk/js/"], cwd=root, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "# fail 0" in result.stdout and "# pass 2" in result.stdout
+    assert "# fail 0" in result.stdout and "# pass 3" in result.stdout

@@ -17,10 +17,11 @@ from .inference import (AsyncInferenceResource, BatchInferenceResource, Inferenc
                         InferenceResultResource)
 from .metrics import MetricsHistoryResource, MetricsResource, PrometheusResource
 from .middleware import Auth, BodyLimit, RateLimit, RequestContext
-from .models import ModelResource, ModelsResource
+from .models import ModelResource, ModelsResource, OptimizeResource
 from .openapi import OpenApiResource
 from .ratelimit import RateLimitConfig, RateLimiter
 from .sessions import SessionResource, SessionsResource
+from .training import AsyncTrainingResource, TrainingResource, TrainingResultResource
 from .virtualization import VirtualGpuResource, VirtualGpusResource
 
 API_PREFIX = "/api/v1"
@@ -70,10 +71,14 @@ def create_app(runtime: Runtime, config: ApiConfig | None = None) -> falcon.App:
     routes = {
         "/models": ModelsResource(runtime),
         "/models/{model_id}": ModelResource(runtime),
+        "/models/{model_id}/optimize": OptimizeResource(runtime),
         "/inference": InferenceResource(runtime),
         "/inference/async": AsyncInferenceResource(runtime),
         "/inference/batch": BatchInferenceResource(runtime),
         "/inference/{request_id}": InferenceResultResource(runtime),
+        "/training": TrainingResource(runtime),
+        "/training/async": AsyncTrainingResource(runtime),
+        "/training/{request_id}": TrainingResultResource(runtime),
         "/sessions": SessionsResource(runtime),
         "/sessions/{session_id}": SessionResource(runtime),
         "/metrics": MetricsResource(runtime),

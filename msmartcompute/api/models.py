@@ -1,9 +1,9 @@
-"""POST/GET /models, GET/DELETE /models/{model_id}."""
+"""POST/GET /models, GET/DELETE /models/{model_id}, POST /models/{model_id}/optimize."""
 from __future__ import annotations
 
 from .access import require_admin
 from .envelope import ok
-from .schemas import LOAD_MODEL, parse
+from .schemas import LOAD_MODEL, OPTIMIZE, as_matrix, parse
 
 
 class ModelsResource:
@@ -29,3 +29,16 @@ class ModelResource:
     def on_delete(self, req, resp, model_id):
         require_admin(req.context.caller, "unload models")
         resp.media = ok(self.runtime.unload_model(model_id, req.context.caller))
+
+
+class OptimizeResource:
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def on_post(self, req, resp, model_id):
+        body = parse(req, OPTIMIZE)
+        require_admin(req.context.caller, "optimize models")
+        request = dict(body)
+        if body.get("calibration_data") is not None:
+            request["calibration_data"] = as_matrix(body["calibration_data"], "body.calibration_data")
+        resp.media = ok(self.runtime.optimize_model(model_id, request, req.context.caller))

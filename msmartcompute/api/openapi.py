@@ -29,6 +29,12 @@ _ERROR_ITEM = {"type": "object", "properties": {"code": _STR, "message": _STR, "
 _INFERENCE_RESULT = {"request_id": _STR, "status": _STR, "output_data": {**_ROWS, "nullable": True},
                      "inference_time": _NULLABLE_NUM, "completion_time": {**_TIME, "nullable": True},
                      "error": {**_ERROR_ITEM, "nullable": True}}
+_TRAINING_RESULT = {"request_id": _STR, "status": _STR, "final_loss": _NULLABLE_NUM,
+                    "loss_history": {"type": "array", "items": _NUM}, "training_time": _NULLABLE_NUM,
+                    "completion_time": {**_TIME, "nullable": True}, "epochs": _INT, "epochs_completed": _INT,
+                    "current_loss": _NULLABLE_NUM, "model_updated": {"type": "boolean", "nullable": True},
+                    "error": {**_ERROR_ITEM, "nullable": True}}
+_NULLABLE_STR = {"type": "string", "nullable": True}
 
 # (method, path, summary, request schema or None, response fields, auth needed, admin only)
 OPERATIONS = [
@@ -49,6 +55,19 @@ OPERATIONS = [
      {"results": {"type": "array", "items": {"type": "object", "properties": {
          "request_id": _STR, "output_data": _ROWS, "inference_time": _NUM, "error": _ERROR_ITEM}}},
       "total_time": _NUM}, True),
+    ("post", "/api/v1/models/{model_id}/optimize", "Quantize (int8) or convert to half precision (admin)",
+     schemas.OPTIMIZE,
+     {"model_id": _STR, "optimization_type": _STR, "target_precision": _STR, "mode": _STR,
+      "original_size": _INT, "optimized_size": _INT, "compression_ratio": _NUM, "accuracy_loss": _NULLABLE_NUM,
+      "accuracy_metric": _NULLABLE_STR, "accuracy_note": _NULLABLE_STR, "optimization_time": _NUM,
+      "model_updated": {"type": "boolean"}, "reason": _NULLABLE_STR}, True),
+    ("post", "/api/v1/training", "Synchronous training", schemas.TRAINING,
+     {"request_id": _STR, "final_loss": _NUM, "loss_history": {"type": "array", "items": _NUM},
+      "training_time": _NUM, "epochs_completed": _INT, "model_updated": {"type": "boolean"}, "seed": _INT}, True),
+    ("post", "/api/v1/training/async", "Queue asynchronous training", schemas.TRAINING,
+     {"request_id": _STR, "status": _STR, "estimated_completion": _TIME}, True),
+    ("get", "/api/v1/training/{request_id}", "Progress or result of an asynchronous training", None,
+     _TRAINING_RESULT, True),
     ("post", "/api/v1/sessions", "Create a session", schemas.SESSION, _SESSION, True),
     ("get", "/api/v1/sessions/{session_id}", "Read a session", None, _SESSION, True),
     ("delete", "/api/v1/sessions/{session_id}", "End a session", None, {"session_id": _STR, "message": _STR}, True),

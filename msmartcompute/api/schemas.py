@@ -105,6 +105,54 @@ VGPU = {
     },
 }
 
+_LABELS = {
+    "type": "array", "minItems": 1, "maxItems": MAX_ROWS,
+    "description": "one row per training row: one-hot / target rows, or class indices (a flat list); "
+                   "for a transformer, target token ids shaped like training_data (omit for next-token)",
+}
+
+TRAINING = {
+    "type": "object",
+    "required": ["model_id", "training_data"],
+    "properties": {
+        "model_id": _ID,
+        "training_data": _MATRIX,
+        "labels": _LABELS,
+        "epochs": {"type": "integer", "minimum": 1, "maximum": 10_000},
+        "learning_rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 10},
+        "optimizer": {"type": "string", "enum": ["adam", "adamw", "sgd"]},
+        "loss_function": {"type": "string", "enum": ["cross_entropy", "mse"]},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        "save_path": {"type": "string", "minLength": 1, "maxLength": 4096},
+        "hyperparameters": {"type": "object", "properties": {
+            "batch_size": {"type": "integer", "minimum": 1, "maximum": MAX_ROWS},
+            "gradient_clip_norm": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e6},
+            "weight_decay": {"type": "number", "minimum": 0, "maximum": 10},
+            "momentum": {"type": "number", "minimum": 0, "maximum": 1},
+        }},
+    },
+}
+
+OPTIMIZE = {
+    "type": "object",
+    "required": ["optimization_type"],
+    "properties": {
+        "optimization_type": {"type": "string", "enum": ["quantization", "mixed_precision"]},
+        "target_precision": {"type": "string", "enum": ["int8", "fp16", "float16", "half", "bf16", "bfloat16"]},
+        "calibration_data": _MATRIX,
+        "options": {"type": "object", "properties": {
+            "preserve_accuracy": {"type": "boolean"},
+            "max_accuracy_loss": {"type": "number", "minimum": 0, "maximum": 1},
+            "weight_only": {"type": "boolean"},
+            "accuracy_metric": {"type": "string",
+                                "enum": ["top1_disagreement", "relative_error", "next_token_disagreement"]},
+            "compression_ratio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                                  "description": "informational: the ratio reached is measured and returned"},
+        }},
+    },
+}
+
+
 def parse(req, schema: dict) -> dict:
     """The request's JSON body, validated against `schema`."""
     body = req.get_media()

@@ -15,11 +15,13 @@ import numpy as np
 
 import msmartcompute
 
-from . import clock, devices, ids
+import torch
+
+from . import clock, devices, ids, optimize, training
 from .access import require_admin, require_owner
 from .batching import Executor, Pending, Result
 from .caller import Caller
-from .errors import InternalError, InvalidInputData, MSCError, NotFound, RequestTimeout
+from .errors import InsufficientMemory, InternalError, InvalidInputData, MSCError, NotFound, RequestTimeout
 from .jobs import JobRunner, error_dict
 from .metrics import Metrics
 from .registry import Registry
@@ -66,6 +68,9 @@ class Runtime:
                                  config.max_batch_size, config.max_queue_size)
         self.jobs = JobRunner(self.store, config.job_workers)
         self.jobs.register("inference", self._inference_job, rerun_on_restart=True)
+        self.jobs.register("training", self._training_job, rerun_on_restart=False)
+        self._model_locks: dict[str, threading.Lock] = {}  # one training / optimization per model at a time
+        self._model_locks_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._state = "new"  # new -> started -> closed
@@ -290,6 +295,132 @@ class Runtime:
         if job["status"] == "failed":
             out["error"] = {k: job["error"][k] for k in ("code", "message")}
         return out
+
+    # ---- training -------------------------------------------------------------------------------
+    # Training works on a deep copy and swaps it in at the end (Registry.swap), so inference on
+    # the model goes on during training and never sees half-updated weights. One training or
+    # optimization per model at a time (later ones wait). Jobs cut short by a shutdown fail
+    # with the reason and are not resumed (rerun_on_restart=False).
+
+    def _model_lock(self, model_id: str) -> threading.Lock:
+        with self._model_locks_lock:
+            return self._model_locks.setdefault(model_id, threading.Lock())
+
+    def train(self, request: dict, caller: Caller | None = None) -> dict:
+        """Train synchronously: {request_id, final_loss, loss_history, training_time,
+        epochs_completed, model_updated, seed}."""
+        return self._train(request, ids.request_id(self.store), caller)
+
+    def _train(self, request: dict, request_id: str, caller: Caller | None, progress=None) -> dict:
+        model_id = request.get("model_id")
+        self.registry.entry(model_id)
+        with self._model_lock(model_id):
+            entry = self.registry.entry(model_id)
+            plan = training.parse(request, entry.model)
+            save_path = None
+            if plan.save_path is not None:
+                require_admin(caller, "save trained weights (save_path)")
+                save_path = self.registry.resolve_save_path(plan.save_path)
+            try:
+                outcome = training.fit(entry.model, plan, progress, self._stop.is_set)
+            except InterruptedError:
+                raise InternalError("the server stopped while this training job was running; training jobs "
+                                    "are not resumed", {"request_id": request_id}) from None
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                raise InsufficientMemory(f"out of memory while training: {exc}".strip(),
+                                         {"during": "training"}) from None
+            changes = {"trained_task": plan.task}
+            if save_path is not None:
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().cpu().contiguous() for k, v in outcome.module.state_dict().items()},
+                          save_path)
+                changes["model_path"] = save_path
+            if outcome.model_updated or save_path is not None:
+                self.registry.swap(entry, outcome.module, entry.model.dtype, changes)
+        history = outcome.loss_history
+        return {"request_id": request_id, "final_loss": history[-1], "loss_history": history,
+                "training_time": outcome.training_time, "epochs_completed": len(history),
+                "model_updated": outcome.model_updated, "seed": plan.seed}
+
+    def submit_training(self, request: dict, caller: Caller | None = None) -> dict:
+        """Queue a training job (validated now). estimated_completion: now + (jobs ahead / job
+        workers + 1) x the mean duration of recent training jobs (now when there is none yet)."""
+        entry = self.registry.entry(request.get("model_id"))
+        plan = training.parse(request, entry.model)
+        if plan.save_path is not None:
+            require_admin(caller, "save trained weights (save_path)")
+            self.registry.resolve_save_path(plan.save_path)
+        rid = ids.request_id(self.store)
+        stored = dict(request, request_id=rid, caller=None if caller is None else [caller.user_id, caller.role])
+        for key in ("training_data", "labels"):
+            if stored.get(key) is not None:
+                stored[key] = np.asarray(stored[key]).tolist()
+        owner = caller.user_id if caller else request.get("user_id")
+        self.jobs.submit(rid, "training", owner, stored)
+        self.jobs.set_progress(rid, {"epochs_completed": 0, "current_loss": None, "loss_history": [],
+                                     "epochs": plan.epochs})
+        ahead = self.jobs.queued_ahead(rid)
+        per_job = self.jobs.mean_duration("training") or 0.0
+        eta = clock.now() + (ahead // max(1, self.config.job_workers) + 1) * per_job
+        return {"request_id": rid, "status": "queued", "estimated_completion": clock.iso(eta)}
+
+    def _training_job(self, stored: dict) -> dict:
+        rid = stored["request_id"]
+        caller = Caller(*stored["caller"]) if stored.get("caller") else None
+        last = [0.0]
+
+        def progress(epochs_completed: int, loss: float, history: list[float]) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 0.1 or epochs_completed == stored.get("epochs", 1):
+                last[0] = now
+                self.jobs.set_progress(rid, {"epochs_completed": epochs_completed, "current_loss": loss,
+                                             "loss_history": list(history), "epochs": stored.get("epochs", 1)})
+
+        out = self._train(stored, rid, caller, progress)
+        return {k: v for k, v in out.items() if k != "request_id"}
+
+    def get_training(self, request_id: str, caller: Caller | None = None) -> dict:
+        """{request_id, status, final_loss, loss_history, training_time, completion_time,
+        epochs_completed, current_loss, model_updated}; while running the progress so far;
+        failed adds "error": {code, message}."""
+        job = self.jobs.get(request_id)
+        if job is None or job["kind"] != "training":
+            raise NotFound(f"training request {request_id!r} not found")
+        require_owner(caller, job["owner"], f"request {request_id}")
+        result, progress = job["result"] or {}, job.get("progress") or {}
+        history = result.get("loss_history", progress.get("loss_history") or [])
+        out = {"request_id": request_id, "status": job["status"], "final_loss": result.get("final_loss"),
+               "loss_history": history, "training_time": result.get("training_time"),
+               "completion_time": clock.iso(job["completed_at"]) if job["status"] == "completed" else None,
+               "epochs": progress.get("epochs", job["request"].get("epochs", 1)),
+               "epochs_completed": result.get("epochs_completed", progress.get("epochs_completed", 0)),
+               "current_loss": history[-1] if history else None,
+               "model_updated": result.get("model_updated")}
+        if job["status"] == "failed":
+            out["error"] = {k: job["error"][k] for k in ("code", "message")}
+        return out
+
+    # ---- optimization ---------------------------------------------------------------------------
+    def optimize_model(self, model_id: str, request: dict, caller: Caller | None = None) -> dict:
+        """Quantize (int8) or convert to half precision, measured (see runtime/optimize.py):
+        {model_id, optimization_type, target_precision, mode, original_size, optimized_size,
+        compression_ratio, accuracy_loss, accuracy_metric, accuracy_note, optimization_time,
+        model_updated, reason}."""
+        require_admin(caller, "optimize a model")
+        self.registry.entry(model_id)
+        with self._model_lock(model_id):
+            entry = self.registry.entry(model_id)
+            try:
+                fields, module, dtype = optimize.optimize(entry.model, request, entry.spec.get("trained_task"))
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                raise InsufficientMemory(f"out of memory while optimizing: {exc}".strip(),
+                                         {"during": "optimization"}) from None
+            step = fields.pop("step")
+            if fields["model_updated"]:
+                self.registry.swap(entry, module, dtype,
+                                   {"optimizations": [*(entry.spec.get("optimizations") or []), step]})
+        return {"model_id": model_id, **fields}
 
     # ---- sessions -------------------------------------------------------------------------------
     def create_session(self, user_id: str, model_id: str, caller: Caller | None = None) -> dict:

@@ -61,6 +61,10 @@ class JobRunner:
         row = self.store.connect().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _row(row)
 
+    def set_progress(self, job_id: str, progress: dict) -> None:
+        """A running job's progress, readable by get() while it runs (training: epochs, loss)."""
+        self.store.connect().execute("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
+
     def queued_ahead(self, job_id: str) -> int:
         """Queued or running jobs created before this one."""
         return self.store.connect().execute(
@@ -159,7 +163,7 @@ class JobRunner:
 
 def _row(row) -> dict:
     job = dict(row)
-    for key in ("request", "result", "error"):
-        if job[key] is not None:
+    for key in ("request", "result", "error", "progress"):
+        if job.get(key) is not None:
             job[key] = json.loads(job[key])
     return job

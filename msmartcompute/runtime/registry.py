@@ -8,6 +8,12 @@ capacity ledger, which refuses it with INSUFFICIENT_MEMORY when it does not fit.
 The load spec is persisted in the store, so a new Runtime on the same state dir loads the
 same models at start(). unload drops every reference (registry, queue, worker), collects,
 empties the CUDA cache and trims the C heap, so the memory really goes back.
+
+swap() puts a trained or optimized module in place of the served one under the model
+queue's run lock (one attribute pair, so a run sees all-old or all-new weights), re-reserves
+the memory it measures and records the change in the persisted spec: a "model_path" to the
+saved trained weights, and the "optimizations" list, which load() replays after building,
+so a restart gives the same model.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ from typing import Callable
 import torch
 
 from .. import models
-from . import clock
+from ..models.base import module_bytes
+from . import clock, optimize
 from .access import require_admin
 from .batching import Executor, ModelQueue
 from .caller import Caller
@@ -123,6 +130,37 @@ class Registry:
             raise InvalidInputData(f"model_path {model_path!r} is not a file", {"field": "model_path"})
         return str(real)
 
+    def resolve_save_path(self, save_path: str) -> str:
+        """Where to write trained weights: a .safetensors path under a model root (its folder is made)."""
+        if not isinstance(save_path, str) or not save_path.endswith(".safetensors"):
+            raise InvalidInputData("save_path must be a path ending in .safetensors", {"field": "save_path"})
+        if not self.model_roots:
+            raise InvalidInputData("save_path is not allowed: no model root is configured", {"field": "save_path"})
+        path = Path(save_path)
+        if not path.is_absolute():
+            path = self.model_roots[0] / path
+        real = Path(os.path.realpath(path))
+        if not any(root in real.parents for root in self.model_roots):
+            raise InvalidInputData(f"save_path {save_path!r} is outside the model roots",
+                                   {"field": "save_path", "model_roots": [str(r) for r in self.model_roots]})
+        real.parent.mkdir(parents=True, exist_ok=True)
+        return str(real)
+
+    def swap(self, entry: LoadedModel, module, dtype: torch.dtype, spec_changes: dict) -> None:
+        """Serve `module` (compute dtype `dtype`) in place of entry's; see the module docstring."""
+        with self._lock:
+            if self.models.get(entry.model_id) is not entry:
+                raise InvalidModelId(f"model {entry.model_id!r} was unloaded meanwhile; the result was dropped",
+                                     {"model_id": entry.model_id})
+            memory = max(0, entry.memory - entry.model.tensor_bytes() + module_bytes(module))
+            self.vgpus.resize(("model", entry.model_id), memory)
+            with entry.queue.run_lock:
+                entry.model.module, entry.model.dtype = module, dtype
+            entry.memory = int(memory)
+            entry.spec.update(spec_changes)
+            self.store.put("models", entry.model_id, dict(entry.spec))
+        release_memory()
+
     def load(self, spec: dict, caller: Caller | None = None, *, persist: bool = True) -> dict:
         require_admin(caller, "load a model")
         model_id = spec.get("model_id")
@@ -146,7 +184,8 @@ class Registry:
             torch_device = self.vgpus.device(device).torch_device
 
             t0 = time.perf_counter()
-            model, memory = self._build(model_id, build_spec, device, torch_device)
+            model, memory = self._build(model_id, build_spec, device, torch_device,
+                                        spec.get("optimizations") or [])
             try:
                 self.vgpus.reserve(("model", model_id), memory, device=device, vgpu=vgpu_id or None)
             except MSCError:
@@ -165,14 +204,20 @@ class Registry:
             return {"model_id": model_id, "message": "Model loaded successfully",
                     "memory_allocated": int(memory), "load_time": round(load_time, 6)}
 
-    def _build(self, model_id: str, spec: dict, device: int, torch_device: torch.device):
-        """Build the model; returns (model, measured bytes). On CUDA the build holds the device's
-        slot, so no run's activations fall inside the allocator delta."""
+    def _build(self, model_id: str, spec: dict, device: int, torch_device: torch.device,
+               optimizations: list):
+        """Build the model and replay its recorded optimizations in order (see swap); returns
+        (model, measured bytes). On CUDA the build holds the device's slot, so no run's
+        activations fall inside the allocator delta."""
         cuda = torch_device.type == "cuda"
         try:
             with self.vgpus.schedulers[device].slot("__load__") if cuda else contextlib.nullcontext():
                 before = torch.cuda.memory_allocated(torch_device) if cuda else 0
                 model = models.build_model(spec, torch_device)
+                for step in optimizations:
+                    if not isinstance(step, dict) or step.get("target_precision") not in ("int8", "fp16", "bf16"):
+                        raise ValueError(f"optimizations holds an unknown step {step!r}")
+                    model.module, model.dtype = optimize.convert(model, step)
                 grown = torch.cuda.memory_allocated(torch_device) - before if cuda else 0
         except (torch.OutOfMemoryError, MemoryError) as exc:
             release_memory()

@@ -53,6 +53,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX metrics_history_ts ON metrics_history(ts);
     """,
+    # training: a running job's progress (epochs done, latest loss), JSON
+    """
+    ALTER TABLE jobs ADD COLUMN progress TEXT;
+    """,
 ]
 
 

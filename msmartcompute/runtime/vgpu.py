@@ -200,6 +200,17 @@ class VGPUManager:
             self._reserved[key] = r
             return r
 
+    def resize(self, key: tuple, memory: int) -> None:
+        """Change a reservation's bytes in place (a model swapped for a smaller or bigger one);
+        growth that does not fit is refused with INSUFFICIENT_MEMORY and changes nothing."""
+        with self._lock:
+            r = self._reserved[key]
+            free = self.vgpu_free(r.vgpu) if r.vgpu is not None else self.device_free(r.device)[0]
+            if memory - r.memory > free:
+                raise InsufficientMemory(f"{memory - r.memory} more bytes needed, {max(free, 0)} available",
+                                         {"requested": int(memory - r.memory), "available": int(max(free, 0))})
+            r.memory = int(memory)
+
     def release(self, key: tuple) -> None:
         with self._lock:
             self._reserved.pop(key, None)

@@ -14,6 +14,9 @@ export class MSmartComputeError extends Error {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const enc = encodeURIComponent;
+const trainingBody = (modelId, trainingData, labels, fields) => ({
+  model_id: modelId, training_data: trainingData, ...(labels === undefined ? {} : { labels }), ...fields,
+});
 
 export class MSmartComputeClient {
   constructor(baseUrl = 'http://127.0.0.1:8080/api/v1', apiKey = undefined, { maxRetries = 3 } = {}) {
@@ -70,10 +73,14 @@ export class MSmartComputeClient {
   getInference(requestId) { return this.request('GET', `/inference/${enc(requestId)}`); }
   batchInference(requests) { return this.request('POST', '/inference/batch', { requests }); }
 
-  async wait(requestId, { timeoutMs = 300000, pollMs = 50 } = {}) {
+  // kind: 'inference' or 'training'; onProgress(result) after each poll.
+  async wait(requestId, { timeoutMs = 300000, pollMs = 50, kind = 'inference', onProgress } = {}) {
+    const getter = { inference: (id) => this.getInference(id), training: (id) => this.getTraining(id) }[kind];
+    if (!getter) throw new MSmartComputeError('INVALID_INPUT_DATA', `unknown job kind ${kind}`);
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      const result = await this.getInference(requestId);
+      const result = await getter(requestId);
+      if (onProgress) onProgress(result);
       if (result.status === 'completed') return result;
       if (result.status === 'failed') {
         throw new MSmartComputeError('JOB_FAILED', `${requestId} failed: ${result.error?.message}`, { error: result.error });
@@ -83,6 +90,18 @@ export class MSmartComputeClient {
       pollMs = Math.min(pollMs * 1.5, 1000);
     }
   }
+
+  // fields: epochs, learning_rate, optimizer, loss_function, hyperparameters, seed, save_path.
+  train(modelId, trainingData, labels = undefined, fields = {}) {
+    return this.request('POST', '/training', trainingBody(modelId, trainingData, labels, fields));
+  }
+  trainAsync(modelId, trainingData, labels = undefined, fields = {}) {
+    return this.request('POST', '/training/async', trainingBody(modelId, trainingData, labels, fields));
+  }
+  getTraining(requestId) { return this.request('GET', `/training/${enc(requestId)}`); }
+
+  // body: { optimization_type, target_precision, calibration_data, options }
+  optimizeModel(modelId, body) { return this.request('POST', `/models/${enc(modelId)}/optimize`, body); }
 
   createSession(userId, modelId) { return this.request('POST', '/sessions', { user_id: userId, model_id: modelId }); }
   getSession(sessionId) { return this.request('GET', `/sessions/${enc(sessionId)}`); }

@@ -62,3 +62,35 @@ test('a bad key is refused with UNAUTHORIZED', { skip: !baseUrl }, async () => {
   const client = new MSmartComputeClient(`${baseUrl}/api/v1`, 'msc_0_notarealkeynotarealkey');
   await assert.rejects(client.listModels(), (err) => err.code === 'UNAUTHORIZED' && err.status === 401);
 });
+
+test('training and optimization through the JS SDK', { skip: !baseUrl }, async () => {
+  const client = new MSmartComputeClient(`${baseUrl}/api/v1`, apiKey);
+  await client.loadModel({
+    model_id: 'js-train', model_type: 'mlp',
+    parameters: { input_size: 2, hidden_sizes: [16], output_size: 2 },
+  });
+  const x = Array(4).fill([[-1, -1], [-1.2, -0.8], [1, 1], [0.9, 1.1]]).flat();
+  const y = Array(4).fill([0, 0, 1, 1]).flat();
+  const sync = await client.train('js-train', x, y, { epochs: 40, learning_rate: 0.05 });
+  assert.equal(sync.epochs_completed, 40);
+  assert.ok(sync.final_loss < sync.loss_history[0]);
+
+  const queued = await client.trainAsync('js-train', x, y, { epochs: 10 });
+  const seen = [];
+  const done = await client.wait(queued.request_id, { kind: 'training', timeoutMs: 60000, onProgress: (r) => seen.push(r) });
+  assert.equal(done.status, 'completed');
+  assert.equal(done.loss_history.length, 10);
+  assert.deepEqual((await client.getTraining(queued.request_id)).loss_history, done.loss_history);
+
+  await assert.rejects(client.train('js-train', x, y.slice(0, 3)),
+    (err) => err.code === 'INVALID_INPUT_DATA' && err.details.field === 'labels');
+  const opt = await client.optimizeModel('js-train', {
+    optimization_type: 'quantization', target_precision: 'int8', calibration_data: x,
+  });
+  assert.ok(opt.model_updated);
+  assert.ok(opt.compression_ratio < 1);
+  const out = await client.inference('js-train', x);
+  assert.deepEqual(out.output_data.map((r) => (r[1] > r[0] ? 1 : 0)), y);
+
+  await client.unloadModel('js-train');
+});
