@@ -284,3 +284,31 @@ def test_gpu_mixed_gemm_and_w8a16(backend, shape, dtype):
                               torch.nn.functional.linear(a, w.to(dtype), bias))
     out = ops.int8_linear(a, w_q, w_scale, bias, "w8a8", backend=backend)
     one_ulp_close(out, reference.int8_linear(a, w_q, w_scale, bias, "w8a8"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+def test_mixed_gemm_gradients(device, activation):
+    # float32 on CPU, float16 on a GPU (the tensor-core kernels take half types).
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    a = torch.randn(7, 33, device=device).to(dtype).requires_grad_()
+    b = (torch.randn(20, 33, device=device) / 6).to(dtype).requires_grad_()
+    bias = torch.randn(20, device=device).to(dtype).requires_grad_()
+    grad_out = torch.randn(7, 20, device=device).to(dtype)
+    ours = torch.autograd.grad(ops.mixed_gemm(a, b, bias, activation), (a, b, bias), grad_out)
+
+    def grads(compute_dtype):
+        leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (a, b, bias)]
+        out = reference.mixed_gemm(*leaves, activation, compute_dtype, compute_dtype=compute_dtype)
+        return torch.autograd.grad(out, leaves, grad_out.to(compute_dtype))
+
+    for mine, truth, same_dtype in zip(ours, grads(torch.float64), grads(dtype)):
+        assert mine.dtype == dtype
+        assert_within_torch_error(mine, truth, same_dtype)
+
+
+def test_mixed_gemm_opcheck_with_grad():
+    a, b = torch.randn(5, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    bias = torch.randn(8, requires_grad=True)
+    torch.library.opcheck(torch.ops.msmartcompute.mixed_gemm.default, (a, b, bias, "silu", None))
+    torch.library.opcheck(torch.ops.msmartcompute.mixed_gemm.default, (a, b, None, None, None))

@@ -112,7 +112,7 @@ def mixed_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = Non
         activation: None | "relu" | "gelu" (erf form, as F.gelu) | "silu".
         out_dtype: float32 | float16 | bfloat16; a.dtype when None.
     Returns:
-        [M, N] of out_dtype.
+        [M, N] of out_dtype; differentiable on the cuda, cpu and torch backends.
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"mixed_gemm: a [M, K] and b [N, K] must be 2-D and agree on K, got "
@@ -153,3 +153,28 @@ if extension_loaded():
     @torch.library.register_fake("msmartcompute::mixed_gemm")
     def _mixed_gemm_fake(a, b, bias=None, activation=None, out_dtype=None):
         return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype or a.dtype)
+
+    # mixed_gemm trains (a linear layer with its activation): the backward recomputes the
+    # pre-activation in float32 rather than saving an [M, N] tensor, then runs plain
+    # float32 matmuls; grads come back in the inputs' dtypes.
+    def _mixed_gemm_setup_context(ctx, inputs, output):
+        a, b, bias, activation, _ = inputs
+        ctx.activation = activation
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(a, b, bias)
+
+    def _mixed_gemm_backward(ctx, grad):
+        a, b, bias = ctx.saved_tensors
+        grad_z = grad.float()  # [M, N]
+        if ctx.activation is not None:
+            z = torch.ops.msmartcompute.mixed_gemm(a, b, bias, None, torch.float32).detach().requires_grad_()
+            with torch.enable_grad():
+                (grad_z,) = torch.autograd.grad(reference.ACTIVATIONS[ctx.activation](z), z, grad_z)
+        grad_a = (grad_z @ b.float()).to(a.dtype) if ctx.needs_input_grad[0] else None
+        grad_b = (grad_z.t() @ a.float()).to(b.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_z.sum(0).to(bias.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_a, grad_b, grad_bias, None, None
+
+    torch.library.register_autograd("msmartcompute::mixed_gemm", _mixed_gemm_backward,
+                                    setup_context=_mixed_gemm_setup_context)
+
