@@ -40,7 +40,21 @@ for kernel in sorted(kernels):
     if not found:
         failures.append(f"kernel {kernel} has no sm_90 code")
 
+# Tensor-core kernels must really use the tensor cores: every sm_90 instantiation of
+# these holds the named SASS instruction (mma.sync s8 -> IMMA, f16/bf16 -> HMMA).
+TENSOR_CORE_SASS = {"int8_gemm_kernel": "IMMA.", "mixed_gemm_kernel": "HMMA."}
+bodies = re.split(r"\n\s*Function : ", sass)[1:]
+for kernel, instruction in TENSOR_CORE_SASS.items():
+    if kernel not in kernels:
+        continue
+    found = [b for b in bodies if f"{len(kernel)}{kernel}" in b.split("\n", 1)[0]]
+    missing = [b.split("\n", 1)[0] for b in found if instruction not in b]
+    print(f"{'FAIL' if missing or not found else 'ok  '} {kernel}: {instruction.rstrip('.')} in "
+          f"{len(found) - len(missing)}/{len(found)} sm_90 instantiation(s)")
+    if missing or not found:
+        failures.append(f"kernel {kernel}: no {instruction.rstrip('.')} in {len(missing) or 'any'} instantiation(s)")
+
 for failure in failures:
     print("FAIL", failure)
-print(f"{len(kernels) - sum('kernel ' in f for f in failures)} passed, {len(failures)} failed")
+print(f"{len(kernels) + len(TENSOR_CORE_SASS) - len(failures)} passed, {len(failures)} failed")
 sys.exit(1 if failures or not kernels else 0)

@@ -11,4 +11,17 @@ TORCH_LIBRARY(msmartcompute, m) {
   // Inverse of quantize_int8: q * scale broadcast along `dim`, cast to dtype
   // (float32 when None).
   m.def("dequantize_int8(Tensor q, Tensor scale, int dim=-1, ScalarType? dtype=None) -> Tensor");
+  // int32 = a_q[M,K] @ b_q[N,K]^T (int8 operands, int32 accumulation); unless
+  // out_dtype is int32 (raw accumulator, bias must be None) the epilogue returns
+  // acc * a_scale[m] * b_scale[n] + bias[n] as out_dtype (bfloat16 when None).
+  m.def("int8_matmul(Tensor a_q, Tensor b_q, Tensor a_scale, Tensor b_scale, Tensor? bias=None, "
+        "ScalarType? out_dtype=None) -> Tensor");
+  // x[..., K] @ dequant(w_q[N,K], w_scale[N])^T + bias as x.dtype. mode "w8a8": x is
+  // quantized per token (quantize_int8 rounding) and runs the int8 GEMM; "w8a16": x
+  // stays floating point and the weights are converted in registers.
+  m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None, str mode=\"w8a8\") -> Tensor");
+  // activation(a[M,K] @ b[N,K]^T + bias[N]) with float32 accumulation; activation is
+  // None, "relu", "gelu" (erf form) or "silu"; out_dtype defaults to a.dtype.
+  m.def("mixed_gemm(Tensor a, Tensor b, Tensor? bias=None, str? activation=None, "
+        "ScalarType? out_dtype=None) -> Tensor");
 }

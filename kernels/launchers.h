@@ -21,4 +21,35 @@ cudaError_t launch_dequantize_int8(const int8_t* q,     // [rows, cols]
                                    void* out,           // [rows, cols] of `type`
                                    int64_t rows, int64_t cols, FloatType type, cudaStream_t stream);
 
+// C = A @ B^T on int8 tensor cores with int32 accumulation. raw_int32: C is the
+// int32 accumulator; else C[m, n] = acc * a_scale[m] * b_scale[n] + bias[n] as out_type.
+// Rows of A and B are K-contiguous with row strides lda / ldb (elements); any K works,
+// 16-byte aligned rows (K, lda, ldb multiples of 16) take the cp.async path.
+cudaError_t launch_int8_gemm(const int8_t* a,        // [M, K]
+                             int64_t lda,
+                             const int8_t* b,        // [N, K]
+                             int64_t ldb,
+                             const float* a_scale,   // [M]
+                             const float* b_scale,   // [N]
+                             const float* bias,      // [N] or nullptr
+                             void* c,                // [M, N] contiguous, int32 or out_type
+                             int64_t M, int64_t N, int64_t K, bool raw_int32, FloatType out_type,
+                             cudaStream_t stream);
+
+// C = activation(A @ B^T * b_scale[n] + bias[n]) on fp16/bf16 tensor cores with float32
+// accumulation, written as out_type. A is `a_type` (kFloat16 or kBFloat16); B is the same
+// type, or int8 when b_int8 (w8a16: converted in registers, b_scale applied in the
+// epilogue; b_scale is nullptr otherwise). activation: 0 none, 1 relu, 2 gelu (erf), 3 silu.
+// Rows are K-contiguous with row strides lda / ldb (elements); any K works.
+cudaError_t launch_mixed_gemm(const void* a,         // [M, K] of a_type
+                              int64_t lda,
+                              const void* b,         // [N, K] of a_type, or int8 when b_int8
+                              int64_t ldb,
+                              bool b_int8,
+                              const float* b_scale,  // [N] or nullptr
+                              const float* bias,     // [N] or nullptr
+                              void* c,               // [M, N] contiguous, out_type
+                              int64_t M, int64_t N, int64_t K, FloatType a_type, FloatType out_type,
+                              int activation, cudaStream_t stream);
+
 }  // namespace msmartcompute::cuda

@@ -16,3 +16,47 @@ def quantize_int8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.T
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dim: int = -1,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.float() * scale.unsqueeze(dim)).to(dtype)
+
+
+def int8_matmul(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """a_q[M,K] @ b_q[N,K]^T accumulated exactly (float64 holds any int8 dot product of
+    K < 2**38 exactly), then acc * a_scale[m] * b_scale[n] + bias[n] in float32."""
+    acc = (a_q.double() @ b_q.double().t()).to(torch.int32)
+    if out_dtype == torch.int32:
+        return acc
+    out = acc.float() * a_scale[:, None] * b_scale[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                mode: str = "w8a8") -> torch.Tensor:
+    """x[..., K] @ dequant(w_q[N,K])^T + bias as x.dtype; w8a8 quantizes x per token first."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if mode == "w8a8":
+        x_q, x_scale = quantize_int8(x2)
+        out = int8_matmul(x_q, w_q, x_scale, w_scale, bias, x.dtype)
+    else:
+        w = dequantize_int8(w_q, w_scale)
+        out = torch.nn.functional.linear(x2.float(), w, None if bias is None else bias.float()).to(x.dtype)
+    return out.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+ACTIVATIONS = {
+    None: lambda t: t,
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,  # erf form
+    "silu": torch.nn.functional.silu,
+}
+
+
+def mixed_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
+               out_dtype: torch.dtype | None = None, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """activation(a[M,K] @ b[N,K]^T + bias) computed in compute_dtype, returned as out_dtype
+    (a.dtype when None). Tests use compute_dtype=float64 for the truth and a.dtype for
+    torch's own same-dtype error."""
+    out = torch.nn.functional.linear(a.to(compute_dtype), b.to(compute_dtype),
+                                     None if bias is None else bias.to(compute_dtype))
+    return ACTIVATIONS[activation](out).to(out_dtype or a.dtype)
