@@ -13,6 +13,7 @@ the ``MSC_KERNEL_BACKEND`` environment variable, else ``auto``):
 """
 from ._backend import BACKENDS, available_backends, extension_info
 from .quant import dequantize_int8, quantize_int8
+from .attention import fused_attention
 
 __all__ = [
     "BACKENDS",
@@ -20,4 +21,5 @@ __all__ = [
     "extension_info",
     "quantize_int8",
     "dequantize_int8",
+    "fused_attention",
 ]

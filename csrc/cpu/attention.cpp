@@ -1,0 +1,146 @@
+// CPU fused attention. Forward: blocked online softmax (a block of queries against
+// streamed blocks of keys, fp32 accumulation, never the full score matrix), parallel
+// over (batch, head, query block). Backward: the plain math in fp32, recomputing the
+// probabilities from the saved log-sum-exp.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../attention.h"
+
+namespace msmartcompute {
+namespace {
+
+constexpr int64_t kBlockQ = 32;  // queries per task: K/V block conversion amortized over 32 rows
+constexpr int64_t kBlockK = 64;  // keys per streamed block: K^T and V blocks fit in L1/L2 as fp32
+
+template <typename T>
+void attention_fwd_blocked(const T* q,   // [B, H, Sq, D]
+                           const T* k,   // [B, Hkv, Sk, D]
+                           const T* v,   // [B, Hkv, Sk, D]
+                           T* out,       // [B, H, Sq, D]
+                           float* lse,   // [B, H, Sq]
+                           const AttentionShape& s, bool causal, float scale) {
+  const int64_t D = s.D, group = s.H / s.Hkv, q_blocks = (s.Sq + kBlockQ - 1) / kBlockQ;
+  const int64_t offset = s.Sk - s.Sq;  // causal: query i sees keys j <= i + offset
+  const int64_t tasks = s.B * s.H * q_blocks;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(kBlockQ * D), kt(D * kBlockK), vf(kBlockK * D), acc(kBlockQ * D);
+    std::vector<float> row_max(kBlockQ), row_sum(kBlockQ), p(kBlockK);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / q_blocks, i0 = (task % q_blocks) * kBlockQ;
+      const int64_t b = bh / s.H, h = bh % s.H, nq = std::min(kBlockQ, s.Sq - i0);
+      const T* qb = q + (bh * s.Sq + i0) * D;
+      const T* kb = k + (b * s.Hkv + h / group) * s.Sk * D;
+      const T* vb = v + (b * s.Hkv + h / group) * s.Sk * D;
+      for (int64_t x = 0; x < nq * D; ++x) qf[x] = static_cast<float>(qb[x]) * scale;  // scale folded into q
+      std::fill(acc.begin(), acc.begin() + nq * D, 0.f);
+      std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<float>::infinity());
+      std::fill(row_sum.begin(), row_sum.end(), 0.f);
+      // Causal tiles past the block's last visible key are skipped.
+      const int64_t k_end = causal ? std::min(s.Sk, i0 + nq + offset) : s.Sk;
+      for (int64_t j0 = 0; j0 < k_end; j0 += kBlockK) {
+        const int64_t nk = std::min(kBlockK, k_end - j0);
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t d = 0; d < D; ++d) {
+            kt[d * kBlockK + j] = static_cast<float>(kb[(j0 + j) * D + d]);  // transposed: rows of s vectorize
+            vf[j * D + d] = static_cast<float>(vb[(j0 + j) * D + d]);
+          }
+        for (int64_t r = 0; r < nq; ++r) {
+          const int64_t visible = causal ? std::min(nk, i0 + r + offset - j0 + 1) : nk;
+          if (visible <= 0) continue;
+          std::fill(p.begin(), p.begin() + visible, 0.f);
+          for (int64_t d = 0; d < D; ++d) {
+            const float qd = qf[r * D + d];
+            const float* kr = &kt[d * kBlockK];
+            for (int64_t j = 0; j < visible; ++j) p[j] += qd * kr[j];
+          }
+          float block_max = p[0];
+          for (int64_t j = 1; j < visible; ++j) block_max = std::max(block_max, p[j]);
+          const float new_max = std::max(row_max[r], block_max);
+          const float rescale = std::exp(row_max[r] - new_max);  // 0 on the first block (max was -inf)
+          float* a = &acc[r * D];
+          float sum = row_sum[r] * rescale;
+          for (int64_t d = 0; d < D; ++d) a[d] *= rescale;
+          for (int64_t j = 0; j < visible; ++j) {
+            const float pj = std::exp(p[j] - new_max);
+            sum += pj;
+            const float* vr = &vf[j * D];
+            for (int64_t d = 0; d < D; ++d) a[d] += pj * vr[d];
+          }
+          row_max[r] = new_max;
+          row_sum[r] = sum;
+        }
+      }
+      T* ob = out + (bh * s.Sq + i0) * D;
+      for (int64_t r = 0; r < nq; ++r) {
+        const float inv = 1.f / row_sum[r];
+        for (int64_t d = 0; d < D; ++d) ob[r * D + d] = static_cast<T>(acc[r * D + d] * inv);
+        lse[bh * s.Sq + i0 + r] = row_max[r] + std::log(row_sum[r]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, bool causal, double scale) {
+  const auto s = check_attention_inputs("fused_attention_fwd", q, k, v, causal);
+  TORCH_CHECK(q.device().is_cpu(), "fused_attention_fwd_cpu: expected CPU tensors, got ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "fused_attention_fwd on CPU: expected float32, bfloat16 or float16, got ", q.scalar_type());
+  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  auto out = at::empty(q.sizes(), qc.options());
+  auto lse = at::empty({s.B, s.H, s.Sq}, qc.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fused_attention_fwd_cpu", [&] {
+    attention_fwd_blocked<scalar_t>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
+                                    vc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                    lse.mutable_data_ptr<float>(), s, causal, static_cast<float>(scale));
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_bwd_cpu(const at::Tensor& grad_out,
+                                                                       const at::Tensor& q, const at::Tensor& k,
+                                                                       const at::Tensor& v, const at::Tensor& out,
+                                                                       const at::Tensor& lse, bool causal,
+                                                                       double scale) {
+  const auto s = check_attention_inputs("fused_attention_bwd", q, k, v, causal);
+  check_attention_grads("fused_attention_bwd", q, grad_out, out, lse);
+  TORCH_CHECK(q.device().is_cpu(), "fused_attention_bwd_cpu: expected CPU tensors, got ", q.device());
+  const int64_t group = s.H / s.Hkv;
+  auto qf = q.to(at::kFloat);                                         // [B, H, Sq, D]
+  auto kf = k.to(at::kFloat).repeat_interleave(group, 1);             // [B, H, Sk, D]
+  auto vf = v.to(at::kFloat).repeat_interleave(group, 1);             // [B, H, Sk, D]
+  auto dout = grad_out.to(at::kFloat);                                // [B, H, Sq, D]
+  auto scores = at::matmul(qf, kf.transpose(-2, -1)).mul_(scale);     // [B, H, Sq, Sk]
+  if (causal) {
+    auto hidden = at::ones({s.Sq, s.Sk}, q.options().dtype(at::kBool)).triu(s.Sk - s.Sq + 1);
+    scores.masked_fill_(hidden, -std::numeric_limits<float>::infinity());
+  }
+  auto probs = scores.sub_(lse.unsqueeze(-1)).exp_();                 // [B, H, Sq, Sk]
+  auto dv = at::matmul(probs.transpose(-2, -1), dout);                // [B, H, Sk, D]
+  auto dprobs = at::matmul(dout, vf.transpose(-2, -1));               // [B, H, Sq, Sk]
+  auto delta = (dout * out.to(at::kFloat)).sum(-1, true);             // [B, H, Sq, 1]
+  auto dscores = probs.mul_(dprobs.sub_(delta));                      // [B, H, Sq, Sk]
+  auto dq = at::matmul(dscores, kf).mul_(scale);                      // [B, H, Sq, D]
+  auto dk = at::matmul(dscores.transpose(-2, -1), qf).mul_(scale);    // [B, H, Sk, D]
+  if (group > 1) {  // a kv head's gradient sums over the query heads that read it
+    dk = dk.view({s.B, s.Hkv, group, s.Sk, s.D}).sum(2);
+    dv = dv.view({s.B, s.Hkv, group, s.Sk, s.D}).sum(2);
+  }
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(msmartcompute, CPU, m) {
+  m.impl("fused_attention_fwd", &fused_attention_fwd_cpu);
+  m.impl("fused_attention_bwd", &fused_attention_bwd_cpu);
+}
+
+}  // namespace msmartcompute
