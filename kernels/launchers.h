@@ -21,4 +21,18 @@ cudaError_t launch_dequantize_int8(const int8_t* q,     // [rows, cols]
                                    void* out,           // [rows, cols] of `type`
                                    int64_t rows, int64_t cols, FloatType type, cudaStream_t stream);
 
+// Bytes of scratch launch_attention_fwd needs for these sizes (0 when it does not split keys).
+size_t attention_fwd_workspace_bytes(int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D);
+
+// Fused attention forward, fp16/bf16, head dim 32/64/128/256, contiguous tensors:
+// out = softmax(q k^T * scale [+ causal mask aligned to the end]) v and its log-sum-exp.
+cudaError_t launch_attention_fwd(const void* q,      // [B, H, Sq, D] of `type`
+                                 const void* k,      // [B, Hkv, Sk, D]
+                                 const void* v,      // [B, Hkv, Sk, D]
+                                 void* out,          // [B, H, Sq, D]
+                                 float* lse,         // [B, H, Sq], natural log
+                                 void* workspace,    // attention_fwd_workspace_bytes(...) bytes, or null if 0
+                                 int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, bool causal,
+                                 float scale, FloatType type, cudaStream_t stream);
+
 }  // namespace msmartcompute::cuda
