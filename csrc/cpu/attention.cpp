@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../attention.h"
@@ -16,8 +17,93 @@
 namespace msmartcompute {
 namespace {
 
-constexpr int64_t kBlockQ = 32;  // queries per task: K/V block conversion amortized over 32 rows
+constexpr int64_t kBlockQ = 64;  // queries per task: K/V block conversion amortized over 64 rows
 constexpr int64_t kBlockK = 64;  // keys per streamed block: K^T and V blocks fit in L1/L2 as fp32
+
+// The block products and the exponentials, on fp32 buffers, where the time goes. On x86-64
+// GCC builds clones for AVX-512 and AVX2 + FMA, picked at load time (so the build still runs
+// on any x86-64); the fixed-width inner loops keep their accumulators in vector registers.
+// no-trapping-math lets GCC if-convert the clamp in exp_nonpositive, so its loop vectorizes.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MSC_HOT \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), optimize("no-trapping-math")))
+#else
+#define MSC_HOT
+#endif
+
+#define MSC_INLINE inline __attribute__((always_inline))
+
+constexpr int64_t kChunk = 64;  // head-dim columns accumulated in registers at a time
+
+// s[r][:] = q[r] . kt for r < nq over all kBlockK keys (kt is zero past the block's keys).
+MSC_HOT void block_scores(const float* q,  // [nq][D]
+                          const float* kt, // [D][kBlockK]
+                          float* s,        // [nq][kBlockK]
+                          int64_t nq, int64_t D) {
+  for (int64_t r = 0; r < nq; ++r) {
+    float sr[kBlockK] = {};
+    const float* qr = q + r * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const float qd = qr[d];
+      const float* kr = kt + d * kBlockK;
+      for (int64_t j = 0; j < kBlockK; ++j) sr[j] += qd * kr[j];
+    }
+    for (int64_t j = 0; j < kBlockK; ++j) s[r * kBlockK + j] = sr[j];
+  }
+}
+
+// exp(x) for x <= 0 in a form that vectorizes: 2^n * e^f with |f| <= ln2 / 2 and a degree-6
+// polynomial for e^f (Cephes expf, about 1 ulp); below -87 it returns about 1e-38, not 0.
+MSC_INLINE float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float f = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * f + 1.3981999507e-3f;
+  y = y * f + 8.3334519073e-3f;
+  y = y * f + 4.1665795894e-2f;
+  y = y * f + 1.6666665459e-1f;
+  y = y * f + 5.0000001201e-1f;
+  y = y * f * f + f + 1.f;
+  union {  // 2^n from its bits (GCC defines union punning; its vectorizer takes this, not bit_cast)
+    int32_t i;
+    float f;
+  } two_n;
+  two_n.i = (static_cast<int32_t>(n) + 127) << 23;
+  return y * two_n.f;
+}
+
+// p[j] = exp(p[j] - max) for j < n; returns their sum. Two loops: the first vectorizes, a
+// float sum in the same loop would not (it may not be reordered).
+MSC_HOT float exp_shifted(float* p, int64_t n, float max) {
+  for (int64_t j = 0; j < n; ++j) p[j] = exp_nonpositive(p[j] - max);
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) sum += p[j];
+  return sum;
+}
+
+// acc[r][:] += sum_j p[r][j] * v[j][:] for r < nq, j < nk.
+MSC_HOT void block_accumulate(const float* p,  // [nq][kBlockK]
+                              const float* v,  // [nk][D]
+                              float* acc,      // [nq][D]
+                              int64_t nq, int64_t nk, int64_t D) {
+  for (int64_t r = 0; r < nq; ++r) {
+    const float* pr = p + r * kBlockK;
+    int64_t c = 0;
+    for (; c + kChunk <= D; c += kChunk) {
+      float a[kChunk];
+      for (int64_t x = 0; x < kChunk; ++x) a[x] = acc[r * D + c + x];
+      for (int64_t j = 0; j < nk; ++j) {
+        const float pj = pr[j];
+        const float* vr = v + j * D + c;
+        for (int64_t x = 0; x < kChunk; ++x) a[x] += pj * vr[x];
+      }
+      for (int64_t x = 0; x < kChunk; ++x) acc[r * D + c + x] = a[x];
+    }
+    for (int64_t j = 0; j < nk && c < D; ++j)  // head dims that are not a multiple of kChunk
+      for (int64_t x = c; x < D; ++x) acc[r * D + x] += pr[j] * v[j * D + x];
+  }
+}
 
 template <typename T>
 void attention_fwd_blocked(const T* q,   // [B, H, Sq, D]
@@ -30,8 +116,8 @@ void attention_fwd_blocked(const T* q,   // [B, H, Sq, D]
   const int64_t offset = s.Sk - s.Sq;  // causal: query i sees keys j <= i + offset
   const int64_t tasks = s.B * s.H * q_blocks;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(kBlockQ * D), kt(D * kBlockK), vf(kBlockK * D), acc(kBlockQ * D);
-    std::vector<float> row_max(kBlockQ), row_sum(kBlockQ), p(kBlockK);
+    std::vector<float> qf(kBlockQ * D), kt(D * kBlockK), vf(kBlockK * D), acc(kBlockQ * D), p(kBlockQ * kBlockK);
+    std::vector<float> row_max(kBlockQ), row_sum(kBlockQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_blocks, i0 = (task % q_blocks) * kBlockQ;
       const int64_t b = bh / s.H, h = bh % s.H, nq = std::min(kBlockQ, s.Sq - i0);
@@ -46,36 +132,36 @@ void attention_fwd_blocked(const T* q,   // [B, H, Sq, D]
       const int64_t k_end = causal ? std::min(s.Sk, i0 + nq + offset) : s.Sk;
       for (int64_t j0 = 0; j0 < k_end; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, k_end - j0);
+        if (nk < kBlockK) std::fill(kt.begin(), kt.end(), 0.f);
         for (int64_t j = 0; j < nk; ++j)
           for (int64_t d = 0; d < D; ++d) {
             kt[d * kBlockK + j] = static_cast<float>(kb[(j0 + j) * D + d]);  // transposed: rows of s vectorize
-            vf[j * D + d] = static_cast<float>(vb[(j0 + j) * D + d]);
+            if constexpr (!std::is_same_v<T, float>) vf[j * D + d] = static_cast<float>(vb[(j0 + j) * D + d]);
           }
+        block_scores(qf.data(), kt.data(), p.data(), nq, D);
+        // Online softmax per row: rescale what was accumulated to the new max, turn scores
+        // into probabilities (0 for hidden keys), then accumulate P V for the whole block.
         for (int64_t r = 0; r < nq; ++r) {
+          float* pr = &p[r * kBlockK];
           const int64_t visible = causal ? std::min(nk, i0 + r + offset - j0 + 1) : nk;
-          if (visible <= 0) continue;
-          std::fill(p.begin(), p.begin() + visible, 0.f);
-          for (int64_t d = 0; d < D; ++d) {
-            const float qd = qf[r * D + d];
-            const float* kr = &kt[d * kBlockK];
-            for (int64_t j = 0; j < visible; ++j) p[j] += qd * kr[j];
+          if (visible <= 0) {
+            std::fill(pr, pr + nk, 0.f);
+            continue;
           }
-          float block_max = p[0];
-          for (int64_t j = 1; j < visible; ++j) block_max = std::max(block_max, p[j]);
+          float block_max = pr[0];
+          for (int64_t j = 1; j < visible; ++j) block_max = std::max(block_max, pr[j]);
           const float new_max = std::max(row_max[r], block_max);
           const float rescale = std::exp(row_max[r] - new_max);  // 0 on the first block (max was -inf)
+          const float sum = exp_shifted(pr, visible, new_max);
+          std::fill(pr + visible, pr + nk, 0.f);
           float* a = &acc[r * D];
-          float sum = row_sum[r] * rescale;
           for (int64_t d = 0; d < D; ++d) a[d] *= rescale;
-          for (int64_t j = 0; j < visible; ++j) {
-            const float pj = std::exp(p[j] - new_max);
-            sum += pj;
-            const float* vr = &vf[j * D];
-            for (int64_t d = 0; d < D; ++d) a[d] += pj * vr[d];
-          }
           row_max[r] = new_max;
-          row_sum[r] = sum;
+          row_sum[r] = row_sum[r] * rescale + sum;
         }
+        const float* vblock = vf.data();
+        if constexpr (std::is_same_v<T, float>) vblock = vb + j0 * D;  // already fp32 [nk][D]: no copy
+        block_accumulate(p.data(), vblock, acc.data(), nq, nk, D);
       }
       T* ob = out + (bh * s.Sq + i0) * D;
       for (int64_t r = 0; r < nq; ++r) {
