@@ -257,3 +257,19 @@ def test_cuda_kernels_use_tensor_cores():
     assert len(attention) == 16  # fp16/bf16 x head dims 32/64/128/256 x 1 or 4 warps
     for body in attention:
         assert "HMMA.16816.F32" in body, body.split("\n", 1)[0]
+
+
+def test_gpu_benchmark_script_parses_arguments(capsys):
+    # The GPU benchmark cannot run here; its import and argument parsing can.
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu",
+                        "bench_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--list", "--seqlens", "512", "4096", "--head-dims", "128", "--causal", "yes"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 cases x 5 implementations" in printed
+    assert bench.flops({"batch": 1, "heads": 1, "seqlen": 2, "head_dim": 1, "causal": False, "mode": "fwd"}) == 16
