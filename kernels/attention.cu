@@ -282,6 +282,320 @@ __global__ void attention_combine_kernel(const float* __restrict__ part_o,    //
   if (threadIdx.x == 0) lse[row] = m + logf(total);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Backward (FlashAttention-2): delta = rowsum(dO * O); one kernel for dK/dV (a block owns 64 keys of
+// one kv head, each warp 16, and loops over every packed query row of the group, so no atomics),
+// one for dQ (a block owns 64 packed rows and loops over the keys). Both recompute
+// P = exp2(S * scale * log2(e) - lse * log2(e)) from the forward's log-sum-exp.
+
+// Tiles: 64 keys per dK/dV block or dQ step; 64 packed rows per dQ block; rows per dK/dV step
+// 64, or 32 for D = 128, which keeps every kernel under 99 KB of shared memory (the sm_86/89
+// limit; sm_80 and sm_90 allow more) and the dK/dV kernel's registers in bounds.
+constexpr int kBwdRows = 64;
+constexpr int kBwdKeys = 64;
+template <int D>
+constexpr int bwd_step_rows() { return D <= 64 ? 64 : 32; }
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int D>
+constexpr size_t bwd_dkdv_smem_bytes() {
+  constexpr int BM = bwd_step_rows<D>();
+  return sizeof(uint16_t) * (2 * kBwdKeys * (D + kPad) + 2 * BM * (D + kPad) + 2 * D * (BM + kPad)) +
+         sizeof(float) * 2 * BM;
+}
+
+template <int D>
+constexpr size_t bwd_dq_smem_bytes() {
+  return sizeof(uint16_t) * (2 * kBwdRows * (D + kPad) + 2 * kBwdKeys * (D + kPad) + D * (kBwdKeys + kPad));
+}
+
+// Copies rows [first, first + rows) of a [total, D] matrix into smem as [rows][D + kPad] and, when
+// `transposed` is not null, also as [D][rows + kPad]; rows past `total` become zeros.
+template <int D, int THREADS>
+__device__ __forceinline__ void load_tile(const uint16_t* src, int first, int rows, int total, uint16_t* plain,
+                                          uint16_t* transposed) {
+  constexpr int kChunks = D / 8;
+  for (int c = threadIdx.x; c < rows * kChunks; c += THREADS) {
+    const int row = c / kChunks, col = (c % kChunks) * 8;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (first + row < total) val = *reinterpret_cast<const uint4*>(src + int64_t(first + row) * D + col);
+    if (plain != nullptr) *reinterpret_cast<uint4*>(plain + row * (D + kPad) + col) = val;
+    if (transposed != nullptr) {
+      const uint16_t* e = reinterpret_cast<const uint16_t*>(&val);
+#pragma unroll
+      for (int x = 0; x < 8; ++x) transposed[(col + x) * (rows + kPad) + row] = e[x];
+    }
+  }
+}
+
+// c[16][8 * N] += A[16][D] B[D][8 * N], A rows from `a` ([16][lda]), B^T rows from `bt` ([8 * N][ldb]).
+template <typename T, int D, int N>
+__device__ __forceinline__ void mma_rows(float (&c)[N][4], const uint16_t* a, int lda, const uint16_t* bt, int ldb) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t af[4];
+    af[0] = load_pair(a + g * lda + kk * 16 + 2 * t);
+    af[1] = load_pair(a + (g + 8) * lda + kk * 16 + 2 * t);
+    af[2] = load_pair(a + g * lda + kk * 16 + 2 * t + 8);
+    af[3] = load_pair(a + (g + 8) * lda + kk * 16 + 2 * t + 8);
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const uint16_t* br = bt + (j * 8 + g) * ldb + kk * 16 + 2 * t;
+      mma_16816<T>(c[j], af, load_pair(br), load_pair(br + 8));
+    }
+  }
+}
+
+// acc[D / 8][4] += X[16][8 * N] B[8 * N][D], X given as accumulator tiles (rounded to T), B^T rows
+// from `bt` ([D][ldb]).
+template <typename T, int D, int N>
+__device__ __forceinline__ void mma_acc(float (&acc)[D / 8][4], const float (&x)[N][4], const uint16_t* bt, int ldb) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int kk = 0; kk < N / 2; ++kk) {
+    uint32_t a[4];
+    a[0] = pack2<T>(x[2 * kk][0], x[2 * kk][1]);
+    a[1] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);
+    a[2] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+    a[3] = pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const uint16_t* br = bt + (i * 8 + g) * ldb + kk * 16 + 2 * t;
+      mma_16816<T>(acc[i], a, load_pair(br), load_pair(br + 8));
+    }
+  }
+}
+
+// delta[row] = sum_d dout[row][d] * out[row][d]: one warp per row.
+template <typename T>
+__global__ void attention_bwd_delta_kernel(const T* __restrict__ out,   // [rows, D]
+                                           const T* __restrict__ dout,  // [rows, D]
+                                           float* __restrict__ delta,   // [rows]
+                                           int64_t rows, int D) {
+  const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  float sum = 0.f;
+  for (int d = threadIdx.x % 32; d < D; d += 32) sum += to_float(out[row * D + d]) * to_float(dout[row * D + d]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (threadIdx.x % 32 == 0) delta[row] = sum;
+}
+
+// The causal limit of packed rows [r0, r1): one past the last key any of them sees.
+__device__ __forceinline__ int causal_key_end(int r0, int r1, int Sq, int Sk) {
+  const int r_last = r1 - 1;
+  const int max_pos = (r0 / Sq == r_last / Sq) ? r_last % Sq : Sq - 1;
+  return min(Sk, max_pos + Sk - Sq + 1);
+}
+
+template <typename T, int D>
+__global__ __launch_bounds__(128) void attention_bwd_dkdv_kernel(
+    const T* __restrict__ q,        // [B * Hkv, R, D]
+    const T* __restrict__ k,        // [B * Hkv, Sk, D]
+    const T* __restrict__ v,        // [B * Hkv, Sk, D]
+    const T* __restrict__ dout,     // [B * Hkv, R, D]
+    const float* __restrict__ lse,  // [B * Hkv, R]
+    const float* __restrict__ delta,  // [B * Hkv, R]
+    T* __restrict__ dk,             // [B * Hkv, Sk, D]
+    T* __restrict__ dv,             // [B * Hkv, Sk, D]
+    int R, int Sq, int Sk, bool causal, float scale, float scale_log2) {
+  constexpr int BM = bwd_step_rows<D>(), BN = kBwdKeys, LD = D + kPad, LDT = BM + kPad;
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* sK = smem;              // [BN][LD]
+  uint16_t* sV = sK + BN * LD;      // [BN][LD]
+  uint16_t* sQ = sV + BN * LD;      // [BM][LD]
+  uint16_t* sdO = sQ + BM * LD;     // [BM][LD]
+  uint16_t* sQt = sdO + BM * LD;    // [D][LDT]
+  uint16_t* sdOt = sQt + D * LDT;   // [D][LDT]
+  float* sL = reinterpret_cast<float*>(sdOt + D * LDT);  // [BM] lse in base 2
+  float* sDelta = sL + BM;                               // [BM]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t head = blockIdx.y;
+  const int n0 = blockIdx.x * BN;
+  const int offset = Sk - Sq;
+  const uint16_t* qh = reinterpret_cast<const uint16_t*>(q) + head * R * D;
+  const uint16_t* doh = reinterpret_cast<const uint16_t*>(dout) + head * R * D;
+  load_tile<D, 128>(reinterpret_cast<const uint16_t*>(k) + head * Sk * D, n0, BN, Sk, sK, nullptr);
+  load_tile<D, 128>(reinterpret_cast<const uint16_t*>(v) + head * Sk * D, n0, BN, Sk, sV, nullptr);
+
+  const int key_a = n0 + warp * 16 + g, key_b = key_a + 8;  // this thread's keys (accumulator rows)
+  float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_acc[i][e] = dv_acc[i][e] = 0.f;
+
+  for (int r0 = 0; r0 < R; r0 += BM) {
+    const int r1 = min(R, r0 + BM);
+    if (causal && causal_key_end(r0, r1, Sq, Sk) <= n0) continue;  // no row of this tile sees these keys
+    __syncthreads();  // previous tile consumed (and sK/sV written, on the first pass)
+    load_tile<D, 128>(qh, r0, BM, R, sQ, sQt);
+    load_tile<D, 128>(doh, r0, BM, R, sdO, sdOt);
+    for (int i = threadIdx.x; i < BM; i += 128) {
+      sL[i] = r0 + i < R ? lse[head * R + r0 + i] * kLog2e : 0.f;
+      sDelta[i] = r0 + i < R ? delta[head * R + r0 + i] : 0.f;
+    }
+    __syncthreads();
+
+    // P^T = exp2(K Q^T * scale_log2 - lse_log2): [16 keys][BM rows] for this warp.
+    float pt[BM / 8][4];
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j) pt[j][0] = pt[j][1] = pt[j][2] = pt[j][3] = 0.f;
+    mma_rows<T, D, BM / 8>(pt, sK + warp * 16 * LD, LD, sQ, LD);
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int local = j * 8 + 2 * t + (e & 1), row = r0 + local, key = e < 2 ? key_a : key_b;
+        const bool visible = key < Sk && row < R && (!causal || key <= row % Sq + offset);
+        pt[j][e] = visible ? exp2f(pt[j][e] * scale_log2 - sL[local]) : 0.f;
+      }
+    mma_acc<T, D, BM / 8>(dv_acc, pt, sdOt, LDT);  // dV += P^T dO
+
+    // dS^T = P^T * (V dO^T - delta).
+    float dst[BM / 8][4];
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j) dst[j][0] = dst[j][1] = dst[j][2] = dst[j][3] = 0.f;
+    mma_rows<T, D, BM / 8>(dst, sV + warp * 16 * LD, LD, sdO, LD);
+#pragma unroll
+    for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[j][e] = pt[j][e] * (dst[j][e] - sDelta[j * 8 + 2 * t + (e & 1)]);
+    mma_acc<T, D, BM / 8>(dk_acc, dst, sQt, LDT);  // dK += dS^T Q
+  }
+
+  T* dkh = dk + head * Sk * D;
+  T* dvh = dv + head * Sk * D;
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    const int col = i * 8 + 2 * t;
+    if (key_a < Sk) {
+      *reinterpret_cast<uint32_t*>(dkh + int64_t(key_a) * D + col) = pack2<T>(dk_acc[i][0] * scale, dk_acc[i][1] * scale);
+      *reinterpret_cast<uint32_t*>(dvh + int64_t(key_a) * D + col) = pack2<T>(dv_acc[i][0], dv_acc[i][1]);
+    }
+    if (key_b < Sk) {
+      *reinterpret_cast<uint32_t*>(dkh + int64_t(key_b) * D + col) = pack2<T>(dk_acc[i][2] * scale, dk_acc[i][3] * scale);
+      *reinterpret_cast<uint32_t*>(dvh + int64_t(key_b) * D + col) = pack2<T>(dv_acc[i][2], dv_acc[i][3]);
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ __launch_bounds__(128) void attention_bwd_dq_kernel(
+    const T* __restrict__ q,          // [B * Hkv, R, D]
+    const T* __restrict__ k,          // [B * Hkv, Sk, D]
+    const T* __restrict__ v,          // [B * Hkv, Sk, D]
+    const T* __restrict__ dout,       // [B * Hkv, R, D]
+    const float* __restrict__ lse,    // [B * Hkv, R]
+    const float* __restrict__ delta,  // [B * Hkv, R]
+    T* __restrict__ dq,               // [B * Hkv, R, D]
+    int R, int Sq, int Sk, bool causal, float scale, float scale_log2) {
+  constexpr int BM = kBwdRows, BN = kBwdKeys, LD = D + kPad, LDT = BN + kPad;
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* sQ = smem;             // [BM][LD]
+  uint16_t* sdO = sQ + BM * LD;    // [BM][LD]
+  uint16_t* sK = sdO + BM * LD;    // [BN][LD]
+  uint16_t* sV = sK + BN * LD;     // [BN][LD]
+  uint16_t* sKt = sV + BN * LD;    // [D][LDT]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t head = blockIdx.y;
+  const int r0 = blockIdx.x * BM;
+  const int offset = Sk - Sq;
+  const uint16_t* kh = reinterpret_cast<const uint16_t*>(k) + head * Sk * D;
+  const uint16_t* vh = reinterpret_cast<const uint16_t*>(v) + head * Sk * D;
+  load_tile<D, 128>(reinterpret_cast<const uint16_t*>(q) + head * R * D, r0, BM, R, sQ, nullptr);
+  load_tile<D, 128>(reinterpret_cast<const uint16_t*>(dout) + head * R * D, r0, BM, R, sdO, nullptr);
+
+  const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;
+  const int pos_a = row_a % Sq, pos_b = row_b % Sq;
+  const float lse_a = row_a < R ? lse[head * R + row_a] * kLog2e : 0.f;
+  const float lse_b = row_b < R ? lse[head * R + row_b] * kLog2e : 0.f;
+  const float delta_a = row_a < R ? delta[head * R + row_a] : 0.f;
+  const float delta_b = row_b < R ? delta[head * R + row_b] : 0.f;
+  const int kv_end = causal ? causal_key_end(r0, min(R, r0 + BM), Sq, Sk) : Sk;
+  float dq_acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) dq_acc[i][0] = dq_acc[i][1] = dq_acc[i][2] = dq_acc[i][3] = 0.f;
+
+  for (int n0 = 0; n0 < kv_end; n0 += BN) {
+    __syncthreads();
+    load_tile<D, 128>(kh, n0, BN, Sk, sK, sKt);
+    load_tile<D, 128>(vh, n0, BN, Sk, sV, nullptr);
+    __syncthreads();
+    float p[BN / 8][4], ds[BN / 8][4];
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) p[j][0] = p[j][1] = p[j][2] = p[j][3] = ds[j][0] = ds[j][1] = ds[j][2] = ds[j][3] = 0.f;
+    mma_rows<T, D, BN / 8>(p, sQ + warp * 16 * LD, LD, sK, LD);    // S = Q K^T
+    mma_rows<T, D, BN / 8>(ds, sdO + warp * 16 * LD, LD, sV, LD);  // dP = dO V^T
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = n0 + j * 8 + 2 * t + (e & 1), row = e < 2 ? row_a : row_b;
+        const bool visible = key < Sk && row < R && (!causal || key <= (e < 2 ? pos_a : pos_b) + offset);
+        const float prob = visible ? exp2f(p[j][e] * scale_log2 - (e < 2 ? lse_a : lse_b)) : 0.f;
+        ds[j][e] = prob * (ds[j][e] - (e < 2 ? delta_a : delta_b));
+      }
+    mma_acc<T, D, BN / 8>(dq_acc, ds, sKt, LDT);  // dQ += dS K
+  }
+
+  T* dqh = dq + head * R * D;
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    const int col = i * 8 + 2 * t;
+    if (row_a < R)
+      *reinterpret_cast<uint32_t*>(dqh + int64_t(row_a) * D + col) = pack2<T>(dq_acc[i][0] * scale, dq_acc[i][1] * scale);
+    if (row_b < R)
+      *reinterpret_cast<uint32_t*>(dqh + int64_t(row_b) * D + col) = pack2<T>(dq_acc[i][2] * scale, dq_acc[i][3] * scale);
+  }
+}
+
+template <typename T, int D>
+cudaError_t launch_bwd(const void* dout, const void* q, const void* k, const void* v, const void* out,
+                       const float* lse, float* delta, void* dq, void* dk, void* dv, int64_t B, int64_t H,
+                       int64_t Hkv, int64_t Sq, int64_t Sk, bool causal, float scale, cudaStream_t stream) {
+  const int64_t R = (H / Hkv) * Sq, rows = B * H * Sq;
+  attention_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
+      static_cast<const T*>(out), static_cast<const T*>(dout), delta, rows, static_cast<int>(D));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  constexpr size_t dkdv_smem = bwd_dkdv_smem_bytes<D>(), dq_smem = bwd_dq_smem_bytes<D>();
+  auto dkdv = attention_bwd_dkdv_kernel<T, D>;
+  auto dqk = attention_bwd_dq_kernel<T, D>;
+  if ((err = cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, dkdv_smem)) != cudaSuccess)
+    return err;
+  if ((err = cudaFuncSetAttribute(dqk, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_smem)) != cudaSuccess)
+    return err;
+  const float scale_log2 = scale * kLog2e;
+  dkdv<<<dim3(static_cast<unsigned>((Sk + kBwdKeys - 1) / kBwdKeys), static_cast<unsigned>(B * Hkv)), 128,
+         dkdv_smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                              static_cast<const T*>(dout), lse, delta, static_cast<T*>(dk), static_cast<T*>(dv),
+                              static_cast<int>(R), static_cast<int>(Sq), static_cast<int>(Sk), causal, scale,
+                              scale_log2);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  dqk<<<dim3(static_cast<unsigned>((R + kBwdRows - 1) / kBwdRows), static_cast<unsigned>(B * Hkv)), 128, dq_smem,
+        stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                  static_cast<const T*>(dout), lse, delta, static_cast<T*>(dq), static_cast<int>(R),
+                  static_cast<int>(Sq), static_cast<int>(Sk), causal, scale, scale_log2);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_bwd_typed(const void* dout, const void* q, const void* k, const void* v, const void* out,
+                             const float* lse, float* delta, void* dq, void* dk, void* dv, int64_t B, int64_t H,
+                             int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, bool causal, float scale,
+                             cudaStream_t stream) {
+  switch (D) {
+    case 32: return launch_bwd<T, 32>(dout, q, k, v, out, lse, delta, dq, dk, dv, B, H, Hkv, Sq, Sk, causal, scale, stream);
+    case 64: return launch_bwd<T, 64>(dout, q, k, v, out, lse, delta, dq, dk, dv, B, H, Hkv, Sq, Sk, causal, scale, stream);
+    case 128: return launch_bwd<T, 128>(dout, q, k, v, out, lse, delta, dq, dk, dv, B, H, Hkv, Sq, Sk, causal, scale, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 struct Plan {
   int warps, splits, keys_per_split;
 };
@@ -313,7 +627,6 @@ cudaError_t launch_fwd(const void* q, const void* k, const void* v, void* out, f
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
-  constexpr float kLog2e = 1.4426950408889634f;
   kernel<<<grid, WARPS * 32, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
                                              static_cast<const T*>(v), static_cast<T*>(out), lse,
                                              plan.splits > 1 ? part_o : nullptr, part_lse, static_cast<int>(R),
@@ -350,6 +663,24 @@ cudaError_t launch_fwd_typed(const void* q, const void* k, const void* v, void* 
 }
 
 }  // namespace
+
+cudaError_t launch_attention_bwd(const void* dout, const void* q, const void* k, const void* v, const void* out,
+                                 const float* lse, float* delta, void* dq, void* dk, void* dv, int64_t B, int64_t H,
+                                 int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, bool causal, float scale,
+                                 FloatType type, cudaStream_t stream) {
+  if (B * Hkv * Sk == 0) return cudaSuccess;
+  if (Hkv <= 0 || H % Hkv != 0 || B * Hkv > 65535 || (causal && Sq > Sk)) return cudaErrorInvalidValue;
+  switch (type) {
+    case FloatType::kFloat16:
+      return launch_bwd_typed<__half>(dout, q, k, v, out, lse, delta, dq, dk, dv, B, H, Hkv, Sq, Sk, D, causal, scale,
+                                      stream);
+    case FloatType::kBFloat16:
+      return launch_bwd_typed<__nv_bfloat16>(dout, q, k, v, out, lse, delta, dq, dk, dv, B, H, Hkv, Sq, Sk, D, causal,
+                                             scale, stream);
+    case FloatType::kFloat32: break;
+  }
+  return cudaErrorInvalidValue;
+}
 
 size_t attention_fwd_workspace_bytes(int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D) {
   const Plan plan = plan_attention(B, H, Hkv, Sq, Sk, D);

@@ -35,4 +35,19 @@ cudaError_t launch_attention_fwd(const void* q,      // [B, H, Sq, D] of `type`
                                  int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, bool causal,
                                  float scale, FloatType type, cudaStream_t stream);
 
+// Fused attention backward, fp16/bf16, head dim 32/64/128, contiguous tensors: dq, dk, dv from
+// the forward's out and log-sum-exp (probabilities recomputed, never stored).
+cudaError_t launch_attention_bwd(const void* dout,   // [B, H, Sq, D] of `type`
+                                 const void* q,      // [B, H, Sq, D]
+                                 const void* k,      // [B, Hkv, Sk, D]
+                                 const void* v,      // [B, Hkv, Sk, D]
+                                 const void* out,    // [B, H, Sq, D]
+                                 const float* lse,   // [B, H, Sq], natural log
+                                 float* delta,       // [B, H, Sq] scratch: rowsum(dout * out)
+                                 void* dq,           // [B, H, Sq, D]
+                                 void* dk,           // [B, Hkv, Sk, D]
+                                 void* dv,           // [B, Hkv, Sk, D]
+                                 int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, bool causal,
+                                 float scale, FloatType type, cudaStream_t stream);
+
 }  // namespace msmartcompute::cuda

@@ -206,6 +206,27 @@ def test_gpu_long_sequences(backend, shape):
             assert max_err(out, ref64) <= allowed_error(ref64, baseline, dtype, k.shape[2] * k.shape[3])
 
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("shape", [(1, 8, 2, 300, 1031, 128), (2, 4, 4, 257, 257, 64), (1, 4, 2, 129, 200, 256),
+                                   (3, 4, 1, 1, 777, 32)], ids=str)
+def test_gpu_gradients_long_sequences(backend, shape):
+    # Head dim 256 takes the Triton backward under the cuda backend too.
+    for dtype in (torch.float16, torch.bfloat16):
+        for causal in (False, True):
+            q, k, v = make_inputs(shape, dtype, "cuda", requires_grad=True)
+            grad = torch.randn(q.shape, device="cuda").to(dtype)
+            ours = torch.autograd.grad(ops.fused_attention(q, k, v, causal=causal, backend=backend), (q, k, v), grad)
+            leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            ref64 = torch.autograd.grad(reference.attention_reference(*leaves64, causal), leaves64, grad.double())
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            baseline = torch.autograd.grad(reference.attention_reference(*leaves, causal, compute_dtype=dtype),
+                                           leaves, grad)
+            terms = max(shape[3] * shape[1] // shape[2], shape[4]) * shape[5]
+            for name, g, r, b in zip("qkv", ours, ref64, baseline):
+                assert max_err(g, r) <= allowed_error(r, b, dtype, terms, shape[5] ** 0.5), f"grad of {name}"
+
 def test_triton_kernels_lower_to_tensor_cores():
     # The interpreter cannot show what the compiler makes of the kernels: lower the forward and
     # backward for real targets (no GPU needed) and look for mma.sync (sm_80) / wgmma (sm_90).
@@ -238,7 +259,7 @@ print(sorted(done))
 @pytest.mark.skipif(not ops.extension_info()["cuda_kernels"], reason="extension built without CUDA")
 def test_cuda_kernels_use_tensor_cores():
     # Built without a GPU here, so the SASS is the proof: every instantiation of the attention
-    # forward kernel for sm_90 must hold HMMA (mma.sync m16n8k16) instructions.
+    # forward and backward kernels for sm_90 must hold HMMA (mma.sync m16n8k16) instructions.
     import glob
     import os
     import re
@@ -253,10 +274,13 @@ def test_cuda_kernels_use_tensor_cores():
     sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90", so], capture_output=True, text=True,
                           check=True).stdout
     functions = re.split(r"\n\s*Function : ", sass)[1:]
-    attention = [f for f in functions if "20attention_fwd_kernel" in f.split("\n", 1)[0]]
-    assert len(attention) == 16  # fp16/bf16 x head dims 32/64/128/256 x 1 or 4 warps
-    for body in attention:
-        assert "HMMA.16816.F32" in body, body.split("\n", 1)[0]
+    # fp16/bf16 x head dims 32/64/128/256 x 1 or 4 warps; backward: fp16/bf16 x 32/64/128.
+    for kernel, count in (("20attention_fwd_kernel", 16), ("25attention_bwd_dkdv_kernel", 6),
+                          ("23attention_bwd_dq_kernel", 6)):
+        found = [f for f in functions if kernel in f.split("\n", 1)[0]]
+        assert len(found) == count, kernel
+        for body in found:
+            assert "HMMA.16816.F32" in body, body.split("\n", 1)[0]
 
 
 def test_gpu_benchmark_script_parses_arguments(capsys):

@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import extension_has_cuda, extension_loaded, resolve
+from ._backend import extension_loaded, resolve
 
 # Head dims the tiled GPU kernels are built for; the CPU kernel and the reference take any.
 GPU_HEAD_DIMS = (32, 64, 128, 256)
+CUDA_BACKWARD_HEAD_DIMS = (32, 64, 128)
 _DTYPES = {"cuda": (torch.float16, torch.bfloat16), "cpu": (torch.float32, torch.bfloat16, torch.float16)}
 
 
@@ -90,16 +91,14 @@ if extension_loaded():
 
     def _backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.msmartcompute.fused_attention_bwd(grad_out.contiguous(), q, k, v, out, lse,
-                                                                 ctx.causal, ctx.scale)
+        if q.is_cuda and q.shape[-1] not in CUDA_BACKWARD_HEAD_DIMS:
+            # The CUDA backward kernels stop at head dim 128; 256 runs the Triton backward.
+            from .triton import attention as triton_attention
+
+            dq, dk, dv = triton_attention.attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+        else:
+            dq, dk, dv = torch.ops.msmartcompute.fused_attention_bwd(grad_out.contiguous(), q, k, v, out, lse,
+                                                                     ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
     torch.library.register_autograd("msmartcompute::fused_attention_fwd", _backward, setup_context=_setup_context)
-
-    if extension_has_cuda():
-        # The CUDA backward is the Triton one (kernels/attention.cu has the forward only).
-        @torch.library.impl("msmartcompute::fused_attention_bwd", "CUDA")
-        def _fused_attention_bwd_cuda(grad_out, q, k, v, out, lse, causal, scale):
-            from .triton import attention as triton_attention
-
-            return triton_attention.attention_bwd(grad_out, q, k, v, out, lse, causal, scale)
