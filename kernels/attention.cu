@@ -558,10 +558,12 @@ cudaError_t launch_bwd(const void* dout, const void* q, const void* k, const voi
                        const float* lse, float* delta, void* dq, void* dk, void* dv, int64_t B, int64_t H,
                        int64_t Hkv, int64_t Sq, int64_t Sk, bool causal, float scale, cudaStream_t stream) {
   const int64_t R = (H / Hkv) * Sq, rows = B * H * Sq;
-  attention_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
-      static_cast<const T*>(out), static_cast<const T*>(dout), delta, rows, static_cast<int>(D));
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
+  if (rows > 0) {  // with no queries only the dK/dV kernel runs, writing zeros
+    attention_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
+        static_cast<const T*>(out), static_cast<const T*>(dout), delta, rows, static_cast<int>(D));
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
   constexpr size_t dkdv_smem = bwd_dkdv_smem_bytes<D>(), dq_smem = bwd_dq_smem_bytes<D>();
   auto dkdv = attention_bwd_dkdv_kernel<T, D>;
   auto dqk = attention_bwd_dq_kernel<T, D>;
@@ -575,7 +577,7 @@ cudaError_t launch_bwd(const void* dout, const void* q, const void* k, const voi
                               static_cast<const T*>(dout), lse, delta, static_cast<T*>(dk), static_cast<T*>(dv),
                               static_cast<int>(R), static_cast<int>(Sq), static_cast<int>(Sk), causal, scale,
                               scale_log2);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if ((err = cudaGetLastError()) != cudaSuccess || R == 0) return err;
   dqk<<<dim3(static_cast<unsigned>((R + kBwdRows - 1) / kBwdRows), static_cast<unsigned>(B * Hkv)), 128, dq_smem,
         stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
                   static_cast<const T*>(dout), lse, delta, static_cast<T*>(dq), static_cast<int>(R),
