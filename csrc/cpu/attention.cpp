@@ -1,6 +1,6 @@
 // CPU fused attention. Forward: blocked online softmax (a block of queries against
 // streamed blocks of keys, fp32 accumulation, never the full score matrix), parallel
-// over (batch, head, query block). Backward: the plain math in fp32, recomputing the
+// over (batch, kv head, block of the group's packed query rows). Backward: the plain math in fp32, recomputing the
 // probabilities from the saved log-sum-exp.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -36,15 +36,31 @@ constexpr int64_t kBlockK = 64;  // keys per streamed block: K^T and V blocks fi
 constexpr int64_t kChunk = 64;  // head-dim columns accumulated in registers at a time
 
 // s[r][:] = q[r] . kt for r < nq over all kBlockK keys (kt is zero past the block's keys).
+// Four rows at a time, so each loaded row of kt feeds four rows of accumulators.
 MSC_HOT void block_scores(const float* q,  // [nq][D]
                           const float* kt, // [D][kBlockK]
                           float* s,        // [nq][kBlockK]
                           int64_t nq, int64_t D) {
-  for (int64_t r = 0; r < nq; ++r) {
-    float sr[kBlockK] = {};
-    const float* qr = q + r * D;
+  int64_t r = 0;
+  for (; r + 4 <= nq; r += 4) {
+    float sr[4][kBlockK] = {};
     for (int64_t d = 0; d < D; ++d) {
-      const float qd = qr[d];
+      const float* kr = kt + d * kBlockK;
+      const float q0 = q[r * D + d], q1 = q[(r + 1) * D + d], q2 = q[(r + 2) * D + d], q3 = q[(r + 3) * D + d];
+      for (int64_t j = 0; j < kBlockK; ++j) {
+        sr[0][j] += q0 * kr[j];
+        sr[1][j] += q1 * kr[j];
+        sr[2][j] += q2 * kr[j];
+        sr[3][j] += q3 * kr[j];
+      }
+    }
+    for (int64_t i = 0; i < 4; ++i)
+      for (int64_t j = 0; j < kBlockK; ++j) s[(r + i) * kBlockK + j] = sr[i][j];
+  }
+  for (; r < nq; ++r) {
+    float sr[kBlockK] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const float qd = q[r * D + d];
       const float* kr = kt + d * kBlockK;
       for (int64_t j = 0; j < kBlockK; ++j) sr[j] += qd * kr[j];
     }
@@ -82,26 +98,44 @@ MSC_HOT float exp_shifted(float* p, int64_t n, float max) {
   return sum;
 }
 
-// acc[r][:] += sum_j p[r][j] * v[j][:] for r < nq, j < nk.
+// acc[r][:] += sum_j p[r][j] * v[j][:] for r < nq, j < nk; four rows at a time share each
+// loaded row of v, and kChunk head-dim columns stay in registers across the keys.
 MSC_HOT void block_accumulate(const float* p,  // [nq][kBlockK]
                               const float* v,  // [nk][D]
                               float* acc,      // [nq][D]
                               int64_t nq, int64_t nk, int64_t D) {
-  for (int64_t r = 0; r < nq; ++r) {
-    const float* pr = p + r * kBlockK;
+  int64_t r = 0;
+  for (; r + 4 <= nq; r += 4) {
     int64_t c = 0;
     for (; c + kChunk <= D; c += kChunk) {
-      float a[kChunk];
-      for (int64_t x = 0; x < kChunk; ++x) a[x] = acc[r * D + c + x];
+      float a[4][kChunk];
+      for (int64_t i = 0; i < 4; ++i)
+        for (int64_t x = 0; x < kChunk; ++x) a[i][x] = acc[(r + i) * D + c + x];
       for (int64_t j = 0; j < nk; ++j) {
-        const float pj = pr[j];
         const float* vr = v + j * D + c;
-        for (int64_t x = 0; x < kChunk; ++x) a[x] += pj * vr[x];
+        const float p0 = p[r * kBlockK + j], p1 = p[(r + 1) * kBlockK + j], p2 = p[(r + 2) * kBlockK + j],
+                    p3 = p[(r + 3) * kBlockK + j];
+        for (int64_t x = 0; x < kChunk; ++x) {
+          a[0][x] += p0 * vr[x];
+          a[1][x] += p1 * vr[x];
+          a[2][x] += p2 * vr[x];
+          a[3][x] += p3 * vr[x];
+        }
       }
-      for (int64_t x = 0; x < kChunk; ++x) acc[r * D + c + x] = a[x];
+      for (int64_t i = 0; i < 4; ++i)
+        for (int64_t x = 0; x < kChunk; ++x) acc[(r + i) * D + c + x] = a[i][x];
     }
-    for (int64_t j = 0; j < nk && c < D; ++j)  // head dims that are not a multiple of kChunk
-      for (int64_t x = c; x < D; ++x) acc[r * D + x] += pr[j] * v[j * D + x];
+    for (int64_t i = 0; i < 4 && c < D; ++i)  // head dims that are not a multiple of kChunk
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t x = c; x < D; ++x) acc[(r + i) * D + x] += p[(r + i) * kBlockK + j] * v[j * D + x];
+  }
+  for (; r < nq; ++r) {
+    for (int64_t j = 0; j < nk; ++j) {
+      const float pj = p[r * kBlockK + j];
+      const float* vr = v + j * D;
+      float* a = acc + r * D;
+      for (int64_t x = 0; x < D; ++x) a[x] += pj * vr[x];
+    }
   }
 }
 
@@ -112,24 +146,32 @@ void attention_fwd_blocked(const T* q,   // [B, H, Sq, D]
                            T* out,       // [B, H, Sq, D]
                            float* lse,   // [B, H, Sq]
                            const AttentionShape& s, bool causal, float scale) {
-  const int64_t D = s.D, group = s.H / s.Hkv, q_blocks = (s.Sq + kBlockQ - 1) / kBlockQ;
-  const int64_t offset = s.Sk - s.Sq;  // causal: query i sees keys j <= i + offset
-  const int64_t tasks = s.B * s.H * q_blocks;
+  // Grouped-query packing, as in kernels/attention.cu: per kv head, q is one contiguous
+  // [R = G * Sq, D] matrix whose row r is query r % Sq of head r / Sq, and all its rows read
+  // the same K/V, so one task converts a K/V block once for the whole group.
+  const int64_t D = s.D, R = (s.H / s.Hkv) * s.Sq, q_blocks = (R + kBlockQ - 1) / kBlockQ;
+  const int64_t offset = s.Sk - s.Sq;  // causal: query position i sees keys j <= i + offset
+  const int64_t tasks = s.B * s.Hkv * q_blocks;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(kBlockQ * D), kt(D * kBlockK), vf(kBlockK * D), acc(kBlockQ * D), p(kBlockQ * kBlockK);
     std::vector<float> row_max(kBlockQ), row_sum(kBlockQ);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / q_blocks, i0 = (task % q_blocks) * kBlockQ;
-      const int64_t b = bh / s.H, h = bh % s.H, nq = std::min(kBlockQ, s.Sq - i0);
-      const T* qb = q + (bh * s.Sq + i0) * D;
-      const T* kb = k + (b * s.Hkv + h / group) * s.Sk * D;
-      const T* vb = v + (b * s.Hkv + h / group) * s.Sk * D;
+      const int64_t head = task / q_blocks, i0 = (task % q_blocks) * kBlockQ;  // head: b * Hkv + kv head
+      const int64_t nq = std::min(kBlockQ, R - i0);
+      const T* qb = q + (head * R + i0) * D;
+      const T* kb = k + head * s.Sk * D;
+      const T* vb = v + head * s.Sk * D;
       for (int64_t x = 0; x < nq * D; ++x) qf[x] = static_cast<float>(qb[x]) * scale;  // scale folded into q
       std::fill(acc.begin(), acc.begin() + nq * D, 0.f);
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<float>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
-      // Causal tiles past the block's last visible key are skipped.
-      const int64_t k_end = causal ? std::min(s.Sk, i0 + nq + offset) : s.Sk;
+      // Causal tiles past the last key any row of the block sees are skipped.
+      int64_t k_end = s.Sk;
+      if (causal) {
+        const int64_t r_last = i0 + nq - 1;
+        const int64_t max_pos = i0 / s.Sq == r_last / s.Sq ? r_last % s.Sq : s.Sq - 1;
+        k_end = std::min(s.Sk, max_pos + offset + 1);
+      }
       for (int64_t j0 = 0; j0 < k_end; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, k_end - j0);
         if (nk < kBlockK) std::fill(kt.begin(), kt.end(), 0.f);
@@ -143,7 +185,7 @@ void attention_fwd_blocked(const T* q,   // [B, H, Sq, D]
         // into probabilities (0 for hidden keys), then accumulate P V for the whole block.
         for (int64_t r = 0; r < nq; ++r) {
           float* pr = &p[r * kBlockK];
-          const int64_t visible = causal ? std::min(nk, i0 + r + offset - j0 + 1) : nk;
+          const int64_t visible = causal ? std::min(nk, (i0 + r) % s.Sq + offset - j0 + 1) : nk;
           if (visible <= 0) {
             std::fill(pr, pr + nk, 0.f);
             continue;
@@ -163,11 +205,11 @@ void attention_fwd_blocked(const T* q,   // [B, H, Sq, D]
         if constexpr (std::is_same_v<T, float>) vblock = vb + j0 * D;  // already fp32 [nk][D]: no copy
         block_accumulate(p.data(), vblock, acc.data(), nq, nk, D);
       }
-      T* ob = out + (bh * s.Sq + i0) * D;
+      T* ob = out + (head * R + i0) * D;
       for (int64_t r = 0; r < nq; ++r) {
         const float inv = 1.f / row_sum[r];
         for (int64_t d = 0; d < D; ++d) ob[r * D + d] = static_cast<T>(acc[r * D + d] * inv);
-        lse[bh * s.Sq + i0 + r] = row_max[r] + std::log(row_sum[r]);
+        lse[head * R + i0 + r] = row_max[r] + std::log(row_sum[r]);
       }
     }
   });
