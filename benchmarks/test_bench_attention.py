@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from msmartcompute import ops
 
@@ -19,8 +20,8 @@ def flops(shape, causal):
 
 
 def sdpa(q, k, v, causal):
-    if causal and q.shape[2] != k.shape[2]:  # SDPA's is_causal aligns to the start; pass the end-aligned mask
-        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(k.shape[2] - q.shape[2])
+    if causal and q.shape[2] != k.shape[2]:  # is_causal aligns to the start; ours aligns to the end
+        mask = causal_lower_right(q.shape[2], k.shape[2])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
 
