@@ -24,4 +24,13 @@ TORCH_LIBRARY(msmartcompute, m) {
   // None, "relu", "gelu" (erf form) or "silu"; out_dtype defaults to a.dtype.
   m.def("mixed_gemm(Tensor a, Tensor b, Tensor? bias=None, str? activation=None, "
         "ScalarType? out_dtype=None) -> Tensor");
+  // Attention softmax(q k^T * scale) v: q [B, H, Sq, D], k and v [B, Hkv, Sk, D], H % Hkv == 0
+  // (query head h reads kv head h / (H / Hkv)); causal aligns the mask to the end (query i sees
+  // keys j <= Sk - Sq + i). Returns (out [B, H, Sq, D] in q's dtype, lse float32 [B, H, Sq], the
+  // natural-log sum of exp of each scaled score row, kept for the backward).
+  m.def("fused_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor out, Tensor lse)");
+  // Gradients of fused_attention_fwd's out with respect to q, k, v, recomputing the
+  // probabilities from lse instead of storing them.
+  m.def("fused_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+        "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

@@ -51,5 +51,33 @@ cudaError_t launch_mixed_gemm(const void* a,         // [M, K] of a_type
                               void* c,               // [M, N] contiguous, out_type
                               int64_t M, int64_t N, int64_t K, FloatType a_type, FloatType out_type,
                               int activation, cudaStream_t stream);
+// Bytes of scratch launch_attention_fwd needs for these sizes (0 when it does not split keys).
+size_t attention_fwd_workspace_bytes(int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D);
+
+// Fused attention forward, fp16/bf16, head dim 32/64/128/256, contiguous tensors:
+// out = softmax(q k^T * scale [+ causal mask aligned to the end]) v and its log-sum-exp.
+cudaError_t launch_attention_fwd(const void* q,      // [B, H, Sq, D] of `type`
+                                 const void* k,      // [B, Hkv, Sk, D]
+                                 const void* v,      // [B, Hkv, Sk, D]
+                                 void* out,          // [B, H, Sq, D]
+                                 float* lse,         // [B, H, Sq], natural log
+                                 void* workspace,    // attention_fwd_workspace_bytes(...) bytes, or null if 0
+                                 int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, bool causal,
+                                 float scale, FloatType type, cudaStream_t stream);
+
+// Fused attention backward, fp16/bf16, head dim 32/64/128, contiguous tensors: dq, dk, dv from
+// the forward's out and log-sum-exp (probabilities recomputed, never stored).
+cudaError_t launch_attention_bwd(const void* dout,   // [B, H, Sq, D] of `type`
+                                 const void* q,      // [B, H, Sq, D]
+                                 const void* k,      // [B, Hkv, Sk, D]
+                                 const void* v,      // [B, Hkv, Sk, D]
+                                 const void* out,    // [B, H, Sq, D]
+                                 const float* lse,   // [B, H, Sq], natural log
+                                 float* delta,       // [B, H, Sq] scratch: rowsum(dout * out)
+                                 void* dq,           // [B, H, Sq, D]
+                                 void* dk,           // [B, Hkv, Sk, D]
+                                 void* dv,           // [B, Hkv, Sk, D]
+                                 int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, bool causal,
+                                 float scale, FloatType type, cudaStream_t stream);
 
 }  // namespace msmartcompute::cuda

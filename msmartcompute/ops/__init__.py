@@ -14,6 +14,7 @@ the ``MSC_KERNEL_BACKEND`` environment variable, else ``auto``):
 from ._backend import BACKENDS, available_backends, extension_info
 from .quant import dequantize_int8, quantize_int8
 from .gemm import int8_linear, int8_matmul, mixed_gemm
+from .attention import fused_attention
 
 __all__ = [
     "BACKENDS",
@@ -24,4 +25,5 @@ __all__ = [
     "int8_matmul",
     "int8_linear",
     "mixed_gemm",
+    "fused_attention",
 ]

@@ -1,0 +1,299 @@
+"""fused_attention on every backend this machine has, against the float64 reference.
+
+Tolerances follow flash-attention's tests: a backend's error against the float64
+reference may be at most twice that of plain torch computing in the same dtype, plus
+the dtype's rounding at the output's magnitude.
+"""
+import pytest
+import torch
+
+from msmartcompute import ops
+from msmartcompute.ops import reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float16, torch.bfloat16]}
+# (B, H, Hkv, Sq, Sk, D): odd lengths, grouped-query, Sq = 1 decode, Sq < Sk.
+SHAPES = [
+    (1, 2, 2, 1, 1, 64),
+    (2, 4, 2, 17, 17, 64),
+    (1, 4, 1, 77, 77, 128),
+    (1, 4, 2, 1, 300, 64),
+    (1, 2, 1, 17, 300, 128),
+    (1, 2, 2, 300, 300, 32),
+]
+# The Triton interpreter is slow and gets bf16 wrong: small shapes, float32/float16 there.
+INTERPRETER_SHAPES = [(1, 2, 2, 1, 1, 64), (1, 4, 2, 17, 17, 32), (1, 2, 1, 1, 77, 64), (1, 2, 2, 17, 40, 64),
+                      (2, 4, 1, 77, 77, 128)]
+INTERPRETER_DTYPES = [torch.float32, torch.float16]
+
+
+def interpreted(device, backend):
+    return backend == "triton" and device == "cpu"
+
+
+def cases(shapes_for_interpreter=INTERPRETER_SHAPES, shapes=SHAPES):
+    for device in DEVICES:
+        for backend in ops.available_backends(device):
+            dtypes = INTERPRETER_DTYPES if interpreted(device, backend) else DTYPES[device]
+            chosen = shapes_for_interpreter if interpreted(device, backend) else shapes
+            for dtype in dtypes:
+                for shape in chosen:
+                    for causal in (False, True):
+                        yield pytest.param(device, backend, dtype, shape, causal,
+                                           id=f"{device}-{backend}-{str(dtype)[6:]}-{'x'.join(map(str, shape))}"
+                                              f"{'-causal' if causal else ''}")
+
+
+def make_inputs(shape, dtype, device, requires_grad=False):
+    B, H, Hkv, Sq, Sk, D = shape
+    q = torch.randn(B, H, Sq, D, device=device).to(dtype)
+    k = torch.randn(B, Hkv, Sk, D, device=device).to(dtype)
+    v = torch.randn(B, Hkv, Sk, D, device=device).to(dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def allowed_error(ref64, baseline, dtype, terms, magnitude=1.0):
+    """2 x plain torch's same-dtype error + a floor: the dtype's rounding at the reference's
+    magnitude, and the typical error of float32 sums over `terms` products (every backend
+    accumulates in float32; for a float32 output of one row, torch's own error, a max over
+    few values, can fall below that). Inputs are standard normal, so the summed terms are of
+    order `magnitude` even where the result cancels to 0 (the gradient of q when Sk = 1, where
+    dP - delta subtracts two dot products of D-vectors, each of order sqrt(D))."""
+    rounded = ref64.to(dtype)
+    rounding = ((rounded + 0.3 - 0.3) - rounded).abs().max().item()
+    accumulation = terms ** 0.5 * torch.finfo(torch.float32).eps * max(magnitude, ref64.abs().max().item())
+    return 2 * max_err(baseline, ref64) + 2 * rounding + accumulation
+
+
+def test_extension_is_built():
+    assert ops.extension_info()["loaded"], ops.extension_info()["error"]
+
+
+@pytest.mark.parametrize("device,backend,dtype,shape,causal", list(cases()))
+def test_forward_matches_reference(device, backend, dtype, shape, causal):
+    q, k, v = make_inputs(shape, dtype, device)
+    out = ops.fused_attention(q, k, v, causal=causal, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype and out.device == q.device
+    ref64 = reference.attention_reference(q.double(), k.double(), v.double(), causal)
+    baseline = reference.attention_reference(q, k, v, causal, compute_dtype=dtype)
+    assert max_err(out, ref64) <= allowed_error(ref64, baseline, dtype, k.shape[2] * k.shape[3])
+
+
+GRAD_SHAPES = [(1, 2, 2, 1, 1, 64), (2, 4, 2, 17, 17, 64), (1, 4, 2, 1, 300, 64), (1, 2, 1, 77, 300, 128)]
+GRAD_INTERPRETER_SHAPES = [(1, 2, 2, 17, 17, 32), (1, 4, 2, 5, 40, 64), (1, 4, 2, 1, 77, 64), (1, 2, 1, 40, 77, 128)]
+
+
+@pytest.mark.parametrize("device,backend,dtype,shape,causal", list(cases(GRAD_INTERPRETER_SHAPES, GRAD_SHAPES)))
+def test_gradients_match_reference(device, backend, dtype, shape, causal):
+    q, k, v = make_inputs(shape, dtype, device, requires_grad=True)
+    grad = torch.randn(q.shape, device=device).to(dtype)
+    out = ops.fused_attention(q, k, v, causal=causal, backend=backend)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+
+    def grads_of(inputs, compute_dtype):
+        leaves = [t.detach().to(compute_dtype).requires_grad_() for t in inputs]
+        o = reference.attention_reference(*leaves, causal, compute_dtype=compute_dtype)
+        return torch.autograd.grad(o, leaves, grad.to(compute_dtype))
+
+    ref64 = grads_of((q, k, v), torch.float64)
+    baseline = grads_of((q, k, v), dtype)
+    for name, g, r, b in zip("qkv", ours, ref64, baseline):
+        assert g.shape == r.shape and g.dtype == dtype, name
+        # scores sum over D, then dq sums over keys, dk/dv over the queries of a group
+        terms = max(q.shape[2] * q.shape[1] // k.shape[1], k.shape[2]) * q.shape[3]
+        assert max_err(g, r) <= allowed_error(r, b, dtype, terms, q.shape[3] ** 0.5), f"grad of {name}"
+
+
+@pytest.mark.parametrize("backend", ops.available_backends("cpu"))
+def test_non_contiguous_inputs(backend):
+    # [B, S, H, D] storage viewed as [B, H, S, D], the layout a fused qkv projection gives.
+    dtype = torch.float32
+    q = torch.randn(2, 13, 4, 64).transpose(1, 2)
+    k = torch.randn(2, 21, 2, 64).transpose(1, 2)
+    v = torch.randn(2, 21, 2, 64).transpose(1, 2)
+    assert not q.is_contiguous()
+    out = ops.fused_attention(q, k, v, causal=True, backend=backend)
+    ref64 = reference.attention_reference(q.double(), k.double(), v.double(), True)
+    baseline = reference.attention_reference(q, k, v, True, compute_dtype=dtype)
+    assert max_err(out, ref64) <= allowed_error(ref64, baseline, dtype, k.shape[2] * k.shape[3])
+
+
+def test_scale_and_lse():
+    q, k, v = make_inputs((1, 2, 2, 9, 33, 64), torch.float32, "cpu")
+    out, lse = torch.ops.msmartcompute.fused_attention_fwd(q, k, v, False, 0.3)
+    s = (q.double() @ k.double().transpose(-2, -1)) * 0.3
+    ref64 = reference.attention_reference(q.double(), k.double(), v.double(), False, 0.3)
+    baseline = reference.attention_reference(q, k, v, False, 0.3)
+    assert max_err(out, ref64) <= allowed_error(ref64, baseline, torch.float32, k.shape[2] * k.shape[3])
+    lse_ref = torch.logsumexp(s, -1)
+    lse_baseline = torch.logsumexp((q @ k.transpose(-2, -1)) * 0.3, -1)
+    assert max_err(lse, lse_ref) <= allowed_error(lse_ref, lse_baseline, torch.float32, k.shape[2] * k.shape[3])
+
+
+def test_clear_errors():
+    q, k, v = make_inputs((1, 4, 2, 8, 8, 64), torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"q heads \(4\) must be a multiple of kv heads \(3\)"):
+        ops.fused_attention(q, torch.ones(1, 3, 8, 64), torch.ones(1, 3, 8, 64))
+    with pytest.raises(ValueError, match="head dim"):
+        ops.fused_attention(q, k[..., :32], v[..., :32])
+    with pytest.raises(ValueError, match="k and v must have one shape"):
+        ops.fused_attention(q, k, v[:, :, :4])
+    with pytest.raises(ValueError, match="share a dtype"):
+        ops.fused_attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="one device"):
+        ops.fused_attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="causal needs Sq <= Sk"):
+        ops.fused_attention(q, k[:, :, :4], v[:, :, :4], causal=True)
+    with pytest.raises(ValueError, match=r"expected q \[B, H, Sq, D\]"):
+        ops.fused_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="takes float32, bfloat16"):
+        ops.fused_attention(q.double(), k.double(), v.double(), backend="cpu")
+    if "triton" in ops.available_backends("cpu"):
+        with pytest.raises(ValueError, match="head dim 48 is not supported by the triton kernels"):
+            ops.fused_attention(q[..., :48], k[..., :48], v[..., :48], backend="triton")
+    # The C++ op checks too, for callers that go through torch.ops directly.
+    with pytest.raises(RuntimeError, match="multiple of the 3 kv heads"):
+        torch.ops.msmartcompute.fused_attention_fwd(q, torch.ones(1, 3, 8, 64), torch.ones(1, 3, 8, 64), False, 1.0)
+    with pytest.raises(RuntimeError, match="must share a dtype"):
+        torch.ops.msmartcompute.fused_attention_fwd(q, k.half(), v, False, 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    dtype = DTYPES[device][-1]
+    q, k, v = make_inputs((2, 4, 2, 7, 19, 64), dtype, device)
+    for causal in (False, True):
+        torch.library.opcheck(torch.ops.msmartcompute.fused_attention_fwd.default, (q, k, v, causal, 0.125))
+        out, lse = torch.ops.msmartcompute.fused_attention_fwd(q, k, v, causal, 0.125)
+        torch.library.opcheck(torch.ops.msmartcompute.fused_attention_bwd.default,
+                              (torch.randn_like(out), q, k, v, out, lse, causal, 0.125))
+    q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
+    if device == "cpu":
+        torch.library.opcheck(torch.ops.msmartcompute.fused_attention_fwd.default, (q32, k32, v32, True, 0.125))
+
+
+def test_compiles_with_fullgraph():
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def attend(q, k, v):
+        return ops.fused_attention(q, k, v, causal=True, backend="cpu") * 2
+
+    q, k, v = make_inputs((1, 4, 2, 17, 33, 64), torch.float32, "cpu", requires_grad=True)
+    out = attend(q, k, v)
+    expected = ops.fused_attention(q, k, v, causal=True, backend="cpu") * 2
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 1024, 1024, 128), (2, 8, 8, 1, 8193, 64), (1, 16, 4, 4, 4099, 128),
+                                   (1, 4, 4, 513, 2047, 64)], ids=str)
+def test_gpu_long_sequences(backend, shape):
+    # Long KV sequences take the CUDA split-KV decode path (Sq <= 16) and many tiles.
+    for dtype in (torch.float16, torch.bfloat16):
+        for causal in (False, True):
+            q, k, v = make_inputs(shape, dtype, "cuda")
+            out = ops.fused_attention(q, k, v, causal=causal, backend=backend)
+            ref64 = reference.attention_reference(q.double(), k.double(), v.double(), causal)
+            baseline = reference.attention_reference(q, k, v, causal, compute_dtype=dtype)
+            assert max_err(out, ref64) <= allowed_error(ref64, baseline, dtype, k.shape[2] * k.shape[3])
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("shape", [(1, 8, 2, 300, 1031, 128), (2, 4, 4, 257, 257, 64), (1, 4, 2, 129, 200, 256),
+                                   (3, 4, 1, 1, 777, 32)], ids=str)
+def test_gpu_gradients_long_sequences(backend, shape):
+    # Head dim 256 takes the Triton backward under the cuda backend too.
+    for dtype in (torch.float16, torch.bfloat16):
+        for causal in (False, True):
+            q, k, v = make_inputs(shape, dtype, "cuda", requires_grad=True)
+            grad = torch.randn(q.shape, device="cuda").to(dtype)
+            ours = torch.autograd.grad(ops.fused_attention(q, k, v, causal=causal, backend=backend), (q, k, v), grad)
+            leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            ref64 = torch.autograd.grad(reference.attention_reference(*leaves64, causal), leaves64, grad.double())
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            baseline = torch.autograd.grad(reference.attention_reference(*leaves, causal, compute_dtype=dtype),
+                                           leaves, grad)
+            terms = max(shape[3] * shape[1] // shape[2], shape[4]) * shape[5]
+            for name, g, r, b in zip("qkv", ours, ref64, baseline):
+                assert max_err(g, r) <= allowed_error(r, b, dtype, terms, shape[5] ** 0.5), f"grad of {name}"
+
+def test_triton_kernels_lower_to_tensor_cores():
+    # The interpreter cannot show what the compiler makes of the kernels: lower the forward and
+    # backward for real targets (no GPU needed) and look for mma.sync (sm_80) / wgmma (sm_90).
+    import os
+    import subprocess
+    import sys
+
+    code = """
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from msmartcompute.ops.triton import attention
+done = set()
+for kernel, signature, constexprs in attention.AOT_SPECS:
+    if kernel.fn.__name__ in done or constexprs["HEAD_DIM"] != 64:
+        continue
+    done.add(kernel.fn.__name__)
+    for arch, instruction in ((80, "mma.sync"), (90, "wgmma.mma_async")):
+        source = ASTSource(kernel, dict(signature, **{n: "constexpr" for n in constexprs}), constexprs)
+        ptx = compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+        assert instruction in ptx, (kernel.fn.__name__, arch)
+print(sorted(done))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "_attn_fwd_kernel" in result.stdout and "_attn_bwd_dq_kernel" in result.stdout
+
+
+@pytest.mark.skipif(not ops.extension_info()["cuda_kernels"], reason="extension built without CUDA")
+def test_cuda_kernels_use_tensor_cores():
+    # Built without a GPU here, so the SASS is the proof: every instantiation of the attention
+    # forward and backward kernels for sm_90 must hold HMMA (mma.sync m16n8k16) instructions.
+    import glob
+    import os
+    import re
+    import subprocess
+
+    import triton
+
+    import msmartcompute
+
+    so = glob.glob(os.path.join(os.path.dirname(msmartcompute.__file__), "_C*.so"))[0]
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90", so], capture_output=True, text=True,
+                          check=True).stdout
+    functions = re.split(r"\n\s*Function : ", sass)[1:]
+    # fp16/bf16 x head dims 32/64/128/256 x 1 or 4 warps; backward: fp16/bf16 x 32/64/128.
+    for kernel, count in (("20attention_fwd_kernel", 16), ("25attention_bwd_dkdv_kernel", 6),
+                          ("23attention_bwd_dq_kernel", 6)):
+        found = [f for f in functions if kernel in f.split("\n", 1)[0]]
+        assert len(found) == count, kernel
+        for body in found:
+            assert "HMMA.16816.F32" in body, body.split("\n", 1)[0]
+
+
+def test_gpu_benchmark_script_parses_arguments(capsys):
+    # The GPU benchmark cannot run here; its import and argument parsing can.
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu",
+                        "bench_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--list", "--seqlens", "512", "4096", "--head-dims", "128", "--causal", "yes"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 cases x 5 implementations" in printed
+    assert bench.flops({"batch": 1, "heads": 1, "seqlen": 2, "head_dim": 1, "causal": False, "mode": "fwd"}) == 16
