@@ -179,6 +179,8 @@ def as_matrix(value, path: str = "body.input_data") -> np.ndarray:
     if array.size > MAX_ELEMENTS:
         _fail(path, f"has {array.size} elements, more than the limit of {MAX_ELEMENTS}", None)
     if array.dtype.kind in "iu":
+        if array.dtype.kind == "u" and array.max() > np.iinfo(np.int64).max:  # would wrap around
+            _fail(path, "holds an integer beyond the int64 range", None)
         return array.astype(np.int64, copy=False)
     if array.dtype.kind == "f":
         with np.errstate(over="ignore"):  # overflow becomes inf, refused just below

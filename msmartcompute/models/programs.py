@@ -85,6 +85,8 @@ class ProgramModel(ServedModel):
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as exc:  # the program rejected this input (shape, dtype, ...)
+            if "can't allocate memory" in str(exc):  # the host allocator failed: out of memory, not bad input
+                raise MemoryError(str(exc).splitlines()[-1]) from None
             raise ValueError(f"the {self.model_type} program failed on input of shape {tuple(x.shape)}: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         if isinstance(y, (tuple, list)) and len(y) == 1:

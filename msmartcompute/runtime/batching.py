@@ -7,9 +7,10 @@ max_batch_size requests, groups those with equal Prepared.batch_key (order kept)
 ServedModel.run() once per group inside the device's time slot (vgpu.DeviceScheduler). If a
 grouped run raises, the group's requests are run one by one so only the faulty one fails.
 
-Errors a run raises map to: torch.OutOfMemoryError / MemoryError -> INSUFFICIENT_MEMORY,
-ValueError -> INVALID_INPUT_DATA, anything else -> INTERNAL_ERROR; each fails its request
-alone. A full queue (RuntimeConfig.max_queue_size) refuses at once with QUEUE_FULL; a request
+Errors a run raises map to: torch.OutOfMemoryError / MemoryError / the CPU allocator's
+"can't allocate memory" -> INSUFFICIENT_MEMORY, ValueError -> INVALID_INPUT_DATA, anything else
+-> INTERNAL_ERROR whose message is the exception's last line only (a TorchScript error carries
+the program's traceback: it goes to the log, never to the client); each fails its request alone. A full queue (RuntimeConfig.max_queue_size) refuses at once with QUEUE_FULL; a request
 not done by its deadline fails with REQUEST_TIMEOUT (its slot in the queue is skipped).
 """
 from __future__ import annotations
@@ -47,14 +48,26 @@ class Result:
     memory_used: int                  # bytes, see engine.infer
 
 
+def _last_line(exc: BaseException, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:limit]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    # On the host torch raises a plain RuntimeError when an allocation fails.
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 def map_run_error(exc: BaseException) -> MSCError:
     if isinstance(exc, MSCError):
         return exc
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return InsufficientMemory(f"out of memory while running: {exc}".strip(), {"during": "inference"})
+    if is_out_of_memory(exc):
+        return InsufficientMemory(f"out of memory while running: {_last_line(exc)}", {"during": "inference"})
     if isinstance(exc, ValueError):
         return InvalidInputData(str(exc))
-    return InternalError(f"inference failed: {type(exc).__name__}: {exc}")
+    log.warning("inference failed: %s", exc)  # the full text (a program's traceback) stays in the log
+    return InternalError(f"inference failed: {type(exc).__name__}: {_last_line(exc)}")
 
 
 class ModelQueue:

@@ -186,7 +186,8 @@ class Runtime:
             prepared = model.prepare(request["input_data"], request.get("options") or {})
         except ValueError as exc:
             raise InvalidInputData(str(exc), {"field": "input_data"}) from None
-        timeout = request.get("timeout", self.config.request_timeout_s)
+        # options.timeout is the documented field; a top-level "timeout" is accepted too
+        timeout = (request.get("options") or {}).get("timeout", request.get("timeout", self.config.request_timeout_s))
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidInputData("timeout must be a positive number of seconds", {"field": "timeout"})
         pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout))
