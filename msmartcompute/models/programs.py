@@ -7,12 +7,48 @@ enable_quantization / enable_mixed_precision are refused rather than ignored; an
 program whose batch dimension is static runs each request on its own."""
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import warnings
+import zipfile
 
 import torch
 
 from .base import Output, Prepared, ServedModel, float_rows, to_numpy
 from .spec import flag, tensor_cores
+
+
+_force_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _weights_only_everywhere():
+    """torch.export.load unpickles parts of a .pt2 with weights_only=False (pickled weights,
+    sample inputs, a fallback in its deserializer): a crafted archive would run code. Torch's
+    own switch makes every torch.load in the block weights-only."""
+    with _force_lock:
+        before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def _refuse_plain_pickles(path: str) -> None:
+    """A .pt2 may hold 'opaque objects', read with a plain pickle.loads: refused unread."""
+    try:
+        names = zipfile.ZipFile(path).namelist()
+    except (zipfile.BadZipFile, OSError):
+        return  # not an archive: torch.export.load refuses it with its own message
+    bad = [n for n in names if "/opaque_obj_" in n or n.startswith("opaque_obj_")]
+    if bad:
+        raise ValueError(f"model_path {path!r} holds pickled Python objects ({bad[0]}); "
+                         "only tensors and graph code are accepted in an exported program")
 
 
 def _load(kind: str, path: str, device: torch.device):
@@ -21,8 +57,12 @@ def _load(kind: str, path: str, device: torch.device):
             with warnings.catch_warnings():  # TorchScript is deprecated upstream; still served
                 warnings.simplefilter("ignore", FutureWarning)
                 return torch.jit.load(path, map_location=device), None
-        program = torch.export.load(path)
+        _refuse_plain_pickles(path)
+        with _weights_only_everywhere():
+            program = torch.export.load(path)
         return program.module().to(device), program
+    except ValueError:
+        raise
     except FileNotFoundError:
         raise ValueError(f"model_path {path!r} does not exist") from None
     except Exception as exc:

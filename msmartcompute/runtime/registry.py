@@ -1,7 +1,8 @@
 """Loaded models: where each lives (device, vGPU), the memory it holds, its batch queue.
 
 load: model_path must resolve (realpath, symlinks followed) under one of
-RuntimeConfig.model_roots (a relative path is taken from the first root); the model is built
+RuntimeConfig.model_roots (a relative path is taken from the first root; a `..` component is
+refused outright); the model is built
 on its vGPU's device, or on the least-loaded device; its memory is measured (CUDA: the
 allocator's growth across the build; host: ServedModel.tensor_bytes()) and reserved in the
 capacity ledger, which refuses it with INSUFFICIENT_MEMORY when it does not fit.
@@ -112,6 +113,8 @@ class Registry:
         if not self.model_roots:
             raise InvalidInputData("model_path is not allowed: no model root is configured")
         path = Path(model_path)
+        if ".." in path.parts:  # refused outright, wherever it would lead
+            raise InvalidInputData(f"model_path {model_path!r} may not contain '..'", {"field": "model_path"})
         if not path.is_absolute():
             path = self.model_roots[0] / path
         real = Path(os.path.realpath(path))
