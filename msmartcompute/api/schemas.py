@@ -151,7 +151,7 @@ def validate(schema: dict, value, path: str = "body") -> None:
                 validate(items, item, f"{path}[{i}]")
     elif kind == "object":
         for name in schema.get("required", []):
-            if name not in value:
+            if name not in value or value[name] is None:  # null reads as absent
                 _fail(f"{path}.{name}", "is required", None)
         for name, sub in schema.get("properties", {}).items():
             if name in value and value[name] is not None and name != "input_data":

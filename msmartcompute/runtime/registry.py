@@ -117,11 +117,16 @@ class Registry:
             raise InvalidInputData(f"model_path {model_path!r} may not contain '..'", {"field": "model_path"})
         if not path.is_absolute():
             path = self.model_roots[0] / path
-        real = Path(os.path.realpath(path))
-        if not any(real == root or root in real.parents for root in self.model_roots):
-            raise InvalidInputData(f"model_path {model_path!r} is outside the model roots",
-                                   {"field": "model_path", "model_roots": [str(r) for r in self.model_roots]})
-        if not real.is_file():
+        try:
+            real = Path(os.path.realpath(path))
+            if not any(real == root or root in real.parents for root in self.model_roots):
+                raise InvalidInputData(f"model_path {model_path!r} is outside the model roots",
+                                       {"field": "model_path", "model_roots": [str(r) for r in self.model_roots]})
+            is_file = real.is_file()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte, ...
+            raise InvalidInputData(f"model_path is not a usable path: {exc.__class__.__name__}: "
+                                   f"{getattr(exc, 'strerror', None) or exc}"[:300], {"field": "model_path"}) from None
+        if not is_file:
             raise InvalidInputData(f"model_path {model_path!r} is not a file", {"field": "model_path"})
         return str(real)
 
