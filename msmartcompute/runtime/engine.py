@@ -22,7 +22,7 @@ from .caller import Caller
 from .errors import InternalError, InvalidInputData, MSCError, NotFound, RequestTimeout
 from .jobs import JobRunner, error_dict
 from .metrics import Metrics
-from .registry import Registry
+from .registry import Registry, map_large_blocks
 from .resources import Allocations
 from .sessions import Sessions
 from .store import Store
@@ -79,6 +79,7 @@ class Runtime:
             if self._state != "new":
                 return
             self._state = "started"
+        map_large_blocks()  # unloaded models give their host memory back (registry.py)
         for what, restore in (("virtual GPUs", self.vgpus.restore), ("allocations", self.allocations.restore)):
             try:
                 restore()

@@ -55,6 +55,22 @@ class LoadedModel:
                 "virtual_gpu_id": self.vgpu_id, "device": str(self.model.device)}
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def map_large_blocks() -> None:
+    """Serve every host block of 1 MiB or more (weights, activations) with its own mmap, so
+    freeing it gives it straight back to the OS. glibc's default threshold adapts upward after
+    the first large free, after which freed weights stay in per-thread heaps: measured, a
+    25 MB model loaded and unloaded 50 times from waitress' threads left ~90 MB more resident
+    (a plateau, not a leak); with the threshold pinned it stays flat."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def release_memory() -> None:
     """Give freed memory back: collect cycles, empty the CUDA cache, trim glibc's heap."""
     gc.collect()
