@@ -105,8 +105,9 @@ def _serve_until(server, stopping: threading.Event) -> None:
     from waitress import wasyncore
 
     smap = _server_map(server)
+    use_poll = server.adj.asyncore_use_poll
     while not stopping.is_set():
-        wasyncore.loop(timeout=0.2, map=smap, count=1)
+        wasyncore.loop(timeout=0.2, map=smap, use_poll=use_poll, count=1)
 
 
 def _drain(server, timeout_s: float) -> bool:
@@ -127,7 +128,7 @@ def _drain(server, timeout_s: float) -> bool:
 
     deadline = time.monotonic() + timeout_s
     while busy() and time.monotonic() < deadline:
-        wasyncore.loop(timeout=0.05, map=smap, count=1)
+        wasyncore.loop(timeout=0.05, map=smap, use_poll=server.adj.asyncore_use_poll, count=1)
     drained = not busy()
     dispatcher = getattr(server, "task_dispatcher", None)
     if dispatcher is not None:

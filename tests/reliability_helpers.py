@@ -24,12 +24,13 @@ class Faulty(torch.nn.Module):
 
 
 class Slow(torch.nn.Module):
-    """Busy for about x[0, 0] units of work (a 128x128 matmul each), then x * 2: the input
-    decides how long a request runs, so tests can hold requests in flight."""
+    """Busy for x[0, 0] units of work (a 512x512 matmul each, ~10 ms on one core), then
+    x * 2: the input decides how long a request runs, so tests can hold requests in flight.
+    Few, large ops: TorchScript's profiling runs stay cheap."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.eye(128) * 0.5
-        y = torch.ones(128, 128)
+        w = torch.eye(512) * 0.5
+        y = torch.ones(512, 512)
         for _ in range(int(x[0, 0].item())):
             y = (y @ w) * 2.0
         return x * 2 + (y[0, 0] - 1.0)

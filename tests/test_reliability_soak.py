@@ -70,6 +70,7 @@ def test_soak(tmp_path):
     async_jobs: list[tuple[str, str]] = []  # (request_id, key)
     rss: dict[str, int] = {}
     failures: list[str] = []
+    health_s: list[float] = []  # /health round trips under the full load
 
     def one(call, key, i, w):
         kind = i % 12
@@ -114,7 +115,11 @@ def test_soak(tmp_path):
             return call("GET", "/api/v1/metrics")
         if kind == 10:
             return call("GET", "/api/v1/models")
-        return call("GET", "/health")
+        t0 = time.perf_counter()
+        out = call("GET", "/health")
+        with lock:
+            health_s.append(time.perf_counter() - t0)
+        return out
 
     def worker(w):
         key = users[w % len(users)]
@@ -167,7 +172,11 @@ def test_soak(tmp_path):
     print(f"\n{TOTAL} requests at concurrency {CONCURRENCY} in {elapsed:.1f} s ({TOTAL / elapsed:.0f}/s); "
           f"statuses {dict(sorted(statuses.items()))}; async jobs {len(async_jobs)}; RSS after the first "
           f"1000 {rss['first_1000'] / 2**20:.1f} MiB, at the end {rss['last_1000'] / 2**20:.1f} MiB")
+    health_s.sort()
+    p50, p95 = health_s[len(health_s) // 2], health_s[int(len(health_s) * 0.95)]
+    print(f"/health under load: p50 {p50 * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, max {health_s[-1] * 1000:.1f} ms")
     assert not failures, failures[:20]
+    assert p50 < 0.1, (p50, p95)
     assert sum(statuses.values()) == TOTAL
     assert not pending, f"{len(pending)} async results lost or unfinished"
     assert set(statuses) <= {200, 400, 404}, statuses
