@@ -66,6 +66,12 @@ def test_sigkill_with_jobs_in_flight_loses_nothing(tmp_path):
         deadline = time.monotonic() + 30
         while _job_states(state).get("running", 0) == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
+        health = []  # the server is busy with jobs: /health still answers at once
+        for _ in range(9):
+            t0 = time.perf_counter()
+            assert http(url, "GET", "/health")[0] == 200
+            health.append(time.perf_counter() - t0)
+        assert sorted(health)[4] < 0.1, health
         server.process.send_signal(signal.SIGKILL)
         server.process.wait(timeout=10)
     finally:
