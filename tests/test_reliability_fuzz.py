@@ -37,7 +37,7 @@ def test_fuzz_openapi(tmp_path):
              "--checks", "all", "--exclude-checks", "not_a_server_error,positive_data_acceptance",
              "--max-examples", "20", "--seed", "3", "--no-shrink", "--workers", "1",
              "--header", f"Authorization: Bearer {ADMIN_KEY}", "--request-timeout", "30"],
-            cwd=TESTS, env={**os.environ, "SCHEMATHESIS_HOOKS": "fuzz_hooks", "PYTHONPATH": str(TESTS)},
+            cwd=tmp_path, env={**os.environ, "SCHEMATHESIS_HOOKS": "fuzz_hooks", "PYTHONPATH": str(TESTS)},
             capture_output=True, text=True, timeout=170)
     finally:
         server.stop()

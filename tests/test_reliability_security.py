@@ -178,6 +178,9 @@ def test_request_limits(env, monkeypatch):
                  400, "INVALID_INPUT_DATA")
     assert_error(api.post("/api/v1/sessions", {"user_id": too_long, "model_id": "mlp-small"}),
                  400, "INVALID_INPUT_DATA")
+    for query in ("interval=", "interval=0", "interval=1.5", "start_time=", "start_time=yesterday"):
+        response = api.client.simulate_get("/api/v1/metrics/history", query_string=query)
+        assert_error(response, 400, "INVALID_INPUT_DATA")
     one = {"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]]}
     assert_error(api.post("/api/v1/inference/batch", {"requests": [one] * 257}), 400, "INVALID_INPUT_DATA")
     assert_ok(api.post("/api/v1/inference/batch", {"requests": [one] * 256}))
