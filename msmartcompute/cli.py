@@ -5,13 +5,19 @@ import argparse
 import ipaddress
 import json
 import logging
+import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 from .config import load_config
 
 log = logging.getLogger("msmartcompute")
+
+# SIGTERM/SIGINT: stop accepting, let in-flight requests finish for at most this long, then stop.
+DRAIN_TIMEOUT_S = 30.0
 
 
 def _is_loopback(host: str) -> bool:
@@ -69,11 +75,69 @@ def serve(args: argparse.Namespace) -> int:
         rate_limit=RateLimitConfig(config.rate_limit_per_minute, config.rate_limit_burst,
                                    config.rate_limit_enabled)))
     log.info("serving on http://%s:%d (state dir %s)", config.host, config.port, Path(config.state_dir).resolve())
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     try:
-        waitress.serve(app, host=config.host, port=config.port, threads=config.threads, ident="msmartcompute",
-                       max_request_body_size=config.max_body_bytes, clear_untrusted_proxy_headers=True)
+        server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
+                                        ident="msmartcompute", max_request_body_size=config.max_body_bytes,
+                                        clear_untrusted_proxy_headers=True)
+        _serve_until(server, stopping)
+        log.info("stopping: no new connections; draining in-flight requests (at most %.0f s)", DRAIN_TIMEOUT_S)
+        drained = _drain(server, DRAIN_TIMEOUT_S)
+        if not drained:
+            log.warning("drain timed out after %.0f s: closing the remaining connections", DRAIN_TIMEOUT_S)
     finally:
-        runtime.close()
+        runtime.close()  # workers stop; queued/cut-short async jobs stay queued in the store
+    log.info("stopped")
+    return 0
+
+
+def _server_map(server) -> dict:
+    return server._map if hasattr(server, "_map") else server.map  # one socket / several (MultiSocketServer)
+
+
+def _serve_until(server, stopping: threading.Event) -> None:
+    """waitress's own loop, in short turns so a signal is noticed within 0.2 s."""
+    from waitress import wasyncore
+
+    smap = _server_map(server)
+    use_poll = server.adj.asyncore_use_poll
+    while not stopping.is_set():
+        wasyncore.loop(timeout=0.2, map=smap, use_poll=use_poll, count=1)
+
+
+def _drain(server, timeout_s: float) -> bool:
+    """Close the listening sockets, keep the loop turning until no channel has a request being
+    read, queued, served or written out (or timeout_s passes), then close everything.
+    Returns whether every in-flight request finished."""
+    from waitress import wasyncore
+    from waitress.channel import HTTPChannel
+    from waitress.server import BaseWSGIServer
+
+    smap = _server_map(server)
+    for listener in [d for d in list(smap.values()) if isinstance(d, BaseWSGIServer)]:
+        wasyncore.dispatcher.close(listener)  # refuse new connections; the trigger stays
+
+    def busy() -> bool:
+        return any(isinstance(ch, HTTPChannel) and (ch.requests or ch.request is not None or ch.total_outbufs_len)
+                   for ch in list(smap.values()))
+
+    deadline = time.monotonic() + timeout_s
+    while busy() and time.monotonic() < deadline:
+        wasyncore.loop(timeout=0.05, map=smap, use_poll=server.adj.asyncore_use_poll, count=1)
+    drained = not busy()
+    dispatcher = getattr(server, "task_dispatcher", None)
+    if dispatcher is not None:
+        dispatcher.shutdown(cancel_pending=True, timeout=5)
+    wasyncore.close_all(smap)
+    return drained
+
+
     return 0
 
 

@@ -16,7 +16,9 @@ def free_port() -> int:
 class LiveServer:
     """A real `msmartcompute serve` process on a free loopback port."""
 
-    def __init__(self, state_dir, extra_args=(), env=None):
+    def __init__(self, state_dir, extra_args=(), env=None, log_file=None):
+        """log_file: a path for the server's output; by default it goes to a pipe that is
+        read after stop() (a chatty server can fill that pipe and block while running)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.state_dir = state_dir
@@ -25,11 +27,12 @@ class LiveServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "msmartcompute.cli", "serve", "--host", "127.0.0.1",
              "--port", str(self.port), "--state-dir", str(state_dir), *extra_args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            stdout=open(log_file, "wb") if log_file else subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.process.stdout.read().decode()}")
+                output = open(log_file).read() if log_file else self.process.stdout.read().decode()
+                raise RuntimeError(f"server exited early:\n{output}")
             try:
                 with urllib.request.urlopen(self.base_url + "/health", timeout=1):
                     return

@@ -61,6 +61,7 @@ def create_app(runtime: Runtime, config: ApiConfig | None = None) -> falcon.App:
     app.req_options.media_handlers.update({falcon.MEDIA_JSON: _JSON})
     app.resp_options.media_handlers.update({falcon.MEDIA_JSON: _JSON})
     app.req_options.strip_url_path_trailing_slash = True
+    app.req_options.keep_blank_qs_values = True  # `?interval=` is a bad value (400), not an absent one
     errors.install(app)
 
     health = HealthResource(runtime)

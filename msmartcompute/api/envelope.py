@@ -10,13 +10,11 @@ def utc_now_iso() -> str:
 
 
 def ok(fields: dict) -> dict:
-    """A success body: the endpoint's fields plus success, error and timestamp.
-
-    `error` is null unless the request succeeded in reading something that failed:
-    GET /inference/{id} of a failed job carries the job's {code, message} there."""
+    """A success body: the endpoint's fields plus success, error (None unless the fields hold
+    one: GET /inference/{id} of a failed job) and timestamp."""
     body = {"success": True}
     body.update(fields)
-    body.setdefault("error", None)
+    body.setdefault("error", None)  # a failed async job's result carries its {code, message} here
     body.setdefault("timestamp", utc_now_iso())
     return body
 

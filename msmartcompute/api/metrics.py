@@ -37,7 +37,7 @@ class MetricsHistoryResource:
     def on_get(self, req, resp):
         start = _parse_time(req.get_param("start_time"), "start_time")
         end = _parse_time(req.get_param("end_time"), "end_time")
-        raw_interval = req.get_param("interval") or "60"
+        raw_interval = req.get_param("interval", default="60")  # blank is kept (app.py) and refused
         if not raw_interval.isdigit() or not 1 <= int(raw_interval) <= 86400:
             raise InvalidInputData("query.interval must be an integer number of seconds in 1..86400",
                                    {"field": "query.interval", "value": raw_interval})

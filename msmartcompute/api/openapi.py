@@ -99,18 +99,26 @@ _QUERY = {
 
 
 def _openapi_schema(schema: dict) -> dict:
-    """Our schema subset is JSON Schema; OpenAPI 3.0 wants exclusiveMinimum as a flag."""
+    """Our schema subset is JSON Schema; OpenAPI 3.0 wants exclusiveMinimum as a flag.
+    An optional property may be null (schemas.validate reads null as absent)."""
     out = {}
+    required = set(schema.get("required", ()))
     for key, value in schema.items():
         if key == "exclusiveMinimum":
             out["minimum"], out["exclusiveMinimum"] = value, True
         elif key == "properties":
-            out[key] = {name: _openapi_schema(sub) for name, sub in value.items()}
+            out[key] = {name: _openapi_schema(sub) if name in required else _nullable(_openapi_schema(sub))
+                        for name, sub in value.items()}
         elif key == "items":
             out[key] = _openapi_schema(value)
         else:
             out[key] = value
     return out
+
+
+def _nullable(schema: dict) -> dict:
+    # OpenAPI 3.0.3: with an enum, null is allowed only when the enum lists it
+    return {**schema, "nullable": True, **({"enum": [*schema["enum"], None]} if "enum" in schema else {})}
 
 
 def _envelope(fields: dict) -> dict:

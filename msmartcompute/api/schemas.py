@@ -49,6 +49,8 @@ INFERENCE_OPTIONS = {
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
+                    "description": "seconds before REQUEST_TIMEOUT (default from the server config)"},
     },
 }
 
@@ -63,7 +65,7 @@ INFERENCE = {
         "data_type": {"type": "string", "enum": ["float32", "float16", "bfloat16", "int64", "int32"]},
         "session_id": {"type": "string", "minLength": 1, "maxLength": 2 * MAX_ID_LENGTH},
         "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
-                    "description": "seconds before REQUEST_TIMEOUT (default from the server config)"},
+                    "description": "same as options.timeout (kept for clients that send it here)"},
         "options": INFERENCE_OPTIONS,
     },
 }
@@ -202,7 +204,7 @@ def validate(schema: dict, value, path: str = "body") -> None:
                 validate(items, item, f"{path}[{i}]")
     elif kind == "object":
         for name in schema.get("required", []):
-            if name not in value:
+            if name not in value or value[name] is None:  # null reads as absent
                 _fail(f"{path}.{name}", "is required", None)
         for name, sub in schema.get("properties", {}).items():
             if name in value and value[name] is not None and name != "input_data":
@@ -230,6 +232,8 @@ def as_matrix(value, path: str = "body.input_data") -> np.ndarray:
     if array.size > MAX_ELEMENTS:
         _fail(path, f"has {array.size} elements, more than the limit of {MAX_ELEMENTS}", None)
     if array.dtype.kind in "iu":
+        if array.dtype.kind == "u" and array.max() > np.iinfo(np.int64).max:  # would wrap around
+            _fail(path, "holds an integer beyond the int64 range", None)
         return array.astype(np.int64, copy=False)
     if array.dtype.kind == "f":
         with np.errstate(over="ignore"):  # overflow becomes inf, refused just below

@@ -4,16 +4,10 @@ torchscript: torch.jit.load of a TorchScript archive. exported: torch.export.loa
 .pt2 ExportedProgram. Float rows in ([rows, width], float32), rows out (the program's
 output flattened to [rows, -1]). The program decides its own precision and weights, so
 enable_quantization / enable_mixed_precision are refused rather than ignored; an exported
-program whose batch dimension is static runs each request on its own.
-
-Loading a .pt2 never unpickles arbitrary objects: torch.export.load falls back to
-torch.load(weights_only=False) for some payloads and to pickle.loads for "opaque"
-constants, so archives with opaque constants are refused and the load runs with
-TORCH_FORCE_WEIGHTS_ONLY_LOAD set (under a lock: the variable is process-wide)."""
+program whose batch dimension is static runs each request on its own."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pickle
 import threading
@@ -26,13 +20,15 @@ from .base import Output, Prepared, ServedModel, float_rows, to_numpy
 from .spec import flag, tensor_cores
 
 
-_FORCE_WEIGHTS_ONLY = threading.Lock()
+_force_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def _weights_only_loads():
-    """Every torch.load inside runs with weights_only=True, whatever its call site asks."""
-    with _FORCE_WEIGHTS_ONLY:
+def _weights_only_everywhere():
+    """torch.export.load unpickles parts of a .pt2 with weights_only=False (pickled weights,
+    sample inputs, a fallback in its deserializer): a crafted archive would run code. Torch's
+    own switch makes every torch.load in the block weights-only."""
+    with _force_lock:
         before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
         os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
         try:
@@ -44,20 +40,16 @@ def _weights_only_loads():
                 os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
-def _refuse_opaque_constants(path: str) -> None:
-    """Opaque constants in a .pt2 are read with pickle.loads: refuse the archive."""
-    from torch.export.pt2_archive.constants import OPAQUE_OBJ_FILENAME_PREFIX
-
-    if not zipfile.is_zipfile(path):
-        return  # torch.export.load gives the error
-    with zipfile.ZipFile(path) as archive:
-        for name in archive.namelist():
-            if name.endswith("_constants_config.json"):
-                config = json.loads(archive.read(name)).get("config", {})
-                for fqn, entry in config.items():
-                    if str(entry.get("path_name", "")).startswith(OPAQUE_OBJ_FILENAME_PREFIX):
-                        raise ValueError(f"model_path {path!r} was refused: constant {fqn!r} is a pickled "
-                                         "Python object, and programs may only hold tensors")
+def _refuse_plain_pickles(path: str) -> None:
+    """A .pt2 may hold 'opaque objects', read with a plain pickle.loads: refused unread."""
+    try:
+        names = zipfile.ZipFile(path).namelist()
+    except (zipfile.BadZipFile, OSError):
+        return  # not an archive: torch.export.load refuses it with its own message
+    bad = [n for n in names if "/opaque_obj_" in n or n.startswith("opaque_obj_")]
+    if bad:
+        raise ValueError(f"model_path {path!r} was refused: it holds pickled Python objects ({bad[0]}); "
+                         "only tensors and graph code are accepted in an exported program")
 
 
 def _load(kind: str, path: str, device: torch.device):
@@ -66,17 +58,17 @@ def _load(kind: str, path: str, device: torch.device):
             with warnings.catch_warnings():  # TorchScript is deprecated upstream; still served
                 warnings.simplefilter("ignore", FutureWarning)
                 return torch.jit.load(path, map_location=device), None
-        _refuse_opaque_constants(path)
-        with _weights_only_loads():
+        _refuse_plain_pickles(path)
+        with _weights_only_everywhere():
             program = torch.export.load(path)
         return program.module().to(device), program
     except ValueError:
         raise
+    except FileNotFoundError:
+        raise ValueError(f"model_path {path!r} does not exist") from None
     except pickle.UnpicklingError as exc:  # weights_only refused a payload
         raise ValueError(f"model_path {path!r} was refused: it holds pickled Python objects, and "
                          f"programs may only hold tensors ({str(exc).splitlines()[0]})") from None
-    except FileNotFoundError:
-        raise ValueError(f"model_path {path!r} does not exist") from None
     except Exception as exc:
         raise ValueError(f"model_path {path!r} could not be loaded as a {kind} program: "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -137,6 +129,8 @@ class ProgramModel(ServedModel):
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as exc:  # the program rejected this input (shape, dtype, ...)
+            if "can't allocate memory" in str(exc):  # the host allocator failed: out of memory, not bad input
+                raise MemoryError(str(exc).splitlines()[-1]) from None
             raise ValueError(f"the {self.model_type} program failed on input of shape {tuple(x.shape)}: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         if isinstance(y, (tuple, list)) and len(y) == 1:

@@ -1,16 +1,16 @@
 """Dynamic batching: per-model queues served by one worker per vGPU (or per device pool).
 
 A worker picks a model whose queue is ready (max_batch_size requests waiting, or the oldest
-has waited max_queue_delay_ms; 0 ms = batching off: one request per run, no wait), choosing
+has waited max_queue_delay_ms; 0 ms = batching off: every request is ready at once), choosing
 among ready models by the vGPU's scheduling policy (`choose_queue`). It takes up to
 max_batch_size requests, groups those with equal Prepared.batch_key (order kept), and calls
 ServedModel.run() once per group inside the device's time slot (vgpu.DeviceScheduler). If a
 grouped run raises, the group's requests are run one by one so only the faulty one fails.
 
 Errors a run raises map to: torch.OutOfMemoryError / MemoryError / the CPU allocator's
-"can't allocate memory" RuntimeError -> INSUFFICIENT_MEMORY,
-ValueError -> INVALID_INPUT_DATA, anything else -> INTERNAL_ERROR; each fails its request
-alone. A full queue (RuntimeConfig.max_queue_size) refuses at once with QUEUE_FULL; a request
+"can't allocate memory" -> INSUFFICIENT_MEMORY, ValueError -> INVALID_INPUT_DATA, anything else
+-> INTERNAL_ERROR whose message is the exception's last line only (a TorchScript error carries
+the program's traceback: it goes to the log, never to the client); each fails its request alone. A full queue (RuntimeConfig.max_queue_size) refuses at once with QUEUE_FULL; a request
 not done by its deadline fails with REQUEST_TIMEOUT (its slot in the queue is skipped).
 """
 from __future__ import annotations
@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import (InsufficientMemory, InternalError, InvalidInputData, InvalidModelId, MSCError, QueueFull,
-                     RequestTimeout)
+from .errors import InsufficientMemory, InternalError, InvalidInputData, MSCError, QueueFull, RequestTimeout
 from .vgpu import DeviceScheduler
 
 log = logging.getLogger("msmartcompute.runtime.batching")
@@ -49,15 +48,26 @@ class Result:
     memory_used: int                  # bytes, see engine.infer
 
 
+def _last_line(exc: BaseException, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:limit]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    # On the host torch raises a plain RuntimeError when an allocation fails.
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 def map_run_error(exc: BaseException) -> MSCError:
     if isinstance(exc, MSCError):
         return exc
-    host_oom = isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # CPU allocator
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or host_oom:
-        return InsufficientMemory(f"out of memory while running: {exc}".strip(), {"during": "inference"})
+    if is_out_of_memory(exc):
+        return InsufficientMemory(f"out of memory while running: {_last_line(exc)}", {"during": "inference"})
     if isinstance(exc, ValueError):
         return InvalidInputData(str(exc))
-    return InternalError(f"inference failed: {type(exc).__name__}: {exc}")
+    log.warning("inference failed: %s", exc)  # the full text (a program's traceback) stays in the log
+    return InternalError(f"inference failed: {type(exc).__name__}: {_last_line(exc)}")
 
 
 class ModelQueue:
@@ -71,9 +81,6 @@ class ModelQueue:
         self.priority = priority
         self.items: collections.deque[Pending] = collections.deque()
         self.device_time_s = 0.0      # fair_share: measured run() seconds on this worker
-        # Held around every run() and by Registry.swap: a run sees the model's old weights or its
-        # new ones (training, optimize), never a mix, and module and dtype change together.
-        self.run_lock = threading.Lock()
 
     def prune(self) -> None:
         """Drop abandoned heads; fail expired ones with REQUEST_TIMEOUT."""
@@ -92,9 +99,9 @@ class ModelQueue:
             return 0.0
         return self.items[0].enqueued_at + delay_s
 
-    def take(self, limit: int) -> list[Pending]:
+    def take(self) -> list[Pending]:
         batch = []
-        while self.items and len(batch) < limit:
+        while self.items and len(batch) < self.max_batch_size:
             p = self.items.popleft()
             if p.abandoned:
                 continue
@@ -213,7 +220,7 @@ class Executor:
                 if ready:
                     q = choose_queue(self.policy, ready, self._last_served)
                     self._last_served = q.model_id
-                    batch = q.take(q.max_batch_size if self.max_queue_delay_s > 0 else 1)
+                    batch = q.take()
                     if batch:
                         return q, batch
                     continue
@@ -227,18 +234,12 @@ class Executor:
                 return
             try:
                 self._serve(*item)
-            except Exception as exc:  # never let the worker die; answer whoever is still waiting
+            except BaseException:  # never let the worker die; each request is already answered
                 log.exception("worker %s: unexpected failure", self.name)
-                for p in item[1]:
-                    _fail(p, exc)
             del item  # drop references to the model and tensors before waiting again
 
     def _serve(self, queue: ModelQueue, batch: list[Pending]) -> None:
         model = queue.model
-        if model is None:  # unloaded between take() and now
-            for p in batch:
-                _fail(p, InvalidModelId(f"model {queue.model_id!r} was unloaded", {"model_id": queue.model_id}))
-            return
         groups: dict[tuple, list[Pending]] = {}
         for p in batch:
             groups.setdefault(p.prepared.batch_key, []).append(p)
@@ -267,7 +268,7 @@ class Executor:
                 torch.cuda.reset_peak_memory_stats(cuda)
                 base = torch.cuda.memory_allocated(cuda)
             t0 = time.perf_counter()
-            with torch.inference_mode(), queue.run_lock:
+            with torch.inference_mode():
                 outputs = model.run([p.prepared for p in group])
             if cuda is not None:
                 torch.cuda.synchronize(cuda)

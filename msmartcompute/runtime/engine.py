@@ -24,7 +24,7 @@ from .caller import Caller
 from .errors import InsufficientMemory, InternalError, InvalidInputData, MSCError, NotFound, RequestTimeout
 from .jobs import JobRunner, error_dict
 from .metrics import Metrics
-from .registry import Registry
+from .registry import Registry, map_large_blocks
 from .resources import Allocations
 from .sessions import Sessions
 from .store import Store
@@ -83,6 +83,7 @@ class Runtime:
             if self._state != "new":
                 return
             self._state = "started"
+        map_large_blocks()  # unloaded models give their host memory back (registry.py)
         for what, restore in (("virtual GPUs", self.vgpus.restore), ("allocations", self.allocations.restore)):
             try:
                 restore()
@@ -190,7 +191,8 @@ class Runtime:
             prepared = model.prepare(request["input_data"], request.get("options") or {})
         except ValueError as exc:
             raise InvalidInputData(str(exc), {"field": "input_data"}) from None
-        timeout = request.get("timeout", self.config.request_timeout_s)
+        # options.timeout is the documented field; a top-level "timeout" is accepted too
+        timeout = (request.get("options") or {}).get("timeout", request.get("timeout", self.config.request_timeout_s))
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidInputData("timeout must be a positive number of seconds", {"field": "timeout"})
         pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout))

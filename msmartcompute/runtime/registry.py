@@ -1,7 +1,8 @@
 """Loaded models: where each lives (device, vGPU), the memory it holds, its batch queue.
 
 load: model_path must resolve (realpath, symlinks followed) under one of
-RuntimeConfig.model_roots (a relative path is taken from the first root); the model is built
+RuntimeConfig.model_roots (a relative path is taken from the first root; a `..` component is
+refused outright); the model is built
 on its vGPU's device, or on the least-loaded device; its memory is measured (CUDA: the
 allocator's growth across the build, at least tensor_bytes(); host: ServedModel.tensor_bytes()) and reserved in the
 capacity ledger, which refuses it with INSUFFICIENT_MEMORY when it does not fit.
@@ -62,6 +63,22 @@ class LoadedModel:
                 "virtual_gpu_id": self.vgpu_id, "device": str(self.model.device)}
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def map_large_blocks() -> None:
+    """Serve every host block of 1 MiB or more (weights, activations) with its own mmap, so
+    freeing it gives it straight back to the OS. glibc's default threshold adapts upward after
+    the first large free, after which freed weights stay in per-thread heaps: measured, a
+    25 MB model loaded and unloaded 50 times from waitress' threads left ~90 MB more resident
+    (a plateau, not a leak); with the threshold pinned it stays flat."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def release_memory() -> None:
     """Give freed memory back: collect cycles, empty the CUDA cache, trim glibc's heap."""
     gc.collect()
@@ -120,13 +137,20 @@ class Registry:
         if not self.model_roots:
             raise InvalidInputData("model_path is not allowed: no model root is configured")
         path = Path(model_path)
+        if ".." in path.parts:  # refused outright, wherever it would lead
+            raise InvalidInputData(f"model_path {model_path!r} may not contain '..'", {"field": "model_path"})
         if not path.is_absolute():
             path = self.model_roots[0] / path
-        real = Path(os.path.realpath(path))
-        if not any(real == root or root in real.parents for root in self.model_roots):
-            raise InvalidInputData(f"model_path {model_path!r} is outside the model roots",
-                                   {"field": "model_path", "model_roots": [str(r) for r in self.model_roots]})
-        if not real.is_file():
+        try:
+            real = Path(os.path.realpath(path))
+            if not any(real == root or root in real.parents for root in self.model_roots):
+                raise InvalidInputData(f"model_path {model_path!r} is outside the model roots",
+                                       {"field": "model_path", "model_roots": [str(r) for r in self.model_roots]})
+            is_file = real.is_file()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte, ...
+            raise InvalidInputData(f"model_path is not a usable path: {exc.__class__.__name__}: "
+                                   f"{getattr(exc, 'strerror', None) or exc}"[:300], {"field": "model_path"}) from None
+        if not is_file:
             raise InvalidInputData(f"model_path {model_path!r} is not a file", {"field": "model_path"})
         return str(real)
 
