@@ -81,6 +81,9 @@ class ModelQueue:
         self.priority = priority
         self.items: collections.deque[Pending] = collections.deque()
         self.device_time_s = 0.0      # fair_share: measured run() seconds on this worker
+        # Held around every run() and by Registry.swap: a run sees the model's old weights or its
+        # new ones (training, optimize), never a mix, and module and dtype change together.
+        self.run_lock = threading.Lock()
 
     def prune(self) -> None:
         """Drop abandoned heads; fail expired ones with REQUEST_TIMEOUT."""
@@ -268,7 +271,7 @@ class Executor:
                 torch.cuda.reset_peak_memory_stats(cuda)
                 base = torch.cuda.memory_allocated(cuda)
             t0 = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), queue.run_lock:
                 outputs = model.run([p.prepared for p in group])
             if cuda is not None:
                 torch.cuda.synchronize(cuda)
