@@ -1,4 +1,4 @@
-"""Command line: `msmartcompute serve | keys ...`."""
+"""Command line: `msmartcompute serve | keys ... | bench <suite>`."""
 from __future__ import annotations
 
 import argparse
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = ksub.add_parser("revoke", help="revoke a key by id")
     r.add_argument("key_id")
     k.set_defaults(func=keys_command)
+
+    from .bench import add_parser as add_bench_parser
+    add_bench_parser(sub)
     return parser
 
 

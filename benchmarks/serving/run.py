@@ -124,10 +124,12 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def table(runs: list[dict], goals: list[dict]) -> str:
-    lines = [f"{'case':<9} {'target':<13} {'c':>3} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"]
+    lines = [f"{'case':<9} {'target':<13} {'c':>3} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+             f"{'cpu ms/req':>10} {'errors':>6}"]
     for r in runs:
         lines.append(f"{r['case']:<9} {r['target']:<13} {r['concurrency']:>3} {r['requests_per_s']:>9.1f} "
-                     f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6}")
+                     f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['server_cpu_ms_per_request']:>10.3f} "
+                     f"{r['errors']:>6}")
     lines.append("")
     for g in goals:
         if "median" in g:
@@ -166,14 +168,21 @@ def main(argv=None) -> int:
                 inputs = rng.standard_normal((64, models.MODELS[name][0])).astype(np.float32)
                 with torch.inference_mode():
                     expected = module(torch.from_numpy(inputs)).numpy()
+                total, step = args.rounds * len(concs) * len(tgts), 0
                 for rnd in range(args.rounds):
                     for c in concs:
-                        for t in tgts:
+                        for t, proc in zip(tgts, procs):
+                            cpu0 = targets.session_cpu_s(proc.process.pid)
                             res = run_load(t, inputs, expected, c, args.requests, args.seconds, warmup=3)
-                            row = {"case": case, "model": name, "round": rnd, **res.to_dict()}
+                            cpu = targets.session_cpu_s(proc.process.pid) - cpu0
+                            row = {"case": case, "model": name, "round": rnd, **res.to_dict(),
+                                   "server_cpu_ms_per_request": 1000 * cpu / max(1, res.requests)}
                             runs.append(row)
-                            progress(f"[{case}] round {rnd} c={c:<3} {t.name:<13} {res.requests_per_s:8.1f} req/s "
-                                     f"p50 {res.p50_ms:7.2f} ms p99 {res.p99_ms:7.2f} ms errors {res.errors}"
+                            step += 1
+                            bar = "#" * (20 * step // total)
+                            progress(f"[{bar:<20}] {step}/{total} {case} round {rnd} c={c:<3} {t.name:<13} {res.requests_per_s:8.1f} req/s "
+                                     f"p50 {res.p50_ms:7.2f} ms p99 {res.p99_ms:7.2f} ms "
+                                     f"cpu {row['server_cpu_ms_per_request']:.2f} ms/req errors {res.errors}"
                                      + (f" ({res.first_error})" if res.first_error else ""))
             finally:
                 for proc in procs:

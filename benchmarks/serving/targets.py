@@ -44,6 +44,24 @@ def _wait_http(process: subprocess.Popen, url: str, timeout_s: float, log: Path)
     raise RuntimeError(f"server did not answer {url} within {timeout_s:.0f} s")
 
 
+def session_cpu_s(sid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of session `sid` (Linux):
+    a server's own cost per request, which other load on the machine does not inflate."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:       # field 6 (session), counted after the ")" of the name
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 class Process:
     """A server process in its own session (so stop() ends it and anything it started)."""
 

@@ -177,7 +177,7 @@ class Runtime:
         return self.registry.unload(model_id, caller)
 
     # ---- inference ------------------------------------------------------------------------------
-    def _enqueue(self, request: dict, request_id: str) -> tuple[Executor, Pending]:
+    def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False) -> tuple[Executor, Pending]:
         entry = self.registry.entry(request.get("model_id"))
         model, executor = entry.model, entry.executor
         if "input_data" not in request:
@@ -190,7 +190,9 @@ class Runtime:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidInputData("timeout must be a positive number of seconds", {"field": "timeout"})
         pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout))
-        executor.submit(entry.model_id, pending)
+        queue = executor.submit(entry.model_id, pending, may_run_inline)
+        if queue is not None:  # the executor was idle: run it on this thread (see batching.py)
+            executor.run_inline(queue, pending)
         return executor, pending
 
     def _wait(self, executor: Executor, pending: Pending) -> Result:
@@ -218,7 +220,7 @@ class Runtime:
     def _infer(self, request: dict, request_id: str) -> dict:
         t0 = time.perf_counter()
         try:
-            executor, pending = self._enqueue(request, request_id)
+            executor, pending = self._enqueue(request, request_id, may_run_inline=True)
         except MSCError:
             self.metrics_.record_inference(False, time.perf_counter() - t0)
             raise
