@@ -8,6 +8,8 @@ differ from it only in that parameter.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import sys
@@ -65,8 +67,12 @@ def run_pytest_suite(suite: str, json_path: Path) -> tuple[int, Progress]:
         raise SystemExit(f"no benchmark files for suite {suite!r} in {BENCH_DIR}")
     progress = Progress()
     sys.path.insert(0, str(REPO))
-    rc = pytest.main([*files, "-q", "-p", "no:terminal", "-p", "no:cacheprovider", "--benchmark-only",
-                      f"--benchmark-json={json_path}", "--rootdir", str(REPO)], plugins=[progress])
+    log = io.StringIO()  # pytest's own report, shown only when something failed
+    with contextlib.redirect_stdout(log):
+        rc = pytest.main([*files, "-p", "no:cacheprovider", "--benchmark-only", f"--benchmark-json={json_path}",
+                          "--rootdir", str(REPO)], plugins=[progress])
+    if rc not in (0, 5):
+        print(log.getvalue()[-6000:], file=sys.stderr)
     return int(rc), progress
 
 

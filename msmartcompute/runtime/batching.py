@@ -179,13 +179,20 @@ class Executor:
                                 {"model_id": model_id, "max_queue_size": q.max_queue_size})
             q.items.append(pending)
             self.metrics.record_queue_depth(model_id, len(q.items))
-            self._cond.notify()
+            # Wake the worker only when this changes what it waits for: a first request (starts
+            # the delay), a full batch, or batching off. Otherwise it is already timed to the
+            # oldest request, and a wake-up per request costs a GIL hand-off each.
+            if len(q.items) == 1 or len(q.items) >= q.max_batch_size or self.max_queue_delay_s <= 0:
+                self._cond.notify()
             return None
 
     def run_inline(self, queue: ModelQueue, pending: Pending) -> None:
         """Serve one request on the calling thread (after submit() returned its queue)."""
         try:
             self._serve(queue, [pending])
+            item = self._take_queued()
+            if item is not None:  # queued while this ran: serve them here, sparing a worker wake-up
+                self._serve(*item)
         finally:
             with self._cond:
                 self._busy = False
@@ -213,6 +220,17 @@ class Executor:
             self._cond.notify_all()
         self._thread.join(timeout=10)
         self.scheduler.unregister(self.name)
+
+    def _take_queued(self):
+        """(queue, batch) of requests already waiting, without the batching delay, or None."""
+        with self._cond:
+            ready = [q for q in self.queues.values() if q.ready_at(0.0) is not None]
+            if not ready or self._stop:
+                return None
+            q = choose_queue(self.policy, ready, self._last_served)
+            self._last_served = q.model_id
+            batch = q.take(1 if self.max_queue_delay_s <= 0 else None)
+            return (q, batch) if batch else None
 
     # ---- worker -----------------------------------------------------------------------------
     def _next_batch(self):
