@@ -13,7 +13,8 @@ from torch import nn
 # name -> (input_size, hidden_sizes, output_size)
 MODELS = {
     "mlp_small": (256, [512, 512], 10),     # the serving-overhead case: forward is ~0.1 ms
-    "mlp_heavy": (256, [2048, 2048], 10),   # heavy enough that batching matters on a CPU
+    "mlp_heavy": (256, [2048, 2048], 10),   # one row ~0.8 ms on this CPU: below the HTTP cost
+    "mlp_xl": (256, [4096, 4096, 4096], 10),  # one row ~9 ms, 32 rows ~31 ms: batching matters
 }
 
 

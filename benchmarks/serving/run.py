@@ -5,15 +5,18 @@ off vs on, measured side by side in one run on this machine. Writes one JSON res
 
 Cases (each server is its own process on a loopback port, all started before measuring; for
 every round and concurrency the targets are measured one after the other, so a ratio is always
-taken between neighbouring measurements):
+taken between neighbouring measurements; the servers not under load are paused with SIGSTOP so
+their background work, TorchServe's JVM above all, takes no CPU from the one measured):
   overhead  mlp_small (256 -> 512 -> 512 -> 10): ours (auth + rate limits on) / bare / torchserve
-  batching  mlp_heavy (256 -> 2048 -> 2048 -> 10): ours with max_queue_delay_ms 0 (off) / on
+  batching  --batching-model (default mlp_xl, 256 -> 4096 x3 -> 10): ours with max_queue_delay_ms
+            0 (off) / on. mlp_heavy (hidden 2048) is too light here: see benchmarks/README.md
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -47,7 +50,7 @@ def machine_info(label: str) -> dict:
                 break
     except OSError:
         pass
-    return {"label": label, "cpu": cpu, "cores": __import__("os").cpu_count(), "arch": platform.machine(),
+    return {"label": label, "cpu": cpu, "cores": os.cpu_count(), "arch": platform.machine(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda
             if torch.cuda.is_available() else None}
@@ -60,7 +63,7 @@ def progress(msg: str) -> None:
 def start_case(case: str, work: Path, args) -> tuple[list, list, str]:
     """Start the servers of one case; returns (processes, targets, model name)."""
     procs, tgts = [], []
-    name = "mlp_small" if case == "overhead" else "mlp_heavy"
+    name = "mlp_small" if case == "overhead" else args.batching_model
     weights_dir = work / "weights"
     weights = models.write_weights(name, weights_dir)
     spec = models.load_spec(name, weights)
@@ -84,9 +87,10 @@ def start_case(case: str, work: Path, args) -> tuple[list, list, str]:
                 else:
                     add(targets.torchserve("torchserve", name, weights, work / "torchserve"))
         else:
-            add(targets.ours("batching_off", spec, work / "off", {**roots, "max_queue_delay_ms": 0}, args.threads))
+            add(targets.ours("batching_off", spec, work / "off", {**roots, "max_queue_delay_ms": 0},
+                             args.batching_threads))
             add(targets.ours("batching_on", spec, work / "on",
-                             {**roots, "max_queue_delay_ms": args.batch_delay_ms}, args.threads))
+                             {**roots, "max_queue_delay_ms": args.batch_delay_ms}, args.batching_threads))
     except BaseException:
         for p in procs:
             p.stop()
@@ -153,8 +157,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch-delay-ms", type=float, default=5.0)
     p.add_argument("--runtime", type=json.loads, default={}, help="extra [inference] settings for 'ours' (JSON)")
     p.add_argument("--skip", default="", help="comma list of targets to skip (torchserve)")
+    p.add_argument("--batching-model", default="mlp_xl", choices=list(models.MODELS))
+    p.add_argument("--batching-threads", type=int, default=48,
+                   help="waitress threads of both batching servers: a request holds its thread while it waits "
+                        "in the queue, so a batch can never hold more requests than there are threads")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for every server (ours, bare, TorchServe workers); default: torch's own")
     args = p.parse_args(argv)
     args.skip = set(filter(None, args.skip.split(",")))
+    if args.torch_threads:  # inherited by every server process started below
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)
     concs = [int(c) for c in args.concurrency.split(",")]
     runs: list[dict] = []
     rng = np.random.default_rng(0)
@@ -172,8 +184,12 @@ def main(argv=None) -> int:
                 for rnd in range(args.rounds):
                     for c in concs:
                         for t, proc in zip(tgts, procs):
+                            for other in procs:  # only the target under load runs
+                                other.pause(other is not proc)
+                            time.sleep(0.2)
                             cpu0 = targets.session_cpu_s(proc.process.pid)
-                            res = run_load(t, inputs, expected, c, args.requests, args.seconds, warmup=3)
+                            res = run_load(t, inputs, expected, c, args.requests, args.seconds, warmup=3,
+                                           atol=1e-3 * float(np.abs(expected).max()), rtol=1e-3)
                             cpu = targets.session_cpu_s(proc.process.pid) - cpu0
                             row = {"case": case, "model": name, "round": rnd, **res.to_dict(),
                                    "server_cpu_ms_per_request": 1000 * cpu / max(1, res.requests)}
@@ -186,6 +202,7 @@ def main(argv=None) -> int:
                                      + (f" ({res.first_error})" if res.first_error else ""))
             finally:
                 for proc in procs:
+                    proc.pause(False)
                     proc.stop()
     goals = summarise(runs)
     print(table(runs, goals))

@@ -77,8 +77,15 @@ class Process:
             self.stop()
             raise
 
+    def pause(self, paused: bool) -> None:
+        """Freeze (SIGSTOP) or resume the whole server while another target is measured, so an
+        idle server's background work does not take CPU from the one under load."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=20)

@@ -95,8 +95,14 @@ class TorchServe:
         self.stop()
         raise RuntimeError(f"torchserve not healthy within {timeout_s:.0f} s: see {self.workdir / 'torchserve.out'}")
 
+    def pause(self, paused: bool) -> None:
+        """SIGSTOP / SIGCONT the frontend and its workers (see targets.Process.pause)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)
             os.killpg(self.process.pid, signal.SIGTERM)  # its own session: the java frontend and its workers
             try:
                 self.process.wait(timeout=20)
