@@ -23,13 +23,13 @@ def header(data: dict) -> tuple[str, str, str, str]:
     """(machine, date, torch, cuda) of any of our result formats."""
     m = data.get("machine") if isinstance(data.get("machine"), dict) else {}
     info = data.get("machine_info") or {}
-    machine = (m.get("label") or data.get("card") or
+    machine = (m.get("label") or data.get("card") or info.get("label") or
                (info.get("cpu") or {}).get("brand_raw") or info.get("processor") or "?")
     if m.get("cpu") and m.get("label") and m["cpu"] not in m["label"]:
         machine = f"{m['label']} ({m['cpu']})"
     date = data.get("date") or data.get("when") or data.get("datetime") or "?"
     torch_v = data.get("torch") or m.get("torch") or ((data.get("machine_info") or {}).get("torch")) or "?"
-    cuda = data.get("cuda") or m.get("cuda") or "none"
+    cuda = data.get("cuda") or m.get("cuda") or info.get("cuda") or "none"
     return str(machine), str(date)[:19], str(torch_v), str(cuda)
 
 
