@@ -95,3 +95,15 @@ def test_a_key_revoked_elsewhere_stops_working_within_the_ttl(tmp_path):
     assert served.authenticate(key2) is not None
     assert served.revoke(key2.split("_")[1])
     assert served.authenticate(key2) is None  # revoked in this process: at once
+
+
+def test_a_request_run_inline_past_its_deadline_times_out(tmp_path):
+    rt = _runtime(tmp_path, 5)
+    try:
+        x = np.ones((1, 16), np.float32)
+        with pytest.raises(Exception) as info:
+            rt.infer({"model_id": "m", "input_data": x, "timeout": 1e-9})
+        assert getattr(info.value, "code", None) == "REQUEST_TIMEOUT"
+        assert rt.infer({"model_id": "m", "input_data": x})["output_data"]  # and it still serves
+    finally:
+        rt.close()

@@ -51,6 +51,7 @@ class Result:
     run_s: float                      # seconds of the run() call that served it
     batch_size: int                   # requests in that run() call
     memory_used: int                  # bytes, see engine.infer
+    done_at: float = field(default_factory=time.monotonic)  # past the deadline: REQUEST_TIMEOUT
 
 
 def map_run_error(exc: BaseException) -> MSCError:
