@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 8080)")
     p.add_argument("--state-dir", help="folder for the SQLite store and state (default ./var)")
     p.add_argument("--config", help="config file, JSON or TOML")
-    p.add_argument("--threads", type=int, help="waitress worker threads (default 32: a batch holds at most this many requests)")
+    p.add_argument("--threads", type=int,
+                   help="waitress worker threads (default 32: a batch holds at most this many requests)")
     p.set_defaults(func=serve)
 
     k = sub.add_parser("keys", help="manage API keys (stored hashed in the state dir)")

@@ -196,7 +196,8 @@ def main(argv=None) -> int:
                             runs.append(row)
                             step += 1
                             bar = "#" * (20 * step // total)
-                            progress(f"[{bar:<20}] {step}/{total} {case} round {rnd} c={c:<3} {t.name:<13} {res.requests_per_s:8.1f} req/s "
+                            progress(f"[{bar:<20}] {step}/{total} {case} round {rnd} c={c:<3} {t.name:<13} "
+                                     f"{res.requests_per_s:8.1f} req/s "
                                      f"p50 {res.p50_ms:7.2f} ms p99 {res.p99_ms:7.2f} ms "
                                      f"cpu {row['server_cpu_ms_per_request']:.2f} ms/req errors {res.errors}"
                                      + (f" ({res.first_error})" if res.first_error else ""))
