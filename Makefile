@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 DEPS_STAMP := $(VENV)/.deps-$(subst =,_,$(TORCH_SPEC))
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cpp kernels/*.cu kernels/*.cuh kernels/*.h) setup.py
 
-.PHONY: serve test build bench cmake-test clean
+.PHONY: serve test build bench bench-serving cmake-test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,9 +37,16 @@ serve: build
 test: build
 	$(PY) -m pytest -q tests benchmarks --benchmark-disable $(PYTEST_ARGS)
 
+# Every pytest-benchmark suite in benchmarks/ (kernels, runtime, http), JSON saved for
+# benchmarks/render_results.py; the load benchmark (servers under load, minutes) is bench-serving.
+BENCH_JSON ?= benchmarks/results/pytest-$(shell uname -m)-latest.json
 bench: build
 	mkdir -p benchmarks/results
-	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results/cpu-latest.json
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=$(BENCH_JSON)
+
+bench-serving: build
+	$(PY) -m benchmarks.serving.run --out benchmarks/results/serving-load-latest.json
+	$(PY) benchmarks/render_results.py
 
 cmake-test: $(DEPS_STAMP)
 	PY=$(abspath $(PY)) bash tests/cpp/run_cmake.sh

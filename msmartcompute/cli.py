@@ -1,4 +1,4 @@
-"""Command line: `msmartcompute serve | keys ... | train`."""
+"""Command line: `msmartcompute serve | keys ... | train | bench <suite>`."""
 from __future__ import annotations
 
 import argparse
@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 8080)")
     p.add_argument("--state-dir", help="folder for the SQLite store and state (default ./var)")
     p.add_argument("--config", help="config file, JSON or TOML")
-    p.add_argument("--threads", type=int, help="waitress worker threads (default 8)")
+    p.add_argument("--threads", type=int,
+                   help="waitress worker threads (default 32: a batch holds at most this many requests)")
     p.set_defaults(func=serve)
 
     k = sub.add_parser("keys", help="manage API keys (stored hashed in the state dir)")
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queue the job and show a progress bar until it ends")
     t.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait (default 3600)")
     t.set_defaults(func=train_command)
+    from .bench import add_parser as add_bench_parser
+    add_bench_parser(sub)
     return parser
 
 

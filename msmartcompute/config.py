@@ -19,7 +19,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     state_dir: Path = Path("var")
-    threads: int = 8
+    threads: int = 32      # >= the concurrency batching should serve: a queued request holds its thread
     log_level: str = "INFO"
     max_body_bytes: int = 64 * 1024 * 1024
     rate_limit_per_minute: int = 1000

@@ -58,7 +58,7 @@ class MLPModel(ServedModel):
             return self.module(x.to(self.device, self.dtype)).float()
 
     def run(self, batch: list[Prepared]) -> list[Output]:
-        y = self.forward(torch.cat([p.tensor for p in batch]))
+        y = self.forward(batch[0].tensor if len(batch) == 1 else torch.cat([p.tensor for p in batch]))
         outs, start = [], 0
         for p in batch:
             outs.append(Output(output_data=to_numpy(y[start:start + p.rows]), tokens_generated=0))

@@ -1,11 +1,17 @@
 """Dynamic batching: per-model queues served by one worker per vGPU (or per device pool).
 
 A worker picks a model whose queue is ready (max_batch_size requests waiting, or the oldest
-has waited max_queue_delay_ms; 0 ms = batching off: every request is ready at once), choosing
-among ready models by the vGPU's scheduling policy (`choose_queue`). It takes up to
-max_batch_size requests, groups those with equal Prepared.batch_key (order kept), and calls
+has waited max_queue_delay_ms), choosing among ready models by the vGPU's scheduling policy
+(`choose_queue`). It takes up to max_batch_size requests (one when max_queue_delay_ms is 0:
+batching off), groups those with equal Prepared.batch_key (order kept), and calls
 ServedModel.run() once per group inside the device's time slot (vgpu.DeviceScheduler). If a
 grouped run raises, the group's requests are run one by one so only the faulty one fails.
+
+Idle fast path: a single request (Runtime.infer) that finds its executor idle (nothing running,
+every queue empty) is run at once on the caller's thread, not handed to the worker and back.
+Two thread hand-offs per request were most of the serving overhead at low concurrency (measured,
+benchmarks/README.md); no batch could have formed anyway, since nothing else was waiting. Requests
+that arrive while it runs queue up and the worker batches them as usual.
 
 Errors a run raises map to: torch.OutOfMemoryError / MemoryError / the CPU allocator's
 "can't allocate memory" -> INSUFFICIENT_MEMORY, ValueError -> INVALID_INPUT_DATA, anything else
@@ -46,6 +52,7 @@ class Result:
     run_s: float                      # seconds of the run() call that served it
     batch_size: int                   # requests in that run() call
     memory_used: int                  # bytes, see engine.infer
+    done_at: float = field(default_factory=time.monotonic)  # past the deadline: REQUEST_TIMEOUT
 
 
 def _last_line(exc: BaseException, limit: int = 300) -> str:
@@ -102,9 +109,9 @@ class ModelQueue:
             return 0.0
         return self.items[0].enqueued_at + delay_s
 
-    def take(self) -> list[Pending]:
-        batch = []
-        while self.items and len(batch) < self.max_batch_size:
+    def take(self, limit: int | None = None) -> list[Pending]:
+        batch, limit = [], self.max_batch_size if limit is None else min(limit, self.max_batch_size)
+        while self.items and len(batch) < limit:
             p = self.items.popleft()
             if p.abandoned:
                 continue
@@ -151,6 +158,7 @@ class Executor:
         self.queues: dict[str, ModelQueue] = {}
         self._cond = threading.Condition()
         self._stop = False
+        self._busy = False            # a batch is running (on the worker or inline on a caller)
         self._last_served: str | None = None
         scheduler.register(name, compute_units)
         self._thread = threading.Thread(target=self._loop, name=f"msc-worker-{name}", daemon=True)
@@ -171,9 +179,16 @@ class Executor:
                         p.future.set_exception(reason)
                 q.model = None
 
-    def submit(self, model_id: str, pending: Pending) -> None:
+    def submit(self, model_id: str, pending: Pending, may_run_inline: bool = False) -> ModelQueue | None:
+        """Queue `pending` for the worker. With may_run_inline and an idle executor it is not
+        queued: the executor is marked busy and its queue returned, and the caller must then
+        call run_inline(queue, pending) at once."""
         with self._cond:
             q = self.queues[model_id]
+            if may_run_inline and not self._busy and not self._stop and not any(
+                    x.items for x in self.queues.values()):
+                self._busy = True
+                return q
             if len(q.items) >= q.max_queue_size:
                 q.prune()
             if len(q.items) >= q.max_queue_size:
@@ -181,7 +196,25 @@ class Executor:
                                 {"model_id": model_id, "max_queue_size": q.max_queue_size})
             q.items.append(pending)
             self.metrics.record_queue_depth(model_id, len(q.items))
-            self._cond.notify()
+            # Wake the worker only when this changes what it waits for: a first request (starts
+            # the delay), a full batch, or batching off. Otherwise it is already timed to the
+            # oldest request, and a wake-up per request costs a GIL hand-off each.
+            if len(q.items) == 1 or len(q.items) >= q.max_batch_size or self.max_queue_delay_s <= 0:
+                self._cond.notify()
+            return None
+
+    def run_inline(self, queue: ModelQueue, pending: Pending) -> None:
+        """Serve one request on the calling thread (after submit() returned its queue)."""
+        try:
+            self._serve(queue, [pending])
+            item = self._take_queued()
+            if item is not None:  # queued while this ran: serve them here, sparing a worker wake-up
+                self._serve(*item)
+        finally:
+            with self._cond:
+                self._busy = False
+                if any(q.items for q in self.queues.values()):  # requests that queued meanwhile;
+                    self._cond.notify()  # a needless wake-up costs the worker a GIL hand-off
 
     def abandon(self, pending: Pending) -> None:
         with self._cond:
@@ -205,11 +238,25 @@ class Executor:
         self._thread.join(timeout=10)
         self.scheduler.unregister(self.name)
 
+    def _take_queued(self):
+        """(queue, batch) of requests already waiting, without the batching delay, or None."""
+        with self._cond:
+            ready = [q for q in self.queues.values() if q.ready_at(0.0) is not None]
+            if not ready or self._stop:
+                return None
+            q = choose_queue(self.policy, ready, self._last_served)
+            self._last_served = q.model_id
+            batch = q.take(1 if self.max_queue_delay_s <= 0 else None)
+            return (q, batch) if batch else None
+
     # ---- worker -----------------------------------------------------------------------------
     def _next_batch(self):
         """Wait for a ready queue; returns (queue, batch) or None when stopping."""
         with self._cond:
             while not self._stop:
+                if self._busy:  # an inline run holds the device; it notifies when done
+                    self._cond.wait()
+                    continue
                 now = time.monotonic()
                 ready, wake = [], None
                 for q in self.queues.values():
@@ -223,8 +270,9 @@ class Executor:
                 if ready:
                     q = choose_queue(self.policy, ready, self._last_served)
                     self._last_served = q.model_id
-                    batch = q.take()
+                    batch = q.take(1 if self.max_queue_delay_s <= 0 else None)
                     if batch:
+                        self._busy = True
                         return q, batch
                     continue
                 self._cond.wait(None if wake is None else max(0.0, wake - now))
@@ -239,6 +287,9 @@ class Executor:
                 self._serve(*item)
             except BaseException:  # never let the worker die; each request is already answered
                 log.exception("worker %s: unexpected failure", self.name)
+            finally:
+                with self._cond:
+                    self._busy = False
             del item  # drop references to the model and tensors before waiting again
 
     def _serve(self, queue: ModelQueue, batch: list[Pending]) -> None:

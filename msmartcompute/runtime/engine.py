@@ -182,7 +182,7 @@ class Runtime:
         return self.registry.unload(model_id, caller)
 
     # ---- inference ------------------------------------------------------------------------------
-    def _enqueue(self, request: dict, request_id: str) -> tuple[Executor, Pending]:
+    def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False) -> tuple[Executor, Pending]:
         entry = self.registry.entry(request.get("model_id"))
         model, executor = entry.model, entry.executor
         if "input_data" not in request:
@@ -196,16 +196,21 @@ class Runtime:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidInputData("timeout must be a positive number of seconds", {"field": "timeout"})
         pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout))
-        executor.submit(entry.model_id, pending)
+        queue = executor.submit(entry.model_id, pending, may_run_inline)
+        if queue is not None:  # the executor was idle: run it on this thread (see batching.py)
+            executor.run_inline(queue, pending)
         return executor, pending
 
     def _wait(self, executor: Executor, pending: Pending) -> Result:
         try:
-            return pending.future.result(timeout=max(0.0, pending.deadline - time.monotonic()))
+            res = pending.future.result(timeout=max(0.0, pending.deadline - time.monotonic()))
         except FutureTimeout:
             executor.abandon(pending)
+            res = None
+        if res is None or res.done_at > pending.deadline:  # an inline run can end past it
             raise RequestTimeout(f"request {pending.request_id} did not complete in time",
                                  {"request_id": pending.request_id}) from None
+        return res
 
     def _finish(self, executor: Executor, pending: Pending, t0: float) -> dict:
         try:
@@ -224,7 +229,7 @@ class Runtime:
     def _infer(self, request: dict, request_id: str) -> dict:
         t0 = time.perf_counter()
         try:
-            executor, pending = self._enqueue(request, request_id)
+            executor, pending = self._enqueue(request, request_id, may_run_inline=True)
         except MSCError:
             self.meter.record_inference(False, time.perf_counter() - t0)
             raise

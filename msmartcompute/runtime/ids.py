@@ -8,7 +8,8 @@ from .store import Store
 
 
 def request_id(store: Store) -> str:
-    return f"req_{int(time.time())}_{store.next_counter('req')}"
+    # one store write per 1000 requests: a write per request was ~9% of the serving time
+    return f"req_{int(time.time())}_{store.next_in_block('req')}"
 
 
 def allocation_id(store: Store) -> str:

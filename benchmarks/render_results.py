@@ -1,0 +1,141 @@
+"""Render the committed result files (benchmarks/results/*.json) into the results section of
+benchmarks/README.md, between the marker comments. Each file names its machine or card, date
+and torch/CUDA versions; the renderer knows the load benchmark (serving-load), the served
+transformer (gpu-serving), the GPU kernel scripts ({"card", "results": [...]}) and
+pytest-benchmark JSON, and lists anything else by name.
+
+    python benchmarks/render_results.py [--check]   # --check: exit 1 if README.md is stale
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+README = HERE / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def header(data: dict) -> tuple[str, str, str, str]:
+    """(machine, date, torch, cuda) of any of our result formats."""
+    m = data.get("machine") if isinstance(data.get("machine"), dict) else {}
+    info = data.get("machine_info") or {}
+    machine = (m.get("label") or data.get("card") or info.get("label") or
+               (info.get("cpu") or {}).get("brand_raw") or info.get("processor") or "?")
+    if m.get("cpu") and m.get("label") and m["cpu"] not in m["label"]:
+        machine = f"{m['label']} ({m['cpu']})"
+    date = data.get("date") or data.get("when") or data.get("datetime") or "?"
+    torch_v = data.get("torch") or m.get("torch") or ((data.get("machine_info") or {}).get("torch")) or "?"
+    cuda = data.get("cuda") or m.get("cuda") or info.get("cuda") or "none"
+    return str(machine), str(date)[:19], str(torch_v), str(cuda)
+
+
+def fmt(v, digits=1) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def serving_load(data: dict) -> list[str]:
+    out = ["| case | target | c | req/s (median of rounds) | p50 ms | p99 ms | server CPU ms/req | errors |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in data["runs"]:
+        groups.setdefault((r["case"], r["target"], r["concurrency"]), []).append(r)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    for (case, target, c), rs in groups.items():
+        out.append(f"| {case} | {target} | {c} | {fmt(med([r['requests_per_s'] for r in rs]))} | "
+                   f"{fmt(med([r['p50_ms'] for r in rs]), 2)} | {fmt(med([r['p99_ms'] for r in rs]), 2)} | "
+                   f"{fmt(med([r.get('server_cpu_ms_per_request', float('nan')) for r in rs]), 3)} | "
+                   f"{sum(r['errors'] for r in rs)} |")
+    out += ["", "| goal | ratio (median) | rounds | target | met |", "|---|---:|---|---:|---|"]
+    for g in data.get("goals", []):
+        if "median" not in g:
+            continue
+        out.append(f"| {g['ours']} / {g['baseline']} at c={g['concurrency']}, {g['metric']} | {g['median']:.2f}x | "
+                   f"{', '.join(f'{x:.2f}' for x in g['ratios'])} | {g['goal']} | {'yes' if g['met'] else 'no'} |")
+    return out
+
+
+def gpu_serving(data: dict) -> list[str]:
+    out = ["| weights | concurrent requests | tokens/s | vs bf16 |", "|---|---:|---:|---:|"]
+    for r in data["rows"]:
+        out.append(f"| {r['variant']} | {r['batch']} | {fmt(r['tokens_per_s'])} | "
+                   f"{fmt(r.get('vs_bf16'), 2) + 'x' if r.get('vs_bf16') else '-'} |")
+    return out
+
+
+def kernel_rows(data: dict) -> list[str]:
+    rows = data["results"]
+    keys = [k for k in ("op", "impl", "name", "mode", "M", "K", "N", "batch", "seqlen", "head_dim", "causal")
+            if any(k in r for r in rows)]
+    rate = next((k for k in ("rate", "tflops", "tops", "gbps") if any(k in r for r in rows)), None)
+    out = ["| " + " | ".join(keys + [rate or "value", "unit"]) + " |", "|" + "---|" * (len(keys) + 2)]
+    for r in rows:
+        value = r.get(rate) if rate else None
+        unit = r.get("unit", "TFLOP/s" if rate == "tflops" else "")
+        shown = fmt(value, 2) if isinstance(value, (int, float)) else (r.get("error") or r.get("skipped") or "-")
+        out.append("| " + " | ".join(str(r.get(k, "")) for k in keys) + f" | {str(shown)[:60]} | {unit} |")
+    return out
+
+
+def pytest_benchmark(data: dict) -> list[str]:
+    out = ["| benchmark | median | rate |", "|---|---:|---:|"]
+    for b in data["benchmarks"]:
+        info = b.get("extra_info") or {}
+        rate = next((f"{info[k]:,.1f} {k}" for k in ("TFLOP/s", "GB/s", "tokens/s", "requests/s")
+                     if isinstance(info.get(k), (int, float))), "-")
+        out.append(f"| {b['name']} | {b['stats']['median'] * 1e6:,.1f} us | {rate} |")
+    return out
+
+
+def render_file(path: Path) -> list[str]:
+    data = json.loads(path.read_text())
+    machine, date, torch_v, cuda = header(data)
+    lines = [f"### {path.name}", "", f"Machine: **{machine}**; date {date}; torch {torch_v}; CUDA {cuda}.", ""]
+    if data.get("suite") == "serving-load":
+        lines += serving_load(data)
+    elif data.get("suite") == "gpu-serving":
+        lines += gpu_serving(data)
+    elif isinstance(data.get("results"), list):
+        lines += kernel_rows(data)
+    elif isinstance(data.get("benchmarks"), list):
+        lines += pytest_benchmark(data)
+    else:
+        lines.append("(format not recognised: see the file)")
+    return lines + [""]
+
+
+def render() -> str:
+    files = sorted(RESULTS.glob("*.json"))
+    body = [BEGIN, "", "_Generated by `python benchmarks/render_results.py` from benchmarks/results/*.json; "
+            "do not edit by hand._", ""]
+    if not files:
+        body.append("No result files committed yet.")
+    for path in files:
+        body += render_file(path)
+    return "\n".join(body + [END])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="only check that README.md is up to date")
+    args = p.parse_args(argv)
+    text = README.read_text() if README.exists() else f"# Benchmarks\n\n## Results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + f"\n\n## Results\n\n{BEGIN}\n{END}\n"
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    new = text[:start] + render() + text[end:]
+    if args.check:
+        if new != text:
+            print("benchmarks/README.md results are stale: run python benchmarks/render_results.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    print(f"rendered {len(list(RESULTS.glob('*.json')))} result file(s) into {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
