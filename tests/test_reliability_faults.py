@@ -80,13 +80,19 @@ def test_overload_is_refused_quickly_and_health_stays_fast(tmp_path):
     path = save_program(Slow(), tmp_path / "state" / "models" / "slow.pt")
     api = Api(runtime)
     assert_ok(api.post("/api/v1/models", program_spec("slow", path, max_batch_size=1)))
-    slow = {"model_id": "slow", "input_data": [[100.0, 0.0]]}  # about a second each
+    slow = {"model_id": "slow", "input_data": [[10.0, 0.0]]}
     results = []
     threads = [threading.Thread(target=lambda: results.append(api.post("/api/v1/inference", slow)))
                for _ in range(3)]
+    # Hold the device so nothing finishes while the queue fills, whatever the machine's speed:
+    # one request waits for the device on its own thread, two wait in the queue (its limit).
+    hold = runtime.vgpus.schedulers[0].exclusive()
+    hold.__enter__()
     for t in threads:
         t.start()
-    time.sleep(0.3)  # one running, two queued: the queue is full
+    deadline = time.monotonic() + 10
+    while runtime.queued_requests() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         r, took = _timed(lambda: api.post("/api/v1/inference", slow))
         assert_error(r, 503, "QUEUE_FULL")
@@ -109,6 +115,7 @@ def test_overload_is_refused_quickly_and_health_stays_fast(tmp_path):
             latencies.append(took)
         assert sorted(latencies)[len(latencies) // 2] < 0.1, latencies
     finally:
+        hold.__exit__(None, None, None)
         for t in threads:
             t.join(timeout=60)
         runtime.close()

@@ -206,7 +206,8 @@ class Executor:
     def run_inline(self, queue: ModelQueue, pending: Pending) -> None:
         """Serve one request on the calling thread (after submit() returned its queue)."""
         try:
-            self._serve(queue, [pending])
+            # the caller's own deadline bounds its wait for the device (the worker path prunes instead)
+            self._serve(queue, [pending], deadline=pending.deadline)
             item = self._take_queued()
             if item is not None:  # queued while this ran: serve them here, sparing a worker wake-up
                 self._serve(*item)
@@ -292,7 +293,7 @@ class Executor:
                     self._busy = False
             del item  # drop references to the model and tensors before waiting again
 
-    def _serve(self, queue: ModelQueue, batch: list[Pending]) -> None:
+    def _serve(self, queue: ModelQueue, batch: list[Pending], deadline: float | None = None) -> None:
         model = queue.model
         groups: dict[tuple, list[Pending]] = {}
         for p in batch:
@@ -301,8 +302,10 @@ class Executor:
             self.metrics.active_add(len(group))
             try:
                 try:
-                    self._run(queue, model, group)
+                    self._run(queue, model, group, deadline)
                 except Exception as exc:
+                    if isinstance(exc, TimeoutError):
+                        exc = RequestTimeout(f"request not run within its timeout: {exc}")
                     if len(group) == 1:
                         _fail(group[0], exc)
                         continue
@@ -315,9 +318,9 @@ class Executor:
             finally:
                 self.metrics.active_add(-len(group))
 
-    def _run(self, queue: ModelQueue, model, group: list[Pending]) -> None:
+    def _run(self, queue: ModelQueue, model, group: list[Pending], deadline: float | None = None) -> None:
         cuda = self.cuda_device
-        with self.scheduler.slot(self.name):
+        with self.scheduler.slot(self.name, deadline):
             if cuda is not None:
                 torch.cuda.reset_peak_memory_stats(cuda)
                 base = torch.cuda.memory_allocated(cuda)

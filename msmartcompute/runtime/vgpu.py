@@ -110,13 +110,22 @@ class DeviceScheduler:
             self._vtime.pop(key, None)
 
     @contextmanager
-    def slot(self, key: str):
+    def slot(self, key: str, deadline: float | None = None):
+        """Hold the device for one run. With a `deadline` (time.monotonic()), a wait that
+        outlasts it raises TimeoutError instead of running late."""
         with self._cond:
             self._vtime[key] = max(self._vtime.get(key, 0.0), self._floor)
             self._waiting.add(key)
             try:
                 while self._busy or key != min(self._waiting, key=lambda k: (self._vtime[k], k)):
-                    self._cond.wait()
+                    if deadline is None:
+                        self._cond.wait()
+                        continue
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._cond.notify_all()  # another waiter may be next now
+                        raise TimeoutError("the device stayed busy past the request's deadline")
+                    self._cond.wait(left)
             finally:
                 self._waiting.discard(key)
             self._busy = True
