@@ -1,5 +1,5 @@
-"""Render the committed result files (benchmarks/results/*.json) into the results section of
-benchmarks/README.md, between the marker comments. Each file names its machine or card, date
+"""Render the committed result files (benchmarks/results/*.json) into the results sections of
+README.md and benchmarks/README.md, between the marker comments. Each file names its machine or card, date
 and torch/CUDA versions; the renderer knows the load benchmark (serving-load), the served
 transformer (gpu-serving), the GPU kernel scripts ({"card", "results": [...]}) and
 pytest-benchmark JSON, and lists anything else by name.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-README = HERE / "README.md"
+READMES = [HERE.parent / "README.md", HERE / "README.md"]  # the project's front page, then the details
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
@@ -120,21 +120,24 @@ def render() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--check", action="store_true", help="only check that README.md is up to date")
+    p.add_argument("--check", action="store_true", help="only check that the READMEs are up to date")
     args = p.parse_args(argv)
-    text = README.read_text() if README.exists() else f"# Benchmarks\n\n## Results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip() + f"\n\n## Results\n\n{BEGIN}\n{END}\n"
-    start, end = text.index(BEGIN), text.index(END) + len(END)
-    new = text[:start] + render() + text[end:]
-    if args.check:
-        if new != text:
-            print("benchmarks/README.md results are stale: run python benchmarks/render_results.py", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(new)
-    print(f"rendered {len(list(RESULTS.glob('*.json')))} result file(s) into {README}")
-    return 0
+    rendered = render()
+    stale = False
+    for readme in READMES:
+        text = readme.read_text() if readme.exists() else f"# Benchmarks\n\n## Results\n\n{BEGIN}\n{END}\n"
+        if BEGIN not in text or END not in text:
+            text = text.rstrip() + f"\n\n## Results\n\n{BEGIN}\n{END}\n"
+        start, end = text.index(BEGIN), text.index(END) + len(END)
+        new = text[:start] + rendered + text[end:]
+        if args.check:
+            if new != text:
+                print(f"{readme} results are stale: run python benchmarks/render_results.py", file=sys.stderr)
+                stale = True
+            continue
+        readme.write_text(new)
+        print(f"rendered {len(list(RESULTS.glob('*.json')))} result file(s) into {readme}")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

@@ -80,7 +80,9 @@ def test_request_ids_are_persisted_counters(tmp_path):
         second = rt.infer({"model_id": "mlp", "input_data": x})["request_id"]
         _, unix, n = second.split("_")
         assert abs(int(unix) - time.time()) < 5
-        assert int(n) == int(first.split("_")[2]) + 1
+        # ids come from a persisted counter reserved in blocks (runtime/ids.py): a restart may skip
+        # the rest of a block but never reuses a number
+        assert int(n) > int(first.split("_")[2])
     finally:
         rt.close()
 
