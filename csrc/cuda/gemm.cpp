@@ -6,24 +6,11 @@
 
 #include <limits>
 
-#include "../../kernels/launchers.h"
+#include "launch.h"
 #include "../gemm.h"
 
 namespace msmartcompute {
 namespace {
-
-cuda::FloatType float_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::FloatType::kFloat32;
-    case at::kHalf: return cuda::FloatType::kFloat16;
-    case at::kBFloat16: return cuda::FloatType::kBFloat16;
-    default: TORCH_CHECK(false, "msmartcompute CUDA GEMMs write float32, float16 or bfloat16, got ", t);
-  }
-}
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
-}
 
 // The kernels read rows along K with a row stride: keep row-strided views, copy the rest.
 at::Tensor k_contiguous(const at::Tensor& t) {
@@ -56,7 +43,7 @@ at::Tensor run_int8_gemm(const at::Tensor& a_q, const at::Tensor& b_q, const at:
   check_launch(cuda::launch_int8_gemm(a.const_data_ptr<int8_t>(), a.stride(0), b.const_data_ptr<int8_t>(),
                                       b.stride(0), sa.const_data_ptr<float>(), sb.const_data_ptr<float>(), bias_ptr,
                                       out.mutable_data_ptr(), M, N, K, raw,
-                                      raw ? cuda::FloatType::kFloat32 : float_type(dtype),
+                                      raw ? cuda::FloatType::kFloat32 : float_type(dtype, "msmartcompute GEMMs"),
                                       c10::cuda::getCurrentCUDAStream()),
                "int8_matmul kernel");
   return out;
@@ -72,7 +59,7 @@ at::Tensor run_mixed_gemm(const at::Tensor& a_in, const at::Tensor& b_in, const 
   auto out = at::empty({M, N}, a.options().dtype(dtype));
   check_launch(cuda::launch_mixed_gemm(a.const_data_ptr(), a.stride(0), b.const_data_ptr(), b.stride(0),
                                        b.scalar_type() == at::kChar, b_scale, bias_ptr, out.mutable_data_ptr(), M, N,
-                                       K, float_type(a.scalar_type()), float_type(dtype), static_cast<int>(act),
+                                       K, float_type(a.scalar_type(), "msmartcompute GEMMs"), float_type(dtype, "msmartcompute GEMMs"), static_cast<int>(act),
                                        c10::cuda::getCurrentCUDAStream()),
                "mixed_gemm kernel");
   return out;
@@ -103,7 +90,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& w_q, const at
     if (x2.numel() > 0)
       check_launch(cuda::launch_quantize_int8(x2.const_data_ptr(), x_q.mutable_data_ptr<int8_t>(),
                                               x_scale.mutable_data_ptr<float>(), x2.size(0), x2.size(1),
-                                              float_type(x2.scalar_type()), c10::cuda::getCurrentCUDAStream()),
+                                              float_type(x2.scalar_type(), "msmartcompute GEMMs"), c10::cuda::getCurrentCUDAStream()),
                    "int8_linear quantize kernel");
     else
       x_scale.fill_(1.f);

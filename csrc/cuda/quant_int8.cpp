@@ -4,24 +4,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../../kernels/launchers.h"
+#include "launch.h"
 #include "../quant_int8.h"
 
 namespace msmartcompute {
 namespace {
-
-cuda::FloatType float_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::FloatType::kFloat32;
-    case at::kHalf: return cuda::FloatType::kFloat16;
-    case at::kBFloat16: return cuda::FloatType::kBFloat16;
-    default: TORCH_CHECK(false, "msmartcompute CUDA kernels support float32, float16 and bfloat16, got ", t);
-  }
-}
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
-}
 
 std::tuple<at::Tensor, at::Tensor> quantize_int8_cuda(const at::Tensor& x, int64_t dim) {
   check_quantize_input(x, dim);
@@ -32,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_cuda(const at::Tensor& x, int64
   auto scale = at::empty({rows.size(0)}, rows.options().dtype(at::kFloat));
   check_launch(cuda::launch_quantize_int8(rows.const_data_ptr(), q.mutable_data_ptr<int8_t>(),
                                           scale.mutable_data_ptr<float>(), rows.size(0), rows.size(1),
-                                          float_type(rows.scalar_type()), c10::cuda::getCurrentCUDAStream()),
+                                          float_type(rows.scalar_type(), "msmartcompute int8 quantization"), c10::cuda::getCurrentCUDAStream()),
                "quantize_int8 kernel");
   return {from_rows(q, x, dim), scale.view(scale_shape(x, dim))};
 }
@@ -48,7 +35,7 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& q, const at::Tensor& scale, in
   auto out = at::empty(rows.sizes(), rows.options().dtype(out_dtype));
   check_launch(cuda::launch_dequantize_int8(rows.const_data_ptr<int8_t>(), s.const_data_ptr<float>(),
                                             out.mutable_data_ptr(), rows.size(0), rows.size(1),
-                                            float_type(out_dtype), c10::cuda::getCurrentCUDAStream()),
+                                            float_type(out_dtype, "msmartcompute int8 quantization"), c10::cuda::getCurrentCUDAStream()),
                "dequantize_int8 kernel");
   return from_rows(out, q, dim);
 }
