@@ -24,6 +24,27 @@ BASELINES = {"torch", "reference", "baseline", "unbatched", "bare", "eager", "bf
 RATES = ("TFLOP/s", "GB/s", "tokens/s", "requests/s")
 
 
+def cuda_time_ms(fn, warmup: int, reps: int) -> tuple[float, float]:
+    """(median, min) milliseconds of fn() on the current CUDA stream, timed with CUDA events
+    after `warmup` untimed calls; the GPU scripts in benchmarks/gpu/ share it."""
+    import statistics
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), min(times)
+
+
 def suite_files(suite: str) -> list[Path]:
     if suite == "runtime":
         return [BENCH_DIR / "test_bench_runtime.py"]

@@ -7,18 +7,8 @@ from api_helpers import make_runtime
 from msmartcompute.models.base import module_bytes
 from msmartcompute.runtime.caller import Caller
 from msmartcompute.runtime.errors import Forbidden, InvalidInputData
-from training_helpers import BLOB_SPEC, SEQUENCE, TINY_LM_SPEC, blobs
+from training_helpers import BLOB_SPEC, SEQUENCE, TINY_LM_SPEC, blobs, outputs, rt  # noqa: F401 (rt is a fixture)
 
-
-@pytest.fixture
-def rt(tmp_path):
-    runtime = make_runtime(tmp_path / "state")
-    yield runtime
-    runtime.close()
-
-
-def outputs(rt, model_id, x):
-    return np.asarray(rt.infer({"model_id": model_id, "input_data": x})["output_data"])
 
 
 @pytest.fixture

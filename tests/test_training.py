@@ -8,18 +8,8 @@ import torch
 from api_helpers import make_runtime
 from msmartcompute.runtime.errors import Forbidden, InvalidInputData
 from msmartcompute.runtime.caller import Caller
-from training_helpers import BLOB_SPEC, SEQUENCE, TINY_LM_SPEC, blobs, cross_entropy
+from training_helpers import BLOB_SPEC, SEQUENCE, TINY_LM_SPEC, blobs, cross_entropy, outputs, rt  # noqa: F401 (rt is a fixture)
 
-
-@pytest.fixture
-def rt(tmp_path):
-    runtime = make_runtime(tmp_path / "state")
-    yield runtime
-    runtime.close()
-
-
-def outputs(rt, model_id, x):
-    return np.asarray(rt.infer({"model_id": model_id, "input_data": x})["output_data"])
 
 
 def wait_job(rt, rid, timeout=60):

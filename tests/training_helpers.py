@@ -1,5 +1,8 @@
 """Shared data for the training / optimization tests: a learnable synthetic task."""
 import numpy as np
+import pytest
+
+from api_helpers import make_runtime
 
 BLOB_SPEC = {
     "model_id": "blobs",
@@ -30,3 +33,15 @@ def cross_entropy(logits, y):
     z = z - z.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     return float(-log_p[np.arange(len(y)), y].mean())
+
+
+@pytest.fixture
+def rt(tmp_path):
+    """A started Runtime on a fresh state dir (tests/test_training.py, tests/test_optimize.py)."""
+    runtime = make_runtime(tmp_path / "state")
+    yield runtime
+    runtime.close()
+
+
+def outputs(rt, model_id, x):
+    return np.asarray(rt.infer({"model_id": model_id, "input_data": x})["output_data"])

@@ -16,12 +16,13 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from msmartcompute.bench import cuda_time_ms
 
 
 def parse_args(argv=None):
@@ -84,19 +85,6 @@ def implementation(name):
     return run
 
 
-def time_ms(fn, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), min(times)
 
 
 def measure(impl, case, dtype, args):
@@ -114,7 +102,7 @@ def measure(impl, case, dtype, args):
         def fn():
             with torch.no_grad():
                 impl(q, k, v, case["causal"])
-    median, best = time_ms(fn, args.warmup, args.reps)
+    median, best = cuda_time_ms(fn, args.warmup, args.reps)
     return {"median_ms": median, "min_ms": best, "tflops": flops(case) / (median * 1e-3) / 1e12}
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from msmartcompute.bench import cuda_time_ms
 
 
 def parse_args(argv=None):
@@ -34,27 +35,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def time_ms(fn, warmup: int, reps: int) -> float:
-    """Median milliseconds of fn() measured with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(rows, args, name, impl, fn, work, unit, shape):
     """Times fn and appends a row; a failing implementation is recorded with its error."""
     row = {"op": name, "impl": impl, "M": shape[0], "K": shape[1], "N": shape[2], "unit": unit}
     try:
-        ms = time_ms(fn, args.warmup, args.reps)
+        ms, _ = cuda_time_ms(fn, args.warmup, args.reps)
         row.update(ms=ms, rate=work / (ms * 1e-3) / 1e12 if unit in ("TFLOP/s", "TOPS") else work / (ms * 1e-3) / 1e9)
     except Exception as exc:  # e.g. torch._int_mm's shape limits
         row.update(ms=None, rate=None, error=f"{type(exc).__name__}: {exc}"[:300])

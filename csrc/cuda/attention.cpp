@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../../kernels/launchers.h"
+#include "launch.h"
 #include "../attention.h"
 
 namespace msmartcompute {
@@ -35,12 +35,12 @@ std::tuple<at::Tensor, at::Tensor> fused_attention_fwd_cuda(const at::Tensor& q,
   const size_t scratch = cuda::attention_fwd_workspace_bytes(s.B, s.H, s.Hkv, s.Sq, s.Sk, s.D);
   at::Tensor workspace;
   if (scratch > 0) workspace = at::empty({static_cast<int64_t>(scratch)}, qc.options().dtype(at::kByte));
-  const auto type = q.scalar_type() == at::kHalf ? cuda::FloatType::kFloat16 : cuda::FloatType::kBFloat16;
-  const cudaError_t err = cuda::launch_attention_fwd(
+  const auto type = float_type(q.scalar_type(), "fused_attention");
+  check_launch(cuda::launch_attention_fwd(
       qc.const_data_ptr(), kc.const_data_ptr(), vc.const_data_ptr(), out.mutable_data_ptr(),
       lse.mutable_data_ptr<float>(), scratch > 0 ? workspace.mutable_data_ptr() : nullptr, s.B, s.H, s.Hkv, s.Sq,
-      s.Sk, s.D, causal, static_cast<float>(scale), type, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "fused_attention_fwd kernel failed: ", cudaGetErrorString(err));
+      s.Sk, s.D, causal, static_cast<float>(scale), type, c10::cuda::getCurrentCUDAStream()),
+               "fused_attention_fwd kernel");
   return {out, lse};
 }
 
@@ -64,13 +64,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_bwd_cuda(const at
   auto dq = at::empty(q.sizes(), qc.options()), dk = at::empty(k.sizes(), kc.options());
   auto dv = at::empty(v.sizes(), vc.options());
   auto delta = at::empty({s.B, s.H, s.Sq}, qc.options().dtype(at::kFloat));
-  const auto type = q.scalar_type() == at::kHalf ? cuda::FloatType::kFloat16 : cuda::FloatType::kBFloat16;
-  const cudaError_t err = cuda::launch_attention_bwd(
+  const auto type = float_type(q.scalar_type(), "fused_attention");
+  check_launch(cuda::launch_attention_bwd(
       dout.const_data_ptr(), qc.const_data_ptr(), kc.const_data_ptr(), vc.const_data_ptr(), oc.const_data_ptr(),
       lc.const_data_ptr<float>(), delta.mutable_data_ptr<float>(), dq.mutable_data_ptr(), dk.mutable_data_ptr(),
       dv.mutable_data_ptr(), s.B, s.H, s.Hkv, s.Sq, s.Sk, s.D, causal, static_cast<float>(scale), type,
-      c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "fused_attention_bwd kernels failed: ", cudaGetErrorString(err));
+      c10::cuda::getCurrentCUDAStream()),
+               "fused_attention_bwd kernels");
   return {dq, dk, dv};
 }
 
