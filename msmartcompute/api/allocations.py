@@ -13,10 +13,10 @@ class AllocationsResource:
     def on_post(self, req, resp):
         body = parse(req, ALLOCATION)
         require_self_or_admin(req.context.caller, body["user_id"], "allocate resources")
-        resp.media = ok(self.runtime.allocate(body, req.context.caller))
+        resp.media = ok(self.runtime.allocations.allocate(body, req.context.caller))
 
     def on_get(self, req, resp):
-        resp.media = ok({"allocations": self.runtime.list_allocations(req.context.caller)})
+        resp.media = ok({"allocations": self.runtime.allocations.list(req.context.caller)})
 
 
 class AllocationResource:
@@ -24,7 +24,7 @@ class AllocationResource:
         self.runtime = runtime
 
     def on_get(self, req, resp, allocation_id):
-        resp.media = ok(self.runtime.get_allocation(allocation_id, req.context.caller))
+        resp.media = ok(self.runtime.allocations.get(allocation_id, req.context.caller))
 
     def on_delete(self, req, resp, allocation_id):
-        resp.media = ok(self.runtime.deallocate(allocation_id, req.context.caller))
+        resp.media = ok(self.runtime.allocations.deallocate(allocation_id, req.context.caller))

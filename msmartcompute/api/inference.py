@@ -29,7 +29,7 @@ class InferenceResource:
 
     def on_post(self, req, resp):
         request = prepare_request(parse(req, INFERENCE))
-        resp.media = ok(self.runtime.infer(request, req.context.caller))
+        resp.media = ok(self.runtime.inference.infer(request))
 
 
 class AsyncInferenceResource:
@@ -38,7 +38,7 @@ class AsyncInferenceResource:
 
     def on_post(self, req, resp):
         request = prepare_request(parse(req, INFERENCE))
-        resp.media = ok(self.runtime.submit_inference(request, req.context.caller))
+        resp.media = ok(self.runtime.inference.submit(request, req.context.caller))
 
 
 class InferenceResultResource:
@@ -46,7 +46,7 @@ class InferenceResultResource:
         self.runtime = runtime
 
     def on_get(self, req, resp, request_id):
-        resp.media = ok(self.runtime.get_inference(request_id, req.context.caller))
+        resp.media = ok(self.runtime.inference.get(request_id, req.context.caller))
 
 
 class BatchInferenceResource:
@@ -56,4 +56,4 @@ class BatchInferenceResource:
     def on_post(self, req, resp):
         body = parse(req, BATCH_INFERENCE)
         requests = [prepare_request(r, f"body.requests[{i}]") for i, r in enumerate(body["requests"])]
-        resp.media = ok(self.runtime.infer_batch(requests, req.context.caller))
+        resp.media = ok(self.runtime.inference.infer_batch(requests))

@@ -13,7 +13,7 @@ class SessionsResource:
     def on_post(self, req, resp):
         body = parse(req, SESSION)
         require_self_or_admin(req.context.caller, body["user_id"], "create sessions")
-        resp.media = ok(self.runtime.create_session(body["user_id"], body["model_id"], req.context.caller))
+        resp.media = ok(self.runtime.sessions.create(body["user_id"], body["model_id"], req.context.caller))
 
 
 class SessionResource:
@@ -21,7 +21,7 @@ class SessionResource:
         self.runtime = runtime
 
     def on_get(self, req, resp, session_id):
-        resp.media = ok(self.runtime.get_session(session_id, req.context.caller))
+        resp.media = ok(self.runtime.sessions.get(session_id, req.context.caller))
 
     def on_delete(self, req, resp, session_id):
-        resp.media = ok(self.runtime.delete_session(session_id, req.context.caller))
+        resp.media = ok(self.runtime.sessions.delete(session_id, req.context.caller))
