@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .access import require_self_or_admin
 from .envelope import ok
-from .schemas import ALLOCATION, parse
+from .schemas import Allocation, parse
 
 
 class AllocationsResource:
@@ -11,7 +11,7 @@ class AllocationsResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        body = parse(req, ALLOCATION)
+        body = parse(req, Allocation)
         require_self_or_admin(req.context.caller, body["user_id"], "allocate resources")
         resp.media = ok(self.runtime.allocations.allocate(body, req.context.caller))
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..runtime.errors import InvalidInputData
 from .envelope import ok
-from .schemas import BATCH_INFERENCE, INFERENCE, as_matrix, parse
+from .schemas import BatchInference, Inference, as_matrix, parse
 
 
 def prepare_request(body: dict, path: str = "body") -> dict:
@@ -28,7 +28,7 @@ class InferenceResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        request = prepare_request(parse(req, INFERENCE))
+        request = prepare_request(parse(req, Inference))
         resp.media = ok(self.runtime.inference.infer(request))
 
 
@@ -37,7 +37,7 @@ class AsyncInferenceResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        request = prepare_request(parse(req, INFERENCE))
+        request = prepare_request(parse(req, Inference))
         resp.media = ok(self.runtime.inference.submit(request, req.context.caller))
 
 
@@ -54,6 +54,6 @@ class BatchInferenceResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        body = parse(req, BATCH_INFERENCE)
+        body = parse(req, BatchInference)
         requests = [prepare_request(r, f"body.requests[{i}]") for i, r in enumerate(body["requests"])]
         resp.media = ok(self.runtime.inference.infer_batch(requests))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .access import require_admin
 from .envelope import ok
-from .schemas import LOAD_MODEL, OPTIMIZE, as_matrix, parse
+from .schemas import LoadModel, Optimize, as_matrix, parse
 
 
 class ModelsResource:
@@ -11,7 +11,7 @@ class ModelsResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        body = parse(req, LOAD_MODEL)
+        body = parse(req, LoadModel)
         require_admin(req.context.caller, "load models")
         resp.media = ok(self.runtime.registry.load(body, req.context.caller))
 
@@ -36,7 +36,7 @@ class OptimizeResource:
         self.runtime = runtime
 
     def on_post(self, req, resp, model_id):
-        body = parse(req, OPTIMIZE)
+        body = parse(req, Optimize)
         require_admin(req.context.caller, "optimize models")
         request = dict(body)
         if body.get("calibration_data") is not None:

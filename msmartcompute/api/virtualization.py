@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .access import require_admin
 from .envelope import ok
-from .schemas import VGPU, parse
+from .schemas import VirtualGpu, parse
 
 
 class VirtualGpusResource:
@@ -11,7 +11,7 @@ class VirtualGpusResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        body = parse(req, VGPU)
+        body = parse(req, VirtualGpu)
         require_admin(req.context.caller, "create virtual GPUs")
         resp.media = ok(self.runtime.vgpus.create(body, req.context.caller).to_dict())
 
