@@ -13,14 +13,14 @@ from msgspec import Meta, Struct
 
 from ..models.layers import ACTIVATIONS
 from ..runtime.errors import InvalidInputData
+from ..runtime.ids import ID_PATTERN, MAX_ID_LENGTH
 
 # Limits on what one request may ask for; the body-size limit is in ApiConfig.
 MAX_ROWS = 65_536
 MAX_ELEMENTS = 16_777_216
-MAX_ID_LENGTH = 128
 MAX_SEED = 2**63 - 1
 
-Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")]
+Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
 Path = Annotated[str, Meta(min_length=1, max_length=4096)]
 Seed = Annotated[int, Meta(ge=0, le=MAX_SEED)]
 Matrix = Annotated[list[list[int | float]], Meta(
