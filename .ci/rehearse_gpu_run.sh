@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Rehearse the GPU run's collection and import steps (benchmarks/gpu/run_all.sh --rehearse) on
 # this CPU machine in an environment like the GPU machine's: a fresh venv (not ours, and no
-# system site-packages) whose site-packages link every package of .venv except falcon, waitress
-# and orjson, and except our own editable install, so the package comes from PYTHONPATH as
-# there. Those three are then truly absent: import fails natively and find_spec says None, in
+# system site-packages) whose site-packages link every package of .venv except the server
+# stack the GPU machine lacks (tests/conftest.py's SERVER_STACK: falcon, waitress, orjson,
+# msgspec, pyzmq) and our own editable install, so the package comes from PYTHONPATH as
+# there. Those are then truly absent: import fails natively and find_spec says None, in
 # subprocesses too. Fails if a CUDA test case does not collect, if a module holding CUDA cases
 # is skipped there (it would silently run nothing on the GPU), or if a bench script cannot load.
 set -euo pipefail
@@ -16,17 +17,21 @@ BASE=$(.venv/bin/python -c 'import sys; print(sys._base_executable)')
 "$BASE" -m venv --without-pip "$WORK/devenv"
 SRC=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 DST=$("$WORK/devenv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+STACK=$(cd tests && ../.venv/bin/python -c 'from conftest import SERVER_STACK; print(*SERVER_STACK)')
 for entry in "$SRC"/*; do
-  case "$(basename "$entry")" in
-    falcon|falcon-*|waitress|waitress-*|orjson|orjson-*|msmartcompute*|__editable__*) ;;
-    *) ln -s "$entry" "$DST/" ;;
-  esac
+  name=$(basename "$entry")
+  skip=0
+  case "$name" in msmartcompute*|__editable__*) skip=1 ;; esac
+  for module in $STACK; do  # the module, its dist-info, and py<module> distributions (pyzmq)
+    case "$name" in "$module"|"$module"-*|"$module".*|py"$module"|py"$module"[-.]*) skip=1 ;; esac
+  done
+  [ $skip -eq 1 ] || ln -s "$entry" "$DST/"
 done
 PY="$WORK/devenv/bin/python"
 # the environment really is device-like: no server stack, no .venv, the checkout's package
-PYTHONPATH="$ROOT" "$PY" - <<'PYEOF'
+PYTHONPATH="$ROOT" STACK="$STACK" "$PY" - <<'PYEOF'
 import importlib.util, os, sys
-for name in ("falcon", "waitress", "orjson"):
+for name in os.environ["STACK"].split():
     assert importlib.util.find_spec(name) is None, f"{name} is importable"
 assert not any(".venv" in p for p in sys.path), sys.path
 import msmartcompute
@@ -44,4 +49,4 @@ if ! diff -u "$WORK/full" "$WORK/device-like" > "$WORK/diff"; then
   grep '^-[^-]' "$WORK/diff" | head -20
   exit 1
 fi
-echo "rehearsal: $(wc -l < "$WORK/full") CUDA test cases collect without falcon/waitress/orjson; bench scripts load"
+echo "rehearsal: $(wc -l < "$WORK/full") CUDA test cases collect without $STACK; bench scripts load"

@@ -5,8 +5,9 @@ Two rules keep the GPU run (benchmarks/gpu/run_all.sh) honest on a machine that 
 GPU but no server stack:
 - every test case that runs on CUDA carries the `gpu` mark: the ones marked by hand and
   every case parametrized with device="cuda", so `-m gpu` selects all of them;
-- a test module that imports falcon, waitress or orjson (directly or through a helper)
-  is skipped where that package is not installed, instead of breaking collection.
+- a test module that imports a package of the server stack (falcon, waitress, orjson,
+  msgspec, pyzmq: SERVER_STACK), directly or through a helper, is skipped where that
+  package is not installed, instead of breaking collection.
 """
 import os
 
@@ -19,7 +20,8 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SERVER_STACK = ("falcon", "waitress", "orjson")
+# Top-level modules the GPU machine lacks (.ci/rehearse_gpu_run.sh removes these too).
+SERVER_STACK = ("falcon", "waitress", "orjson", "msgspec", "zmq")
 
 
 def runs_on_cuda(item) -> bool:
