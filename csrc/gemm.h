@@ -35,6 +35,16 @@ inline void check_bias(const char* op, const std::optional<at::Tensor>& bias, in
               like.device());
 }
 
+// Past this K an int8 dot product can leave int32: K * 128 * 128 > 2**31 - 1. Refused rather
+// than wrapped silently; ops/gemm.py checks the same bound for every backend.
+constexpr int64_t kMaxInt8K = 131071;
+
+inline void check_int8_k(const char* op, int64_t K) {
+  TORCH_CHECK(K <= kMaxInt8K, op, ": K = ", K, " is past ", kMaxInt8K,
+              ", where int32 accumulation of int8 products can overflow; split K and add the partial "
+              "results in float, or use mode='w8a16'");
+}
+
 // Checks int8_matmul's arguments and returns the output dtype.
 inline at::ScalarType check_int8_matmul(const at::Tensor& a_q, const at::Tensor& b_q, const at::Tensor& a_scale,
                                         const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
@@ -45,6 +55,7 @@ inline at::ScalarType check_int8_matmul(const at::Tensor& a_q, const at::Tensor&
               a_q.sizes(), " and ", b_q.sizes());
   TORCH_CHECK(a_q.size(1) == b_q.size(1), "int8_matmul: a_q [M, K] and b_q [N, K] disagree on K: ", a_q.sizes(),
               " vs ", b_q.sizes());
+  check_int8_k("int8_matmul", a_q.size(1));
   TORCH_CHECK(a_scale.scalar_type() == at::kFloat && b_scale.scalar_type() == at::kFloat,
               "int8_matmul: a_scale and b_scale must be float32");
   TORCH_CHECK(a_scale.dim() == 1 && a_scale.size(0) == a_q.size(0), "int8_matmul: a_scale must have shape [",
@@ -80,6 +91,7 @@ inline bool check_int8_linear(const at::Tensor& x, const at::Tensor& w_q, const 
   TORCH_CHECK(w_q.device() == x.device() && w_scale.device() == x.device(),
               "int8_linear: x, w_q and w_scale must be on one device");
   check_bias("int8_linear", bias, w_q.size(0), x);
+  if (m == "w8a8") check_int8_k("int8_linear", w_q.size(1));
   return m == "w8a8";
 }
 

@@ -3,6 +3,7 @@
 // Plain CUDA, no torch headers. Operands are K-contiguous: A [M, K] and B [N, K]
 // (the nn.Linear weight layout), so both mma fragments are 32-bit shared-memory loads.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #include "common.cuh"
@@ -103,5 +104,31 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Split-K for the decode tiles (M <= 32): an [M, 4096] x [4096, 4096] GEMM is 64 blocks of
+// 32 x 64, half a wave on a 132-SM H200, each streaming all of K. Splitting K gives about two
+// blocks per SM (so more weight bytes in flight); each split writes its partial sums to a
+// [splits, M, N] workspace that a second kernel adds up in a fixed order (deterministic) and
+// runs the epilogue on. At least 4 K tiles per split keep the cp.async pipeline full.
+struct SplitK {
+  int splits = 1;
+  int k_tiles_per_split = 0;
+};
+
+inline SplitK plan_split_k(int64_t M, int64_t N, int64_t K, int bm, int bn, int bk) {
+  const int64_t k_tiles = (K + bk - 1) / bk;
+  SplitK plan{1, static_cast<int>(k_tiles)};
+  if (M > 32 || k_tiles < 8) return plan;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return plan;
+  const int64_t blocks = ((N + bn - 1) / bn) * ((M + bm - 1) / bm);
+  int64_t splits = std::min<int64_t>({(2 * sms + blocks - 1) / blocks, k_tiles / 4, 8});
+  if (splits <= 1) return plan;
+  plan.k_tiles_per_split = static_cast<int>((k_tiles + splits - 1) / splits);
+  plan.splits = static_cast<int>((k_tiles + plan.k_tiles_per_split - 1) / plan.k_tiles_per_split);
+  return plan;
+}
 
 }  // namespace msmartcompute::cuda

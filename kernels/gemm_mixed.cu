@@ -55,7 +55,9 @@ __global__ __launch_bounds__(Tile::kThreads) void
                       const float* __restrict__ b_scale,   // [N] or nullptr
                       const float* __restrict__ bias,      // [N] or nullptr
                       void* __restrict__ c,                // [M, N] of out_type
-                      int64_t lda, int64_t ldb, int M, int N, int K, FloatType out_type, int activation) {
+                      int64_t lda, int64_t ldb, int M, int N, int K, FloatType out_type, int activation,
+                      int k_tiles_per_split,           // K tiles of blockIdx.z's split
+                      float* __restrict__ partial) {   // [splits, M, N] raw sums, or nullptr: epilogue here
   using BElem = std::conditional_t<kBInt8, int8_t, uint16_t>;
   const BElem* b = static_cast<const BElem*>(b_raw);
   extern __shared__ __align__(16) uint8_t smem[];  // kStages x (A [kBm][kStrideA], B [kBn][kStrideB])
@@ -73,17 +75,18 @@ __global__ __launch_bounds__(Tile::kThreads) void
   };
 
   float acc[Tile::kMt][Tile::kNt][4] = {};
-  const int k_tiles = (K + kBk - 1) / kBk;
+  const int kt0 = blockIdx.z * k_tiles_per_split;  // this split's K tiles: [kt0, kt0 + k_tiles)
+  const int k_tiles = min((K + kBk - 1) / kBk - kt0, k_tiles_per_split);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load_stage(s, s);
+    if (s < k_tiles) load_stage(s, kt0 + s);
     cp_async_commit();
   }
   for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<kStages - 2>();  // tile kt has landed
     __syncthreads();               // ... for every thread, and tile kt - 1 is no longer read
     const int next = kt + kStages - 1;
-    if (next < k_tiles) load_stage(next % kStages, next);
+    if (next < k_tiles) load_stage(next % kStages, kt0 + next);
     cp_async_commit();
 
     const uint8_t* as = smem + (kt % kStages) * Tile::kStageBytes;  // [kBm][SA]
@@ -131,16 +134,38 @@ __global__ __launch_bounds__(Tile::kThreads) void
         const int64_t m = m0 + wm * Tile::kWarpM + mt * 16 + group + (i >= 2 ? 8 : 0);
         const int64_t n = n0 + wn * Tile::kWarpN + nt * 8 + quad * 2 + (i & 1);
         if (m >= M || n >= N) continue;
-        epilogue_one(c, m, n, N, acc[mt][nt][i], b_scale, bias, out_type, activation);
+        if (partial)
+          partial[(int64_t(blockIdx.z) * M + m) * N + n] = acc[mt][nt][i];
+        else
+          epilogue_one(c, m, n, N, acc[mt][nt][i], b_scale, bias, out_type, activation);
       }
 }
+
+// Adds the splits' float32 partial sums in split order (deterministic) and runs the epilogue;
+// one row of C per blockIdx.y (M <= 32 here), columns across blockIdx.x.
+__global__ void mixed_split_k_epilogue(const float* __restrict__ partial,  // [splits, M, N]
+                                       int splits, const float* __restrict__ b_scale, const float* __restrict__ bias,
+                                       void* __restrict__ c, int M, int N, FloatType out_type, int activation) {
+  const int64_t m = blockIdx.y;
+  for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < N; n += int64_t(gridDim.x) * blockDim.x) {
+    float v = 0.f;
+    for (int s = 0; s < splits; ++s) v += partial[(int64_t(s) * M + m) * N + n];
+    epilogue_one(c, m, n, N, v, b_scale, bias, out_type, activation);
+  }
+}
+
+constexpr int kDecodeBm = 32, kDecodeBn = 64, kDecodeBk = 32;
 
 template <typename T, bool kBInt8, int kBm, int kBn, int kBk, int kWm, int kWn, int kStages>
 cudaError_t launch_tile(const void* a, int64_t lda, const void* b, int64_t ldb, const float* b_scale,
                         const float* bias, void* c, int64_t M, int64_t N, int64_t K, FloatType out_type,
-                        int activation, cudaStream_t stream) {
+                        int activation, void* workspace, cudaStream_t stream) {
   using Tile = MixedTile<kBm, kBn, kBk, kWm, kWn, kStages, kBInt8>;
-  const dim3 grid((N + kBn - 1) / kBn, (M + kBm - 1) / kBm);
+  const SplitK plan = plan_split_k(M, N, K, kBm, kBn, kBk);
+  const bool split = plan.splits > 1 && workspace != nullptr;
+  const dim3 grid((N + kBn - 1) / kBn, (M + kBm - 1) / kBm, split ? plan.splits : 1);
+  const int k_tiles_per_split = split ? plan.k_tiles_per_split : int((K + kBk - 1) / kBk);
+  float* partial = split ? static_cast<float*>(workspace) : nullptr;
   // 16-byte rows: 8 half elements of A; 16 int8 or 8 half elements of B.
   const int b_elems = kBInt8 ? 16 : 8;
   const bool aligned = K % b_elems == 0 && K % 8 == 0 && lda % 8 == 0 && ldb % b_elems == 0 && aligned16(a) &&
@@ -150,39 +175,53 @@ cudaError_t launch_tile(const void* a, int64_t lda, const void* b, int64_t ldb, 
   if (cudaError_t err = allow_smem(kernel, Tile::kSmemBytes); err != cudaSuccess) return err;
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(static_cast<const uint16_t*>(a), b, b_scale, bias, c,
                                                              lda, ldb, int(M), int(N), int(K), out_type,
-                                                             activation);
+                                                             activation, k_tiles_per_split, partial);
+  if (split) {
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    const dim3 reduce_grid(static_cast<unsigned>(std::min<int64_t>((N + 255) / 256, 64)), static_cast<unsigned>(M));
+    mixed_split_k_epilogue<<<reduce_grid, 256, 0, stream>>>(partial, plan.splits, b_scale, bias, c, int(M), int(N),
+                                                           out_type, activation);
+  }
   return cudaGetLastError();
 }
 
 template <typename T, bool kBInt8>
 cudaError_t launch_typed(const void* a, int64_t lda, const void* b, int64_t ldb, const float* b_scale,
                          const float* bias, void* c, int64_t M, int64_t N, int64_t K, FloatType out_type,
-                         int activation, cudaStream_t stream) {
-  // Small M (decoding, small batches): 32 x 64 tiles, 4 warps, so that N alone fills the GPU.
+                         int activation, void* workspace, cudaStream_t stream) {
+  // Small M (decoding, small batches): 32 x 64 tiles, 4 warps, K split so the grid fills the GPU.
   if (M <= 32)
-    return launch_tile<T, kBInt8, 32, 64, 32, 1, 4, 4>(a, lda, b, ldb, b_scale, bias, c, M, N, K, out_type,
-                                                       activation, stream);
+    return launch_tile<T, kBInt8, kDecodeBm, kDecodeBn, kDecodeBk, 1, 4, 4>(a, lda, b, ldb, b_scale, bias, c, M, N,
+                                                                             K, out_type, activation, workspace,
+                                                                             stream);
   return launch_tile<T, kBInt8, 128, 128, 32, 2, 4, 3>(a, lda, b, ldb, b_scale, bias, c, M, N, K, out_type,
-                                                       activation, stream);
+                                                       activation, nullptr, stream);
 }
 
 }  // namespace
 
+size_t mixed_gemm_workspace_bytes(int64_t M, int64_t N, int64_t K) {
+  if (M > 32) return 0;
+  const SplitK plan = plan_split_k(M, N, K, kDecodeBm, kDecodeBn, kDecodeBk);
+  return plan.splits > 1 ? size_t(plan.splits) * M * N * sizeof(float) : 0;
+}
+
 cudaError_t launch_mixed_gemm(const void* a, int64_t lda, const void* b, int64_t ldb, bool b_int8,
                               const float* b_scale, const float* bias, void* c, int64_t M, int64_t N, int64_t K,
-                              FloatType a_type, FloatType out_type, int activation, cudaStream_t stream) {
+                              FloatType a_type, FloatType out_type, int activation, void* workspace,
+                              cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   switch (a_type) {
     case FloatType::kFloat16:
       return b_int8 ? launch_typed<__half, true>(a, lda, b, ldb, b_scale, bias, c, M, N, K, out_type, activation,
-                                                 stream)
+                                                 workspace, stream)
                     : launch_typed<__half, false>(a, lda, b, ldb, b_scale, bias, c, M, N, K, out_type, activation,
-                                                  stream);
+                                                  workspace, stream);
     case FloatType::kBFloat16:
       return b_int8 ? launch_typed<__nv_bfloat16, true>(a, lda, b, ldb, b_scale, bias, c, M, N, K, out_type,
-                                                        activation, stream)
+                                                        activation, workspace, stream)
                     : launch_typed<__nv_bfloat16, false>(a, lda, b, ldb, b_scale, bias, c, M, N, K, out_type,
-                                                         activation, stream);
+                                                         activation, workspace, stream);
     default: return cudaErrorInvalidValue;  // float32 A has no HMMA path: the glue rejects it
   }
 }

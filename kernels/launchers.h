@@ -34,7 +34,11 @@ cudaError_t launch_int8_gemm(const int8_t* a,        // [M, K]
                              const float* bias,      // [N] or nullptr
                              void* c,                // [M, N] contiguous, int32 or out_type
                              int64_t M, int64_t N, int64_t K, bool raw_int32, FloatType out_type,
+                             void* workspace,        // int8_gemm_workspace_bytes(M, N, K) bytes, or nullptr
                              cudaStream_t stream);
+// Bytes of scratch launch_int8_gemm uses to split K for these sizes (0: no split). Without
+// it (workspace nullptr) the decode GEMM runs unsplit.
+size_t int8_gemm_workspace_bytes(int64_t M, int64_t N, int64_t K);
 
 // C = activation(A @ B^T * b_scale[n] + bias[n]) on fp16/bf16 tensor cores with float32
 // accumulation, written as out_type. A is `a_type` (kFloat16 or kBFloat16); B is the same
@@ -50,7 +54,11 @@ cudaError_t launch_mixed_gemm(const void* a,         // [M, K] of a_type
                               const float* bias,     // [N] or nullptr
                               void* c,               // [M, N] contiguous, out_type
                               int64_t M, int64_t N, int64_t K, FloatType a_type, FloatType out_type,
-                              int activation, cudaStream_t stream);
+                              int activation,
+                              void* workspace,       // mixed_gemm_workspace_bytes(M, N, K) bytes, or nullptr
+                              cudaStream_t stream);
+// Bytes of scratch launch_mixed_gemm uses to split K for these sizes (0: no split).
+size_t mixed_gemm_workspace_bytes(int64_t M, int64_t N, int64_t K);
 // Bytes of scratch launch_attention_fwd needs for these sizes (0 when it does not split keys).
 size_t attention_fwd_workspace_bytes(int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D);
 

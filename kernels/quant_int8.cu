@@ -17,10 +17,10 @@ struct Vec16 {  // 16 bytes of T
   T v[kSize];
 };
 
-__device__ __forceinline__ int8_t quantize_one(float x, float scale) {
-  // IEEE division (not a reciprocal multiply) so results match torch.round(x / scale)
-  // bit for bit; __float2int_rn rounds half to even like torch.round.
-  int v = __float2int_rn(__fdiv_rn(x, scale));
+__device__ __forceinline__ int8_t quantize_one(float x, float inv) {
+  // x times the row's reciprocal scale, rounded once (__fmul_rn is never fused into an FMA),
+  // then half to even (__float2int_rn): reference.quantize_int8's round(x * inv) bit for bit.
+  int v = __float2int_rn(__fmul_rn(x, inv));
   return static_cast<int8_t>(max(-127, min(127, v)));
 }
 
@@ -47,8 +47,9 @@ __global__ void quantize_int8_kernel(const T* __restrict__ x,  // [rows, cols]
     for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) absmax = fmaxf(absmax, fabsf(to_float(xr[i])));
   }
   absmax = block_max(absmax, scratch);
-  const float s = absmax > 0.f ? __fdiv_rn(absmax, 127.f) : 1.f;
-  if (threadIdx.x == 0) scale[row] = s;
+  if (threadIdx.x == 0) scale[row] = absmax > 0.f ? __fdiv_rn(absmax, 127.f) : 1.f;
+  // One IEEE division per row; capped at float32's max so an all-zero row gives zeros.
+  const float inv = fminf(__fdiv_rn(127.f, absmax), 3.402823466e38f);
 
   if constexpr (kVectorized) {
     const auto* xv = reinterpret_cast<const Vec16<T>*>(xr);
@@ -56,7 +57,7 @@ __global__ void quantize_int8_kernel(const T* __restrict__ x,  // [rows, cols]
       Vec16<T> chunk = xv[i];
       int8_t packed[V];
 #pragma unroll
-      for (int j = 0; j < V; ++j) packed[j] = quantize_one(to_float(chunk.v[j]), s);
+      for (int j = 0; j < V; ++j) packed[j] = quantize_one(to_float(chunk.v[j]), inv);
       // V int8 values: 4, 8 or 16 bytes, stored in one go.
       if constexpr (V == 4) {
         *reinterpret_cast<char4*>(qr + i * V) = *reinterpret_cast<char4*>(packed);
@@ -67,18 +68,24 @@ __global__ void quantize_int8_kernel(const T* __restrict__ x,  // [rows, cols]
       }
     }
   } else {
-    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) qr[i] = quantize_one(to_float(xr[i]), s);
+    for (int64_t i = threadIdx.x; i < cols; i += blockDim.x) qr[i] = quantize_one(to_float(xr[i]), inv);
   }
 }
 
+// One row per grid.y step, columns across grid.x: the row's scale is read once per thread and
+// no element index is divided by cols (a 64-bit division per element, emulated on GPUs).
 template <typename T>
 __global__ void dequantize_int8_kernel(const int8_t* __restrict__ q,     // [rows, cols]
                                        const float* __restrict__ scale,  // [rows]
                                        T* __restrict__ out,              // [rows, cols]
-                                       int64_t cols, int64_t total) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = from_float<T>(static_cast<float>(q[i]) * scale[i / cols]);
+                                       int64_t rows, int64_t cols) {
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const float s = scale[row];
+    const int8_t* qr = q + row * cols;
+    T* outr = out + row * cols;
+#pragma unroll 1  // an unrolled loop would divide by its stride for the trip count
+    for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < cols; c += int64_t(gridDim.x) * blockDim.x)
+      outr[c] = from_float<T>(static_cast<float>(qr[c]) * s);
   }
 }
 
@@ -101,9 +108,10 @@ cudaError_t launch_quantize_typed(const void* x, int8_t* q, float* scale, int64_
 template <typename T>
 cudaError_t launch_dequantize_typed(const int8_t* q, const float* scale, void* out, int64_t rows, int64_t cols,
                                     cudaStream_t stream) {
-  const int64_t total = rows * cols;
-  const int blocks = static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads, 65535));
-  dequantize_int8_kernel<T><<<blocks, kThreads, 0, stream>>>(q, scale, static_cast<T*>(out), cols, total);
+  // grid.x covers a row (at most 64 blocks: long rows loop), grid.y the rows (at most 65535: the limit).
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((cols + kThreads - 1) / kThreads, 64)),
+                  static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+  dequantize_int8_kernel<T><<<grid, kThreads, 0, stream>>>(q, scale, static_cast<T*>(out), rows, cols);
   return cudaGetLastError();
 }
 

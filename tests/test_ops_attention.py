@@ -260,24 +260,12 @@ print(sorted(done))
 def test_cuda_kernels_use_tensor_cores():
     # Built without a GPU here, so the SASS is the proof: every instantiation of the attention
     # forward and backward kernels for sm_90 must hold HMMA (mma.sync m16n8k16) instructions.
-    import glob
-    import os
-    import re
-    import subprocess
+    from device_code import sm90_functions
 
-    import triton
-
-    import msmartcompute
-
-    so = glob.glob(os.path.join(os.path.dirname(msmartcompute.__file__), "_C*.so"))[0]
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90", so], capture_output=True, text=True,
-                          check=True).stdout
-    functions = re.split(r"\n\s*Function : ", sass)[1:]
     # fp16/bf16 x head dims 32/64/128/256 x 1 or 4 warps; backward: fp16/bf16 x 32/64/128.
     for kernel, count in (("20attention_fwd_kernel", 16), ("25attention_bwd_dkdv_kernel", 6),
                           ("23attention_bwd_dq_kernel", 6)):
-        found = [f for f in functions if kernel in f.split("\n", 1)[0]]
+        found = sm90_functions(kernel)
         assert len(found) == count, kernel
         for body in found:
             assert "HMMA.16816.F32" in body, body.split("\n", 1)[0]

@@ -252,7 +252,9 @@ def test_compiles_with_fullgraph():
 
 # ---- GPU only: sizes that exercise full tiles, the pipeline and the tails ------------------------
 
-GPU_SHAPES = [(1, 4096, 4096), (16, 4096, 1000), (129, 1000, 4096), (512, 2048, 2048), (257, 4104, 771)]
+# M <= 32 with K of 8+ tiles takes the split-K decode path (5 x 1000: unaligned rows too).
+GPU_SHAPES = [(1, 4096, 4096), (16, 4096, 1000), (5, 1000, 771), (129, 1000, 4096), (512, 2048, 2048),
+              (257, 4104, 771)]
 
 
 @pytest.mark.gpu
@@ -312,3 +314,107 @@ def test_mixed_gemm_opcheck_with_grad():
     bias = torch.randn(8, requires_grad=True)
     torch.library.opcheck(torch.ops.msmartcompute.mixed_gemm.default, (a, b, bias, "silu", None))
     torch.library.opcheck(torch.ops.msmartcompute.mixed_gemm.default, (a, b, None, None, None))
+
+
+# ---- fixes found by reading the kernels ---------------------------------------------------------
+
+def test_int8_k_past_int32_accumulation_is_refused():
+    K = ops.gemm.MAX_INT8_K + 1  # 131072: K * 128 * 128 no longer fits int32
+    a, s = torch.full((1, K), 127, dtype=torch.int8), torch.ones(1)
+    for backend in ops.available_backends("cpu"):
+        with pytest.raises(ValueError, match="int32 accumulation of int8 products can overflow"):
+            ops.int8_matmul(a, a, s, s, backend=backend)
+    with pytest.raises(ValueError, match="int32 accumulation"):
+        ops.int8_linear(torch.ones(1, K), a, s)
+    with pytest.raises(RuntimeError, match="int32 accumulation"):  # direct callers of the C++ op too
+        torch.ops.msmartcompute.int8_matmul(a, a, s, s, None, torch.int32)
+    assert ops.int8_linear(torch.ones(1, K), a, s, mode="w8a16").shape == (1, 1)  # float accumulation
+    at_bound = a[:, :-1]  # 127 * 127 * 131071 < 2**31: exact
+    assert ops.int8_matmul(at_bound, at_bound, s, s, out_dtype=torch.int32, backend="cpu").item() == 127 * 127 * (K - 1)
+
+
+@pytest.mark.parametrize("backend", ops.available_backends("cpu"))
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_int8_linear_gradient_for_x_and_bias(backend, mode):
+    x = torch.randn(2, 3, 40, requires_grad=True)
+    w_q, w_scale = reference.quantize_int8(torch.randn(24, 40))
+    bias = torch.randn(24, requires_grad=True)
+    out = ops.int8_linear(x, w_q, w_scale, bias, mode, backend=backend)
+    grad = torch.randn(out.shape)
+    grad_x, grad_bias = torch.autograd.grad(out, (x, bias), grad)
+    torch.testing.assert_close(grad_x, grad @ (w_q.float() * w_scale[:, None]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_bias, grad.reshape(-1, 24).sum(0), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert not ops.int8_linear(x, w_q, w_scale, bias, mode, backend=backend).requires_grad
+
+
+needs_interpreter = pytest.mark.skipif("triton" not in ops.available_backends("cpu"),
+                                       reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
+
+
+@needs_interpreter
+def test_triton_w8a8_quantizes_x_like_quantize_int8():
+    # Rows whose values sit at the rounding ties of x * (127 / absmax): the fused quantization
+    # must multiply by the row's reciprocal as quantize_int8 does, not divide per element.
+    absmax = torch.tensor([0.7, 3.1e-3])
+    steps = (torch.arange(-126, 127, dtype=torch.float64) + 0.5) / 127
+    x = (steps[None, :] * absmax[:, None].double()).float()
+    x = torch.cat([x, torch.nextafter(x, torch.tensor(1e9)), torch.nextafter(x, torch.tensor(-1e9)),
+                   absmax[:, None]], dim=1)  # [2, 760]
+    w_q, w_scale = reference.quantize_int8(torch.randn(16, x.shape[1]))
+    out = ops.int8_linear(x, w_q, w_scale, None, "w8a8", backend="triton")
+    one_ulp_close(out, reference.int8_linear(x, w_q, w_scale, None, "w8a8"))
+
+
+@needs_interpreter
+def test_triton_output_offsets_are_64_bit():
+    # The row offset m * stride_cm passes 2**31 with a stride under it: int32 offsets would wrap
+    # and store below the output. The storage is virtual: only the 3 written rows are touched.
+    from msmartcompute.ops.triton import gemm as triton_gemm
+
+    M, K, N = 3, 64, 8
+    stride = 2**30 + 16
+    storage = torch.empty(stride * (M - 1) + N, dtype=torch.float16)
+    c = storage.as_strided((M, N), (stride, 1))
+    a_q, b_q, a_scale, b_scale = int8_operands(M, K, N, "cpu")
+    triton_gemm._launch(triton_gemm._int8_matmul_kernel, triton_gemm._int8_matmul_tuned, M, N,
+                        a_q, b_q, a_scale, b_scale, b_scale, c, M, N, K, 4,
+                        a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), c.stride(0), c.stride(1),
+                        HAS_BIAS=False, OUT_INT32=False)
+    one_ulp_close(c, reference.int8_matmul(a_q, b_q, a_scale, b_scale, None, torch.float16))
+
+
+def test_triton_gemm_tuning_for_hopper():
+    from msmartcompute.ops.triton import gemm as triton_gemm
+
+    for tuned in (triton_gemm._int8_matmul_tuned, triton_gemm._w8a8_linear_tuned, triton_gemm._float_gemm_tuned):
+        assert tuned.keys == ["M_BUCKET", "N", "K"]  # a new batch size re-uses its power-of-two bucket
+    # 128-byte rows of K per tile (64 half, 128 int8): what wgmma's swizzled shared-memory reads want
+    assert {c.kwargs["BLOCK_K"] for c in triton_gemm.FLOAT_CONFIGS} == {64}
+    assert {c.kwargs["BLOCK_K"] for c in triton_gemm.INT8_CONFIGS} == {128}
+    for configs in (triton_gemm.FLOAT_CONFIGS, triton_gemm.INT8_CONFIGS):  # two warpgroups on a 128x256 tile
+        assert any((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == (128, 256, 8) for c in configs)
+
+
+def test_triton_lowering_check_uses_the_runtime_alignment_hints():
+    # In a process without the interpreter: with the runtime's hints (16-byte aligned pointers,
+    # sizes multiple of 16) the quantize kernel's loads are 16-byte vectors; without, scalar.
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('lowering', {os.path.join(root, '.ci', 'check_triton_lowering.py')!r})\n"
+        "lowering = importlib.util.module_from_spec(spec); spec.loader.exec_module(lowering)\n"
+        "from msmartcompute.ops.triton import quant\n"
+        "kernel, signature, constexprs = quant.AOT_SPECS[0]\n"
+        "for variant in lowering.VARIANTS:\n"
+        "    ptx = lowering.lower(kernel, signature, constexprs, lowering.TARGETS[1], variant).asm['ptx']\n"
+        "    print(variant, 'ld.global.v4' in ptx)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["aligned", "True", "unaligned", "False"]

@@ -141,3 +141,52 @@ def test_cuda_vector_and_scalar_paths(cols):
         q_ref, scale_ref = reference.quantize_int8(x)
         torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
         torch.testing.assert_close(scale, scale_ref, rtol=0, atol=0)
+
+
+def reciprocal_ties(absmax=0.7, per_step=3):
+    """A row whose values sit within a few ulps of the half-way points k + 0.5 of x * (127 / absmax):
+    where round(x * inv) and round(x / (absmax / 127)) part, so only the reciprocal formula
+    (reference.quantize_int8: one division per row, a multiply per element) matches everywhere."""
+    steps = torch.arange(-126, 127, dtype=torch.float64) + 0.5
+    x = (steps * absmax / 127).float()
+    near, up, down = [x], x, x
+    for _ in range(per_step):
+        up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(float("-inf")))
+        near += [up, down]
+    row = torch.cat(near + [torch.tensor([absmax, -absmax])])
+    inv = torch.tensor(127.0) / torch.tensor(absmax)  # both tensors: a true division
+    parted = (torch.round(row * inv) != torch.round(row / (torch.tensor(absmax) / 127.0))).sum().item()
+    assert parted > 0, "the row does not tell the two formulas apart"
+    return row
+
+
+@pytest.mark.parametrize("device,backend", [(d, b) for d in DEVICES for b in backends_for(d)])
+def test_rounds_x_times_the_row_reciprocal(device, backend):
+    # Every backend multiplies by 127 / absmax (no division per element) and gives the reference's bits.
+    x = torch.stack([reciprocal_ties(0.7), reciprocal_ties(3.1e-3)]).to(device)
+    q, scale = ops.quantize_int8(x, backend=backend)
+    q_ref, scale_ref = reference.quantize_int8(x)
+    torch.testing.assert_close(scale, scale_ref, rtol=0, atol=0)
+    torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
+
+
+def test_reference_quantize_has_no_nan_for_tiny_rows():
+    # absmax so small that 127 / absmax overflows: the capped reciprocal keeps q finite.
+    x = torch.tensor([[1e-44, 0.0, -1e-44], [0.0, 0.0, 0.0]])
+    for backend in backends_for("cpu"):
+        q, scale = ops.quantize_int8(x, backend=backend)
+        q_ref, _ = reference.quantize_int8(x)
+        torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
+        assert q[1].tolist() == [0, 0, 0] and scale[1].item() == 1.0
+
+
+@pytest.mark.skipif(not ops.extension_info()["cuda_kernels"], reason="extension built without CUDA")
+def test_cuda_dequantize_has_no_division_per_element():
+    # Built without a GPU here, so the SASS is the proof: a 64-bit integer division (the old
+    # `scale[i / cols]`) is an emulated subroutine, a CALL in the dequantize kernels' SASS.
+    from device_code import sm90_functions
+
+    kernels = sm90_functions("dequantize_int8_kernel")
+    assert len(kernels) == 3  # float, half, bfloat16
+    for body in kernels:
+        assert "CALL" not in body, body.split("\n", 1)[0]

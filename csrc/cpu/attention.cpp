@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../attention.h"
+#include "vectorize.h"
 
 namespace msmartcompute {
 namespace {
@@ -23,13 +24,8 @@ constexpr int64_t kBlockK = 64;  // keys per streamed block: K^T and V blocks fi
 // The block products and the exponentials, on fp32 buffers, where the time goes. On x86-64
 // GCC builds clones for AVX-512 and AVX2 + FMA, picked at load time (so the build still runs
 // on any x86-64); the fixed-width inner loops keep their accumulators in vector registers.
-// no-trapping-math lets GCC if-convert the clamp in exp_nonpositive, so its loop vectorizes.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MSC_HOT \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), optimize("no-trapping-math")))
-#else
-#define MSC_HOT
-#endif
+// no-trapping-math lets GCC if-convert the clamp in exp_nonpositive, so its loop vectorizes
+// (MSC_HOT, vectorize.h).
 
 #define MSC_INLINE inline __attribute__((always_inline))
 

@@ -29,6 +29,11 @@ const float* float_bias(const std::optional<at::Tensor>& bias, at::Tensor& holde
   return holder.const_data_ptr<float>();
 }
 
+// The decode GEMMs' split-K partial sums, from the caching allocator (bytes, 0 when unsplit).
+at::Tensor split_k_workspace(size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
 // out [M, N] = int8 GEMM epilogue of a_q [M, K] and b_q [N, K].
 at::Tensor run_int8_gemm(const at::Tensor& a_q, const at::Tensor& b_q, const at::Tensor& a_scale,
                          const at::Tensor& b_scale, const std::optional<at::Tensor>& bias, at::ScalarType dtype) {
@@ -40,10 +45,12 @@ at::Tensor run_int8_gemm(const at::Tensor& a_q, const at::Tensor& b_q, const at:
   const float* bias_ptr = float_bias(bias, bias_f);
   auto out = at::empty({M, N}, a.options().dtype(dtype));
   const bool raw = dtype == at::kInt;
+  auto workspace = split_k_workspace(cuda::int8_gemm_workspace_bytes(M, N, K), a);
   check_launch(cuda::launch_int8_gemm(a.const_data_ptr<int8_t>(), a.stride(0), b.const_data_ptr<int8_t>(),
                                       b.stride(0), sa.const_data_ptr<float>(), sb.const_data_ptr<float>(), bias_ptr,
                                       out.mutable_data_ptr(), M, N, K, raw,
                                       raw ? cuda::FloatType::kFloat32 : float_type(dtype, "msmartcompute GEMMs"),
+                                      workspace.numel() ? workspace.mutable_data_ptr() : nullptr,
                                       c10::cuda::getCurrentCUDAStream()),
                "int8_matmul kernel");
   return out;
@@ -57,9 +64,11 @@ at::Tensor run_mixed_gemm(const at::Tensor& a_in, const at::Tensor& b_in, const 
   at::Tensor bias_f;
   const float* bias_ptr = float_bias(bias, bias_f);
   auto out = at::empty({M, N}, a.options().dtype(dtype));
+  auto workspace = split_k_workspace(cuda::mixed_gemm_workspace_bytes(M, N, K), a);
   check_launch(cuda::launch_mixed_gemm(a.const_data_ptr(), a.stride(0), b.const_data_ptr(), b.stride(0),
                                        b.scalar_type() == at::kChar, b_scale, bias_ptr, out.mutable_data_ptr(), M, N,
                                        K, float_type(a.scalar_type(), "msmartcompute GEMMs"), float_type(dtype, "msmartcompute GEMMs"), static_cast<int>(act),
+                                       workspace.numel() ? workspace.mutable_data_ptr() : nullptr,
                                        c10::cuda::getCurrentCUDAStream()),
                "mixed_gemm kernel");
   return out;

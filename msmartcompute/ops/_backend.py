@@ -1,17 +1,36 @@
-"""Which implementation runs an op: the extension, Triton or plain torch."""
+"""Which implementation runs an op: ours (the extension's CUDA or CPU kernels, Triton) or
+torch's own, and for ``backend="auto"`` the one measured fastest here.
+
+Every op goes through `dispatch`: it hands over one zero-argument callable per backend that
+can take its inputs (or, instead of a callable, the reason that backend cannot), and a
+`key` saying which inputs behave alike (dtype, flags, sizes bucketed by `pow2`). For
+``auto``, the first call with a new (op, device, key) runs every candidate that can run on
+the device, times them, keeps the fastest for the rest of the process (and, with
+``MSC_KERNEL_CACHE=path.json``, across processes on the same machine), logs the choice and
+records it for `backend_choices()`. ``backend=`` or ``MSC_KERNEL_BACKEND`` names a backend
+outright and nothing is measured.
+"""
 from __future__ import annotations
 
+import json
+import logging
 import os
+import platform
+import statistics
+import threading
+import time
+from typing import Any, Callable
 
 import torch
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+log = logging.getLogger("msmartcompute.ops")
 
 try:
     from msmartcompute import _C  # noqa: F401  (registers torch.ops.msmartcompute.*)
 
     EXTENSION_ERROR: str | None = None
-except ImportError as exc:  # not built: the torch reference still works
+except ImportError as exc:  # not built: the torch implementations still work
     _C = None
     EXTENSION_ERROR = str(exc)
 
@@ -51,6 +70,11 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return found
 
 
+def auto_candidates(device: torch.device) -> list[str]:
+    """What `auto` may pick on `device`: the Triton interpreter (CPU) is a test tool, never fast."""
+    return [b for b in available_backends(device) if b != "triton" or device.type == "cuda"]
+
+
 def extension_info() -> dict:
     return {
         "loaded": extension_loaded(),
@@ -60,15 +84,16 @@ def extension_info() -> dict:
 
 
 def resolve(requested: str | None, device: torch.device, op: str) -> str:
-    """The backend that runs `op` on a tensor on `device`; raises ValueError if unusable."""
+    """The backend named by `requested` / MSC_KERNEL_BACKEND, checked for `device`. For "auto"
+    this is the static preference (ours first) that `dispatch` falls back to where it cannot
+    measure (FakeTensor tracing, torch.compile); `dispatch` measures otherwise."""
     requested = requested or os.environ.get("MSC_KERNEL_BACKEND") or "auto"
     if requested not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     usable = available_backends(device)
     if requested == "auto":
-        for choice in ("cuda", "cpu", "triton", "torch"):
-            if choice in usable and (choice != "triton" or device.type == "cuda"):
-                return choice
+        candidates = auto_candidates(device)
+        return next(choice for choice in ("cuda", "cpu", "triton", "torch") if choice in candidates)
     if requested not in usable:
         reason = {
             "cuda": "needs a CUDA tensor and an extension built with CUDA",
@@ -80,3 +105,152 @@ def resolve(requested: str | None, device: torch.device, op: str) -> str:
             f"usable here: {', '.join(usable)}"
         )
     return requested
+
+
+def pow2(n: int) -> int:
+    """The shape bucket of a size: the next power of two (0 stays 0)."""
+    return 1 << (int(n) - 1).bit_length() if n > 0 else 0
+
+
+Impl = Callable[[], Any]
+
+
+def dispatch(op: str, requested: str | None, device: torch.device, key: tuple,
+             impls: dict[str, Impl | str]) -> Any:
+    """Run `op` on the backend asked for, or for "auto" on the fastest measured for `key`.
+
+    impls: backend -> a zero-argument callable computing the op on these inputs, or a string
+    saying why that backend cannot take them. Backends the device cannot run are ignored.
+    """
+    name = requested or os.environ.get("MSC_KERNEL_BACKEND") or "auto"
+    if name == "auto":
+        # the hot path of every op call: one dict lookup once the choice is made
+        known = _CHOICES.memo.get((op, device, key, torch.get_num_threads()))
+        if known is not None:
+            return impls[known]()
+    chosen = resolve(name, device, op)
+    if name != "auto":
+        impl = impls.get(chosen, f"there is no {chosen} implementation")
+        if isinstance(impl, str):
+            raise ValueError(f"{op}: backend {chosen!r} cannot run these inputs: {impl}")
+        return impl()
+    runnable = {b: f for b, f in impls.items() if b in auto_candidates(device) and not isinstance(f, str)}
+    if not runnable:
+        raise ValueError(f"{op}: no backend on {device} takes these inputs: "
+                         + "; ".join(f"{b}: {why}" for b, why in impls.items() if isinstance(why, str)))
+    if len(runnable) == 1 or not _measurable(device):
+        return runnable[chosen]() if chosen in runnable else next(iter(runnable.values()))()
+    return _CHOICES.run(op, device, key, runnable)
+
+
+def _measurable(device: torch.device) -> bool:
+    """Timing needs real kernels on a real device: not while torch.compile traces."""
+    return device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+
+
+def device_label(device: torch.device) -> str:
+    """What a measured choice is valid for: the card, or the CPU with the threads torch uses."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.machine()}:{torch.get_num_threads()}threads"
+
+
+class _Choices:
+    """The measured choices: per (op, device label, key), the backend and every candidate's time."""
+
+    # Each candidate runs once untimed (a Triton JIT compile, a first-touch allocation), then
+    # is timed at least MIN_REPS times and until MIN_TIME_S has passed (at most MAX_REPS).
+    MIN_REPS, MAX_REPS, MIN_TIME_S = 3, 20, 0.02
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.table: dict[tuple, dict] = {}  # (op, device label, repr(key)) -> the visible entry
+        self.memo: dict[tuple, str] = {}    # (op, device, key, torch threads) -> backend: the hot path
+        self.loaded_from: str | None = None
+
+    def run(self, op: str, device: torch.device, key: tuple, runnable: dict[str, Impl]) -> Any:
+        self._load()
+        full_key = (op, device_label(device), repr(key))
+        memo_key = (op, device, key, torch.get_num_threads())
+        with self.lock:  # one measurement at a time: a concurrent one would skew both
+            entry = self.table.get(full_key)
+            if entry is not None and entry["backend"] in runnable:
+                self.memo[memo_key] = entry["backend"]
+                return runnable[entry["backend"]]()
+            times, results, errors = {}, {}, {}
+            for backend, impl in runnable.items():
+                try:
+                    times[backend], results[backend] = self._time(impl, device)
+                except Exception as exc:  # noqa: BLE001 - a candidate that fails is not a candidate
+                    errors[backend] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            if not times:
+                raise RuntimeError(f"{op}: every backend failed on these inputs: {errors}")
+            best = min(times, key=times.get)
+            self.table[full_key] = {"op": op, "device": full_key[1], "key": full_key[2], "backend": best,
+                                    "times_us": {b: round(t * 1e6, 1) for b, t in times.items()},
+                                    "errors": errors}
+            log.info("auto backend: %s on %s %s -> %s (%s)", op, full_key[1], full_key[2], best,
+                     ", ".join(f"{b} {t * 1e6:.0f} us" for b, t in sorted(times.items(), key=lambda i: i[1])))
+            self.memo[memo_key] = best
+            self._save()
+            return results[best]
+
+    def _time(self, impl: Impl, device: torch.device) -> tuple[float, Any]:
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        result = impl()
+        sync()
+        samples: list[float] = []
+        start = time.perf_counter()
+        while len(samples) < self.MAX_REPS and (len(samples) < self.MIN_REPS or
+                                                time.perf_counter() - start < self.MIN_TIME_S):
+            t0 = time.perf_counter()
+            result = impl()
+            sync()
+            samples.append(time.perf_counter() - t0)
+        # The lower half's median: robust to another process taking the core for a moment.
+        samples.sort()
+        return statistics.median(samples[:max(1, len(samples) // 2)]), result
+
+    def _load(self) -> None:
+        path = os.environ.get("MSC_KERNEL_CACHE")
+        if not path or self.loaded_from == path:
+            return
+        self.loaded_from = path
+        try:
+            with open(path) as f:
+                for entry in json.load(f):
+                    self.table.setdefault((entry["op"], entry["device"], entry["key"]), entry)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.info("auto backend: no usable choices in %s (%s); measuring", path, exc)
+
+    def _save(self) -> None:
+        path = os.environ.get("MSC_KERNEL_CACHE")
+        if not path:
+            return
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(list(self.table.values()), f, indent=1)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("auto backend: cannot save the choices to %s: %s", path, exc)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.table.clear()
+            self.memo.clear()
+            self.loaded_from = None
+
+
+_CHOICES = _Choices()
+
+
+def backend_choices() -> list[dict]:
+    """Every choice `auto` has made in this process (or loaded from MSC_KERNEL_CACHE): op, device,
+    key, the backend picked, each candidate's time in microseconds and any candidate's error."""
+    return [dict(entry) for entry in _CHOICES.table.values()]
+
+
+def clear_backend_choices() -> None:
+    """Forget every measured choice (the next auto call of each kind measures again)."""
+    _CHOICES.clear()

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-from ._backend import extension_loaded, resolve
+from ._backend import dispatch, extension_loaded, pow2
 
 # Head dims the tiled GPU kernels are built for; the CPU kernel and the reference take any.
 GPU_HEAD_DIMS = (32, 64, 128, 256)
@@ -44,27 +43,49 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         causal: mask aligned to the end: query i sees keys j <= Sk - Sq + i, so one decode
             step (Sq = 1) against a KV cache is the same call. Needs Sq <= Sk.
         scale: score scale, default 1 / sqrt(D).
-        backend: auto | cuda | triton | cpu | torch (default: $MSC_KERNEL_BACKEND or auto).
+        backend: auto | cuda | triton | cpu | torch (default: $MSC_KERNEL_BACKEND or auto);
+            torch is F.scaled_dot_product_attention.
     Returns:
         out [B, H, Sq, D] in q's dtype; differentiable with respect to q, k and v.
     """
     _check_inputs(q, k, v, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    chosen = resolve(backend, q.device, "fused_attention")
     device_kind = "cuda" if q.device.type == "cuda" else "cpu"
-    if chosen != "torch" and q.dtype not in _DTYPES[device_kind]:
-        names = ", ".join(str(t).removeprefix("torch.") for t in _DTYPES[device_kind])
-        raise ValueError(f"fused_attention: {chosen} backend on {device_kind} takes {names}, got {q.dtype}")
-    if chosen in ("cuda", "triton") and q.shape[-1] not in GPU_HEAD_DIMS:
-        raise ValueError(f"fused_attention: head dim {q.shape[-1]} is not supported by the {chosen} kernels "
-                         f"(q {tuple(q.shape)}); supported: {GPU_HEAD_DIMS}")
-    if chosen in ("cuda", "cpu"):
-        return torch.ops.msmartcompute.fused_attention_fwd(q, k, v, causal, scale)[0]
-    if chosen == "triton":
-        from .triton import attention as triton_attention
 
-        return triton_attention.attention(q, k, v, causal, scale)
-    return reference.attention_reference(q, k, v, causal, scale)
+    def ours(name, run):  # our kernels' limits, as the reason a backend cannot take these inputs
+        if q.dtype not in _DTYPES[device_kind]:
+            names = ", ".join(str(t).removeprefix("torch.") for t in _DTYPES[device_kind])
+            return f"{name} backend on {device_kind} takes {names}, got {q.dtype}"
+        if name in ("cuda", "triton") and q.shape[-1] not in GPU_HEAD_DIMS:
+            return (f"head dim {q.shape[-1]} is not supported by the {name} kernels (q {tuple(q.shape)}); "
+                    f"supported: {GPU_HEAD_DIMS}")
+        return run
+
+    B, H, Sq, D = q.shape
+    key = (str(q.dtype), causal, k.shape[1] != H, pow2(B * H), pow2(Sq), pow2(k.shape[2]), D)
+    return dispatch("fused_attention", backend, q.device, key, {
+        "cuda": ours("cuda", lambda: torch.ops.msmartcompute.fused_attention_fwd(q, k, v, causal, scale)[0]),
+        "cpu": ours("cpu", lambda: torch.ops.msmartcompute.fused_attention_fwd(q, k, v, causal, scale)[0]),
+        "triton": ours("triton", lambda: _triton().attention(q, k, v, causal, scale)),
+        "torch": lambda: _sdpa(q, k, v, causal, scale),
+    })
+
+
+def _sdpa(q, k, v, causal, scale):
+    """torch's own attention (F.scaled_dot_product_attention) with our causal alignment: query
+    i sees keys j <= Sk - Sq + i (SDPA's is_causal aligns to the start when Sq != Sk)."""
+    sq, sk = q.shape[-2], k.shape[-2]
+    mask = None
+    if causal and sq != sk:
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)  # True: attend
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal and sq == sk, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _triton():
+    from .triton import attention
+
+    return attention
 
 
 if extension_loaded():

@@ -8,11 +8,14 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import extension_loaded, resolve
+from ._backend import dispatch, extension_loaded, pow2
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = (None, "relu", "gelu", "silu")
 MODES = ("w8a8", "w8a16")
+# Past this K an int8 dot product can leave int32 (K * 128 * 128 > 2**31 - 1); csrc/gemm.h holds
+# the same bound for callers of torch.ops.msmartcompute.* directly.
+MAX_INT8_K = 131071
 
 
 def _check_bias(op: str, bias: torch.Tensor | None, n: int, device: torch.device) -> None:
@@ -54,14 +57,14 @@ def int8_matmul(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor, b_s
     if len({a_q.device, b_q.device, a_scale.device, b_scale.device}) != 1:
         raise ValueError("int8_matmul: a_q, b_q, a_scale and b_scale must be on one device")
     _check_bias("int8_matmul", bias, b_q.shape[0], a_q.device)
-    chosen = resolve(backend, a_q.device, "int8_matmul")
-    if chosen in ("cuda", "cpu"):
-        return torch.ops.msmartcompute.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype)
-    if chosen == "triton":
-        from .triton import gemm as triton_gemm
-
-        return triton_gemm.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype)
-    return reference.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+    _check_k("int8_matmul", a_q.shape[1])
+    M, K, N = a_q.shape[0], a_q.shape[1], b_q.shape[0]
+    return dispatch("int8_matmul", backend, a_q.device, (str(out_dtype), bias is not None, pow2(M), pow2(K), pow2(N)), {
+        "cuda": lambda: torch.ops.msmartcompute.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype),
+        "cpu": lambda: torch.ops.msmartcompute.int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype),
+        "triton": lambda: _triton().int8_matmul(a_q, b_q, a_scale, b_scale, bias, out_dtype),
+        "torch": lambda: _int8_matmul_torch(a_q, b_q, a_scale, b_scale, bias, out_dtype),
+    })
 
 
 def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -91,14 +94,48 @@ def int8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias:
     if len({x.device, w_q.device, w_scale.device}) != 1:
         raise ValueError("int8_linear: x, w_q and w_scale must be on one device")
     _check_bias("int8_linear", bias, w_q.shape[0], x.device)
-    chosen = resolve(backend, x.device, "int8_linear")
-    if chosen in ("cuda", "cpu"):
-        return torch.ops.msmartcompute.int8_linear(x, w_q, w_scale, bias, mode)
-    if chosen == "triton":
-        from .triton import gemm as triton_gemm
+    if mode == "w8a8":
+        _check_k("int8_linear", w_q.shape[1])
+    M, K, N = x.numel() // max(x.shape[-1], 1), x.shape[-1], w_q.shape[0]
 
-        return triton_gemm.int8_linear(x, w_q, w_scale, bias, mode)
-    return reference.int8_linear(x, w_q, w_scale, bias, mode)
+    def run():
+        return dispatch("int8_linear", backend, x.device, (mode, str(x.dtype), bias is not None,
+                                                          pow2(M), pow2(K), pow2(N)), {
+            "cuda": lambda: torch.ops.msmartcompute.int8_linear(x, w_q, w_scale, bias, mode),
+            "cpu": lambda: torch.ops.msmartcompute.int8_linear(x, w_q, w_scale, bias, mode),
+            "triton": lambda: _triton().int8_linear(x, w_q, w_scale, bias, mode),
+            "torch": lambda: _int8_linear_torch(x, w_q, w_scale, bias, mode),
+        })
+
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _Int8LinearBackward.apply(x, bias, w_q, w_scale, run)
+    return run()
+
+
+class _Int8LinearBackward(torch.autograd.Function):
+    """int8_linear's gradients for x and bias, whatever backend ran the forward: grad @ W
+    dequantized, with w8a8's per-token quantization of x taken as the identity (the
+    straight-through estimator). The int8 weights and their scales get none."""
+
+    @staticmethod
+    def forward(ctx, x, bias, w_q, w_scale, run):
+        ctx.save_for_backward(w_q, w_scale)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        with torch.no_grad():
+            return run()
+
+    @staticmethod
+    def backward(ctx, grad):
+        w_q, w_scale = ctx.saved_tensors
+        grad2 = grad.reshape(-1, w_q.shape[0]).float()  # [M, N]
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = w_q.float() * w_scale[:, None]  # [N, K]
+            grad_x = (grad2 @ w).reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad2.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None, None, None
 
 
 def mixed_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
@@ -127,17 +164,53 @@ def mixed_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = Non
     if a.device != b.device:
         raise ValueError(f"mixed_gemm: a is on {a.device} but b is on {b.device}")
     _check_bias("mixed_gemm", bias, b.shape[0], a.device)
-    chosen = resolve(backend, a.device, "mixed_gemm")
-    if chosen in ("cuda", "triton") and a.dtype == torch.float32:
-        raise ValueError("mixed_gemm: float32 inputs run on the cpu and torch backends only; "
-                         "the tensor-core kernels take float16 or bfloat16")
-    if chosen in ("cuda", "cpu"):
-        return torch.ops.msmartcompute.mixed_gemm(a, b, bias, activation, out_dtype)
-    if chosen == "triton":
-        from .triton import gemm as triton_gemm
+    half_only = "the tensor-core kernels take float16 or bfloat16, not float32 (use the cpu or torch backend)"
+    gpu_kernel = (lambda f: f) if a.dtype != torch.float32 else (lambda f: half_only)
+    M, K, N = a.shape[0], a.shape[1], b.shape[0]
+    key = (str(a.dtype), str(out_dtype), activation, bias is not None, pow2(M), pow2(K), pow2(N))
+    return dispatch("mixed_gemm", backend, a.device, key, {
+        "cuda": gpu_kernel(lambda: torch.ops.msmartcompute.mixed_gemm(a, b, bias, activation, out_dtype)),
+        "cpu": lambda: torch.ops.msmartcompute.mixed_gemm(a, b, bias, activation, out_dtype),
+        "triton": gpu_kernel(lambda: _triton().mixed_gemm(a, b, bias, activation, out_dtype)),
+        # torch's own: cuBLAS in the inputs' dtype on a GPU, float32 (MKL) on the CPU
+        "torch": lambda: reference.mixed_gemm(a, b, bias, activation, out_dtype,
+                                              compute_dtype=a.dtype if a.is_cuda else torch.float32),
+    })
 
-        return triton_gemm.mixed_gemm(a, b, bias, activation, out_dtype)
-    return reference.mixed_gemm(a, b, bias, activation, out_dtype)
+
+def _check_k(op: str, k: int) -> None:
+    if k > MAX_INT8_K:
+        raise ValueError(f"{op}: K = {k} is past {MAX_INT8_K}, where int32 accumulation of int8 products can "
+                         f"overflow; split K and add the partial results in float, or use mode='w8a16'")
+
+
+def _int8_accumulate_torch(a_q: torch.Tensor, b_q: torch.Tensor) -> torch.Tensor:
+    """a_q[M, K] @ b_q[N, K]^T in int32: torch._int_mm where it takes the shape (CUDA asks for
+    M > 16 and K, N multiples of 8), else the exact float64 product."""
+    try:
+        return torch._int_mm(a_q, b_q.t())
+    except RuntimeError:
+        return (a_q.double() @ b_q.double().t()).to(torch.int32)
+
+
+def _int8_matmul_torch(a_q, b_q, a_scale, b_scale, bias, out_dtype):
+    """torch's own int8 GEMM with reference.int8_matmul's epilogue, so the same bits."""
+    return reference.int8_epilogue(_int8_accumulate_torch(a_q, b_q), a_scale, b_scale, bias, out_dtype)
+
+
+def _int8_linear_torch(x, w_q, w_scale, bias, mode):
+    if mode == "w8a16":
+        return reference.int8_linear(x, w_q, w_scale, bias, mode)
+    x2 = x.reshape(-1, x.shape[-1])
+    x_q, x_scale = reference.quantize_int8(x2)
+    out = _int8_matmul_torch(x_q, w_q, x_scale, w_scale, bias, x.dtype)
+    return out.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+def _triton():
+    from .triton import gemm
+
+    return gemm
 
 
 if extension_loaded():

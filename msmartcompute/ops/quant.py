@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import extension_loaded, resolve
+from ._backend import dispatch, extension_loaded, pow2
 
 _FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -25,21 +25,21 @@ def quantize_int8(x: torch.Tensor, dim: int = -1, *, backend: str | None = None
         dim: the dimension reduced for the scale (-1: per row; 0 of a [K, N] weight: per column).
         backend: auto | cuda | triton | cpu | torch (default: $MSC_KERNEL_BACKEND or auto).
     Returns:
-        (q, scale): q int8 shaped like x, with q = round_half_even(x / scale) clamped
-        to [-127, 127]; scale float32 shaped like x without `dim`, absmax / 127
-        (1 for an all-zero slice).
+        (q, scale): q int8 shaped like x, with q = round_half_even(x * (127 / absmax))
+        clamped to [-127, 127] (the reciprocal computed once per slice, in float32, capped at
+        float32's max so an all-zero slice gives zeros); scale float32 shaped like x
+        without `dim`, absmax / 127 (1 for an all-zero slice). Every backend gives the
+        same bits.
     """
     if x.dtype not in _FLOAT_INPUTS:
         raise ValueError(f"quantize_int8: expected float32, float16 or bfloat16 input, got {x.dtype}")
     _check_dim("quantize_int8", x, dim)
-    chosen = resolve(backend, x.device, "quantize_int8")
-    if chosen in ("cuda", "cpu"):
-        return torch.ops.msmartcompute.quantize_int8(x, dim)
-    if chosen == "triton":
-        from .triton import quant as triton_quant
-
-        return triton_quant.quantize_int8(x, dim)
-    return reference.quantize_int8(x, dim)
+    return dispatch("quantize_int8", backend, x.device, _key(x, dim), {
+        "cuda": lambda: torch.ops.msmartcompute.quantize_int8(x, dim),
+        "cpu": lambda: torch.ops.msmartcompute.quantize_int8(x, dim),
+        "triton": lambda: _triton().quantize_int8(x, dim),
+        "torch": lambda: reference.quantize_int8(x, dim),
+    })
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, *,
@@ -56,14 +56,25 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
                          f"{tuple(q.shape)} along dim {dim} needs {tuple(expected)}")
     if q.device != scale.device:
         raise ValueError(f"dequantize_int8: q is on {q.device} but scale is on {scale.device}")
-    chosen = resolve(backend, q.device, "dequantize_int8")
-    if chosen in ("cuda", "cpu"):
-        return torch.ops.msmartcompute.dequantize_int8(q, scale, dim, dtype)
-    if chosen == "triton":
-        from .triton import quant as triton_quant
+    return dispatch("dequantize_int8", backend, q.device, _key(q, dim) + (str(dtype),), {
+        "cuda": lambda: torch.ops.msmartcompute.dequantize_int8(q, scale, dim, dtype),
+        "cpu": lambda: torch.ops.msmartcompute.dequantize_int8(q, scale, dim, dtype),
+        "triton": lambda: _triton().dequantize_int8(q, scale, dim, dtype),
+        "torch": lambda: reference.dequantize_int8(q, scale, dim, dtype),
+    })
 
-        return triton_quant.dequantize_int8(q, scale, dim, dtype)
-    return reference.dequantize_int8(q, scale, dim, dtype)
+
+def _key(x: torch.Tensor, dim: int) -> tuple:
+    """Inputs that run alike: dtype, whether the reduced dim is the last, rows and columns bucketed."""
+    cols = x.shape[dim]
+    rows = x.numel() // cols if cols else 0
+    return (str(x.dtype), dim % x.dim() == x.dim() - 1, pow2(rows), pow2(cols))
+
+
+def _triton():
+    from .triton import quant
+
+    return quant
 
 
 if extension_loaded():

@@ -5,11 +5,15 @@ import torch
 
 
 def quantize_int8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 along `dim`: scale = absmax/127 (1 for all-zero), round half to even."""
+    """Symmetric int8 along `dim`: scale = absmax/127 (1 for all-zero); q = x times the
+    reciprocal 127/absmax (one float32 division per slice, capped at float32's max so an
+    all-zero slice gives zeros), rounded half to even, clamped to [-127, 127]."""
     xf = x.float()
     absmax = xf.abs().amax(dim=dim, keepdim=True)
     scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-    q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
+    # a tensor divided by a tensor: `127.0 / absmax` would be reciprocal(absmax) * 127, off by an ulp
+    inv = (torch.full_like(absmax, 127.0) / absmax).clamp_(max=torch.finfo(torch.float32).max)
+    q = torch.round(xf * inv).clamp_(-127, 127).to(torch.int8)
     return q, scale.squeeze(dim)
 
 
@@ -22,7 +26,13 @@ def int8_matmul(a_q: torch.Tensor, b_q: torch.Tensor, a_scale: torch.Tensor, b_s
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """a_q[M,K] @ b_q[N,K]^T accumulated exactly (float64 holds any int8 dot product of
     K < 2**38 exactly), then acc * a_scale[m] * b_scale[n] + bias[n] in float32."""
-    acc = (a_q.double() @ b_q.double().t()).to(torch.int32)
+    return int8_epilogue((a_q.double() @ b_q.double().t()).to(torch.int32), a_scale, b_scale, bias, out_dtype)
+
+
+def int8_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, bias: torch.Tensor | None,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """The int32 accumulator acc[M, N] as int8_matmul returns it: itself for int32, else
+    acc * a_scale[m] * b_scale[n] + bias[n] in float32, as out_dtype."""
     if out_dtype == torch.int32:
         return acc
     out = acc.float() * a_scale[:, None] * b_scale[None, :]

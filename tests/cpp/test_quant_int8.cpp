@@ -27,14 +27,16 @@ int main() {
   auto x = torch::randn({7, 129}) * 5;
   auto [q, scale] = quantize(x, -1);
 
-  // Reference: absmax / 127, round half to even (torch::round), clamp.
+  // Reference: scale = absmax / 127; q = x times the reciprocal 127 / absmax (one true division
+  // per row), rounded half to even (torch::round), clamped.
   auto absmax = x.abs().amax(-1, true);
   auto ref_scale = absmax / 127.0;
-  auto ref_q = torch::round(x / ref_scale).clamp(-127, 127).to(torch::kChar);
+  auto ref_inv = torch::full_like(absmax, 127.0) / absmax;
+  auto ref_q = torch::round(x * ref_inv).clamp(-127, 127).to(torch::kChar);
   expect(q.scalar_type() == torch::kChar, "q is int8");
   expect(q.sizes() == x.sizes(), "q has the shape of x");
   expect(torch::equal(scale, ref_scale.squeeze(-1)), "scale equals absmax / 127");
-  expect(torch::equal(q, ref_q), "q equals round(x / scale) exactly");
+  expect(torch::equal(q, ref_q), "q equals round(x * (127 / absmax)) exactly");
 
   auto halves = torch::tensor({{127.f, 0.5f, 1.5f, 2.5f, -0.5f, -2.5f}});
   auto [qh, sh] = quantize(halves, -1);
