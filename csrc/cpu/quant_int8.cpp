@@ -17,15 +17,24 @@ namespace {
 constexpr int64_t kLanes = 16;   // running maxima kept in one AVX-512 register (two AVX2 ones)
 constexpr int64_t kChunk = 512;  // half-precision rows are converted to float32 this many at a time
 
+// The hot loops use builtins and ternaries, not std::max / std::fabs: a target clone cannot
+// inline those (compiled for the default target), and calling them per element is scalar.
+
 // max |x[c]| over n floats.
 MSC_HOT float absmax_f32(const float* x, int64_t n) {
   float lanes[kLanes] = {};
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] = std::max(lanes[j], std::fabs(x[c + j]));
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float a = __builtin_fabsf(x[c + j]);
+      lanes[j] = a > lanes[j] ? a : lanes[j];
+    }
   float m = 0.f;
-  for (int64_t j = 0; j < kLanes; ++j) m = std::max(m, lanes[j]);
-  for (; c < n; ++c) m = std::max(m, std::fabs(x[c]));
+  for (int64_t j = 0; j < kLanes; ++j) m = lanes[j] > m ? lanes[j] : m;
+  for (; c < n; ++c) {
+    const float a = __builtin_fabsf(x[c]);
+    m = a > m ? a : m;
+  }
   return m;
 }
 
@@ -34,7 +43,9 @@ MSC_HOT float absmax_f32(const float* x, int64_t n) {
 // of an FMA, which would round once where the reference rounds twice.
 MSC_HOT void scale_round_f32(const float* x, int64_t n, float inv, int8_t* q) {
   for (int64_t c = 0; c < n; ++c) {
-    float v = std::min(127.f, std::max(-127.f, x[c] * inv));
+    float v = x[c] * inv;
+    v = v < -127.f ? -127.f : v;
+    v = v > 127.f ? 127.f : v;
     v = (v + 12582912.f) - 12582912.f;
     q[c] = static_cast<int8_t>(static_cast<int32_t>(v));
   }
