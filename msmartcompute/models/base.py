@@ -14,12 +14,15 @@ class Prepared:
     options: dict                   # normalised options (temperature, top_p, max_tokens, seed, ...)
     batch_key: tuple                # requests with equal batch_key may share one run() call
     rows: int                       # number of rows this request contributes
+    sampling: object = None         # decoders: the request's models.sampling.SamplingParams
 
 
 @dataclass
 class Output:
     output_data: "np.ndarray | list[list]"  # the rows to return for this request
     tokens_generated: int           # real count (0 for non-generative models)
+    finish_reasons: list | None = None  # decoders served by the generation engine: per row, "stop" | "length"
+    output_text: list | None = None     # decoders with a tokenizer: per row, the generated text
 
 
 class ServedModel:

@@ -3,16 +3,15 @@
 Pre-norm blocks (RMSNorm -> attention -> residual, RMSNorm -> GELU MLP -> residual),
 rotary positions (no learned position table, so no length-sized parameter and per-row
 position ids make left-padded batches exact), grouped-query attention when num_kv_heads
-< num_heads, untied lm_head. Generation: prefill the prompt, then decode_one_token per
-new token against the cache; temperature 0 is greedy, else nucleus sampling with top_p
-drawn from a per-request torch.Generator, so a request's tokens depend only on its seed.
+< num_heads, untied lm_head.
 
-Batches: prompts of different lengths are left-padded; a padding mask keeps every row's
-attention on its own tokens and rotary positions start at 0 at each row's first token,
-so a row generates what it would alone (up to float rounding of the batched matmuls)."""
+Served generation runs on the generation engine (runtime/generation/): `Decoder.forward_paged`
+computes one step of many sequences' packed tokens over a paged KV cache (models/paged.py).
+The dense path below (`generate`: prefill, then decode_one_token against a per-batch cache,
+prompts left-padded with a padding mask and per-row rotary positions) is the reference it is
+tested against. Sampling and its options: models/sampling.py."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,8 @@ from torch import nn
 from msmartcompute import ops
 
 from .base import Output, Prepared, ServedModel, to_numpy, token_rows
+from .paged import ChunkInput, PagedKVCache, PagedStep, kv_bytes_per_block
+from .sampling import SamplingParams, sample
 from .spec import build_module, flag, int_param, max_sequence_length, tensor_cores
 
 
@@ -111,9 +112,8 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, bias=False)
         self.wo = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, causal: bool,
-                mask: torch.Tensor | None, cache: KVCache | None, start: int) -> torch.Tensor:
-        """x [B, S, C] -> [B, S, C]; with a cache, x holds positions [start, start + S)."""
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """x [B, S, C] -> q [B, H, S, D], k/v [B, H_kv, S, D], rotated to `positions` [B, S]."""
         cfg = self.cfg
         b, s, _ = x.shape
         q, k, v = self.wqkv(x).split(
@@ -121,8 +121,20 @@ class Attention(nn.Module):
         q = q.view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)     # [B, H, S, D]
         k = k.view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, H_kv, S, D]
         v = v.view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        q = apply_rope(q, positions, cfg.rope_base)
-        k = apply_rope(k, positions, cfg.rope_base)
+        return apply_rope(q, positions, cfg.rope_base), apply_rope(k, positions, cfg.rope_base), v
+
+    def paged(self, x: torch.Tensor, step: PagedStep, layer: int) -> torch.Tensor:
+        """x [T, C], the packed tokens of a generation step -> [T, C] (cache in `step`)."""
+        q, k, v = self.qkv(x[None], step.positions[None])                # [1, H, T, D]
+        y = step.attend(layer, q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1))
+        return self.wo(y.reshape(x.shape[0], -1))                         # [T, H, D] -> [T, C]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, causal: bool,
+                mask: torch.Tensor | None, cache: KVCache | None, start: int) -> torch.Tensor:
+        """x [B, S, C] -> [B, S, C]; with a cache, x holds positions [start, start + S)."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x, positions)
         if cache is not None:
             k, v = cache.update(start, k, v)                              # [B, H_kv, T, D]
         if cfg.num_kv_heads != cfg.num_heads:
@@ -181,6 +193,15 @@ class Decoder(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()
 
+    def forward_paged(self, step: PagedStep) -> torch.Tensor:
+        """The packed new tokens of a generation step -> logits [N, V] (float32) at its
+        sampled positions; k/v go to the step's paged cache."""
+        x = self.embed(step.tokens)                                      # [T, C]
+        for i, layer in enumerate(self.layers):
+            x = x + layer.attn.paged(layer.attn_norm(x), step, i)
+            x = x + layer.ffn(layer.ffn_norm(x))
+        return self.lm_head(self.norm(x[step.sample_index])).float()
+
 
 # ---- generation --------------------------------------------------------------------------------
 
@@ -196,30 +217,11 @@ def decode_one_token(model: Decoder, token: torch.Tensor, position: torch.Tensor
     return model(token, position, mask, caches, start=start)[:, -1]
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """logits [R, V] -> token ids [R]: argmax at temperature 0, else nucleus sampling.
-
-    One uniform draw per row from `generator`, mapped through the cumulative distribution of
-    the smallest set of most likely tokens whose mass reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)    # [R, V]
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs           # mass of the tokens ahead
-    kept = torch.where(before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
-    kept[:, 0] = sorted_probs[:, 0]                               # the top token always stays
-    cdf = kept.cumsum(dim=-1)                                     # [R, V]
-    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device) * cdf[:, -1:]
-    pick = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)  # [R, 1]
-    return order.gather(-1, pick).squeeze(-1)
-
-
 @torch.inference_mode()
 def generate(model: Decoder, prompts: list[torch.Tensor], max_tokens: int, temperature: float,
              top_p: float, generators: list[torch.Generator | None]) -> list[torch.Tensor]:
     """prompts[i] [R_i, S_i] token ids -> generated ids [R_i, max_tokens] per request, as one
-    left-padded batch. generators[i] draws request i's samples (None when greedy)."""
+    left-padded batch. generators[r] draws the samples of row r of the batch (None when greedy)."""
     cfg = model.cfg
     device = model.embed.weight.device
     dtype = model.embed.weight.dtype
@@ -239,11 +241,10 @@ def generate(model: Decoder, prompts: list[torch.Tensor], max_tokens: int, tempe
         causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
         mask = (causal & valid[:, None, None, :s]) | torch.eye(s, dtype=torch.bool, device=device)
 
-    def pick(logits: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B], each request its own draws
+    def pick(logits: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B], each row its own draws
         if temperature == 0:
             return logits.argmax(dim=-1)
-        return torch.cat([sample(part, temperature, top_p, g)
-                          for part, g in zip(logits.split(rows), generators)])
+        return torch.cat([sample(logits[r:r + 1], temperature, top_p, g) for r, g in enumerate(generators)])
 
     out = torch.empty(b, max_tokens, dtype=torch.long, device=device)
     out[:, 0] = pick(prefill(model, tokens, positions, mask, caches))
@@ -257,82 +258,67 @@ def generate(model: Decoder, prompts: list[torch.Tensor], max_tokens: int, tempe
 
 # ---- served model ------------------------------------------------------------------------------
 
-def _number(options: dict, name: str, default: float) -> float:
-    value = options.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ValueError(f"options.{name} must be a number, got {value!r}")
-    return float(value)
-
-
-DEFAULT_MAX_TOKENS = 16
-
-
 class TransformerModel(ServedModel):
-    """Options: temperature (>= 0, default 1; 0 = greedy), top_p (in (0, 1], default 1),
-    max_tokens (>= 1, default min(16, room left); prompt + max_tokens <= max_sequence_length),
-    seed (integer; default a fresh random one, returned in the normalised options).
-    batch_key = (temperature, top_p, max_tokens): the seed is not in it because every request
-    samples from its own generator inside the shared batch."""
+    """Options (models/sampling.py): temperature (>= 0, default 1; 0 = greedy), top_p (in
+    (0, 1], default 1), top_k, max_tokens (>= 1, default min(16, room left); prompt +
+    max_tokens <= max_sequence_length), seed (default a fresh random one, returned in the
+    normalised options), stop_token_ids, ignore_eos; `parameters.eos_token_id` names the EOS.
+
+    Served by the generation engine (runtime/generation/): `new_kv_cache` and `step` run one
+    iteration over a paged cache. `run` is the dense path, one left-padded batch run to
+    max_tokens (batch_key = (temperature, top_p, max_tokens)); it is the reference the engine
+    is tested against and what `generate` uses."""
 
     model_type = "transformer"
+    generative = True
+    decode = None                    # token ids -> text; the home decoder has no tokenizer
 
     def __init__(self, spec: dict, device: torch.device):
         self.config = TransformerConfig.from_spec(spec)
         self.device = device
         self.tensor_cores = flag(spec, "enable_tensor_cores")
+        eos = (spec.get("parameters") or {}).get("eos_token_id")
+        self.eos_token_id = None if eos is None else int_param(spec["parameters"], "eos_token_id", minimum=0)
         self.module, self.dtype = build_module(lambda: Decoder(self.config), spec, device)
 
     def prepare(self, input_data, options: dict) -> Prepared:
         options = dict(options or {})
         limit = self.config.max_sequence_length
         tokens = token_rows(input_data, self.config.vocab_size, limit)  # [rows, S]
-        room = limit - tokens.shape[1]
-        temperature = _number(options, "temperature", 1.0)
-        top_p = _number(options, "top_p", 1.0)
-        if temperature < 0 or temperature == float("inf"):
-            raise ValueError(f"options.temperature must be a finite number >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"options.top_p must lie in (0, 1], got {top_p}")
-        max_tokens = options.get("max_tokens")
-        if max_tokens is None:
-            max_tokens = min(DEFAULT_MAX_TOKENS, room)
-            if max_tokens < 1:
-                raise ValueError(f"the prompt of {tokens.shape[1]} tokens leaves no room to generate "
-                                 f"within max_sequence_length {limit}")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= limit:
-            raise ValueError(f"options.max_tokens must be an integer in [1, {limit}], got {max_tokens!r}")
-        if max_tokens > room:
-            raise ValueError(f"prompt length {tokens.shape[1]} + max_tokens {max_tokens} exceeds "
-                             f"max_sequence_length {limit}")
-        seed = options.get("seed")
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little") >> 1
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"options.seed must be a non-negative integer, got {seed!r}")
-        options.update(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-        return Prepared(tensor=tokens.to(self.device), options=options,
-                        batch_key=("generate", temperature, top_p, max_tokens), rows=tokens.shape[0])
-
-    def _generator(self, seed: int, temperature: float) -> torch.Generator | None:
-        if temperature == 0:
-            return None
-        return torch.Generator(device=self.device).manual_seed(seed)
+        params = SamplingParams.from_options(options, prompt_len=tokens.shape[1], limit=limit,
+                                             vocab_size=self.config.vocab_size, has_tokenizer=self.decode is not None)
+        options.update(params.normalised())
+        return Prepared(tensor=tokens.to(self.device), options=options, rows=tokens.shape[0], sampling=params,
+                        batch_key=("generate", params.temperature, params.top_p, params.max_tokens))
 
     def run(self, batch: list[Prepared]) -> list[Output]:
-        first = batch[0].options
+        first = batch[0].sampling
         if any(p.batch_key != batch[0].batch_key for p in batch):
             raise ValueError("run() was given requests with different batch keys")
         with tensor_cores(self.tensor_cores, self.device):
-            results = generate(self.module, [p.tensor for p in batch], first["max_tokens"],
-                               first["temperature"], first["top_p"],
-                               [self._generator(p.options["seed"], first["temperature"]) for p in batch])
+            results = generate(self.module, [p.tensor for p in batch], first.max_tokens,
+                               first.temperature, first.top_p,
+                               [p.sampling.generator(r, self.device) for p in batch for r in range(p.rows)])
         return [Output(output_data=to_numpy(r), tokens_generated=r.numel()) for r in results]
 
     def generate(self, token_ids, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None) -> torch.Tensor:
-        """One request's generated ids [rows, max_tokens]."""
+        """One request's generated ids [rows, max_tokens] (the dense path)."""
         p = self.prepare(token_ids, {"max_tokens": max_tokens, "temperature": temperature,
                                      "top_p": top_p, "seed": seed})
         return torch.from_numpy(self.run([p])[0].output_data)
+
+    # ---- the generation engine's face ------------------------------------------------------
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        cfg = self.config
+        return kv_bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+
+    def new_kv_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        cfg = self.config
+        return PagedKVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                            self.device, self.dtype)
+
+    def step(self, cache: PagedKVCache, chunks: list[ChunkInput]) -> torch.Tensor:
+        """One generation step over many sequences -> logits [N, V] of the sampling chunks."""
+        with tensor_cores(self.tensor_cores, self.device):
+            return self.module.forward_paged(PagedStep(cache, chunks, self.device))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -43,7 +44,8 @@ class Pending:
     deadline: float                   # time.monotonic() by which it must be done
     enqueued_at: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
-    abandoned: bool = False           # the caller timed out: skip it
+    abandoned: bool = False           # the caller timed out or went away: skip it / stop it
+    stream: "queue.SimpleQueue | None" = None  # decoders: token events as they come (generation/worker.py)
 
 
 @dataclass
