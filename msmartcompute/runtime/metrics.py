@@ -35,7 +35,7 @@ HISTORY_FIELDS = ("gpu_utilization", "memory_utilization", "temperature", "power
 _RECENT = 1024  # latencies kept for the percentiles
 
 
-def _percentile(values, q: float) -> float | None:
+def percentile(values, q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
@@ -122,10 +122,10 @@ class Metrics:
                 "throughput": len(self._done) / span,
                 "tokens_per_second": sum(t for _, t in self._done) / span,
                 "latency": statistics.median(latency) if latency else None,
-                "latency_p50": _percentile(latency, 0.5),
-                "latency_p99": _percentile(latency, 0.99),
-                "request_latency_p50": _percentile(request_latency, 0.5),
-                "request_latency_p99": _percentile(request_latency, 0.99),
+                "latency_p50": percentile(latency, 0.5),
+                "latency_p99": percentile(latency, 0.99),
+                "request_latency_p50": percentile(request_latency, 0.5),
+                "request_latency_p99": percentile(request_latency, 0.99),
                 "active_requests": self.active,
                 "queued_requests": int(queued),
                 "total_requests": self.total,

@@ -7,14 +7,9 @@ import collections
 import threading
 import time
 
+from ..metrics import percentile
+
 _RECENT = 1024  # latencies kept for the percentiles
-
-
-def _percentile(values, q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 class GenerationStats:
@@ -56,10 +51,10 @@ class GenerationStats:
             span = max(1e-9, min(self.window_s, now - self.started))
             recent = sum(t for ts, t in self._tokens if ts >= now - self.window_s)
             ttft, itl = list(self._ttft), list(self._itl)
-            return {"time_to_first_token_p50": _percentile(ttft, 0.5),
-                    "time_to_first_token_p99": _percentile(ttft, 0.99),
-                    "inter_token_latency_p50": _percentile(itl, 0.5),
-                    "inter_token_latency_p99": _percentile(itl, 0.99),
+            return {"time_to_first_token_p50": percentile(ttft, 0.5),
+                    "time_to_first_token_p99": percentile(ttft, 0.99),
+                    "inter_token_latency_p50": percentile(itl, 0.5),
+                    "inter_token_latency_p99": percentile(itl, 0.99),
                     "tokens_per_second": recent / span,
                     "tokens_generated": self.generated,
                     "steps": self.steps,
