@@ -85,7 +85,10 @@ def serve(args: argparse.Namespace) -> int:
     try:
         server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
                                         ident="msmartcompute", max_request_body_size=config.max_body_bytes,
-                                        clear_untrusted_proxy_headers=True)
+                                        clear_untrusted_proxy_headers=True,
+                                        # flush each write at once: a streamed token must not wait
+                                        # for 18 kB of output (waitress' default send_bytes)
+                                        send_bytes=1)
         _serve_until(server, stopping)
         log.info("stopping: no new connections; draining in-flight requests (at most %.0f s)", DRAIN_TIMEOUT_S)
         drained = _drain(server, DRAIN_TIMEOUT_S)

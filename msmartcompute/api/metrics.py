@@ -56,14 +56,32 @@ class _RuntimeCollector:
     def __init__(self, runtime):
         self.runtime = runtime
 
+    # per-model generation metrics (runtime/generation/): counters, the rest are gauges
+    GENERATION_COUNTERS = ("tokens_generated", "steps", "cancelled_sequences", "preempted")
+
     def collect(self):
-        for name, value in self.runtime.metrics().items():
+        metrics = self.runtime.metrics()
+        yield from self._generation(metrics.get("generation") or {})
+        for name, value in metrics.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if name in self.COUNTERS:
                 yield CounterMetricFamily(f"msmartcompute_{self.COUNTERS[name]}", name.replace("_", " "), value=value)
             else:
                 yield GaugeMetricFamily(f"msmartcompute_{name}", name.replace("_", " "), value=value)
+
+    def _generation(self, per_model: dict):
+        families = {}
+        for model_id, stats in sorted(per_model.items()):
+            for name, value in stats.items():
+                if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                if name not in families:
+                    kind = CounterMetricFamily if name in self.GENERATION_COUNTERS else GaugeMetricFamily
+                    families[name] = kind(f"msmartcompute_generation_{name}", f"generation: {name.replace('_', ' ')}",
+                                          labels=["model_id"])
+                families[name].add_metric([model_id], value)
+        yield from families.values()
 
 
 class PrometheusResource:

@@ -45,9 +45,11 @@ OPERATIONS = [
     ("get", "/api/v1/models", "List loaded models", None, {"models": {"type": "array", "items": _MODEL}}, True),
     ("get", "/api/v1/models/{model_id}", "One loaded model", None, _MODEL["properties"], True),
     ("delete", "/api/v1/models/{model_id}", "Unload a model (admin)", None, {"model_id": _STR, "message": _STR}, True),
-    ("post", "/api/v1/inference", "Synchronous inference", schemas.INFERENCE,
+    ("post", "/api/v1/inference", "Synchronous inference (decoders: options.stream for Server-Sent Events)",
+     schemas.INFERENCE,
      {"request_id": _STR, "output_data": _ROWS, "inference_time": _NUM, "tokens_generated": _INT,
-      "memory_used": _INT}, True),
+      "memory_used": _INT, "finish_reasons": {"type": "array", "items": _STR,
+                                              "description": "decoders: per row, stop or length"}}, True),
     ("post", "/api/v1/inference/async", "Queue asynchronous inference", schemas.INFERENCE,
      {"request_id": _STR, "status": _STR, "estimated_completion": _TIME}, True),
     ("get", "/api/v1/inference/{request_id}", "Result of an asynchronous inference", None, _INFERENCE_RESULT, True),
@@ -151,6 +153,8 @@ def build_document() -> dict:
         if not secured:
             op["security"] = []
         paths.setdefault(path, {})[method] = op
+    paths["/api/v1/inference"]["post"]["responses"]["200"]["content"]["text/event-stream"] = {
+        "schema": {"type": "string", "description": schemas.INFERENCE_OPTIONS["properties"]["stream"]["description"]}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "MSmartCompute API", "version": msmartcompute.__version__,

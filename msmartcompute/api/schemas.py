@@ -38,6 +38,10 @@ LOAD_MODEL = {
         "priority": {"type": "integer", "minimum": 0, "maximum": 100,
                      "description": "scheduling priority on a vGPU with the priority policy"},
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        "kv_cache_memory": {"type": "integer", "minimum": 1,
+                            "description": "transformer: bytes of its paged KV cache (default: enough for "
+                                           "max_batch_size sequences of max_sequence_length, within the "
+                                           "free memory of its virtual GPU or device)"},
         "parameters": {"type": "object"},
     },
 }
@@ -51,6 +55,18 @@ INFERENCE_OPTIONS = {
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
         "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
                     "description": "seconds before REQUEST_TIMEOUT (default from the server config)"},
+        # extensions for decoders (transformer models), see models/sampling.py
+        "top_k": {"type": "integer", "minimum": 0, "description": "keep the k most likely tokens (0: all)"},
+        "stop_token_ids": {"type": "array", "maxItems": 64, "items": {"type": "integer"},
+                           "description": "token ids that end a row (not part of its output)"},
+        "stop": {"description": "a string or a list of strings that end a row (models with a tokenizer); "
+                                "the text is cut before it"},
+        "ignore_eos": {"type": "boolean", "description": "keep generating past the model's EOS token"},
+        "stream": {"type": "boolean",
+                   "description": "answer with Server-Sent Events (text/event-stream): one `data:` event "
+                                  "{request_id, token_ids: [new ids per row]} per generation step, then "
+                                  "`event: done` with the usual response envelope (or `event: error` with "
+                                  "the error envelope)"},
     },
 }
 

@@ -4,12 +4,14 @@ own module: registry (models), vgpu (devices, vGPUs, capacity, device time), res
 from __future__ import annotations
 
 import logging
+import queue as queue_module
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -21,6 +23,7 @@ from . import clock, devices, ids, optimize, training
 from .access import require_admin, require_owner
 from .batching import Executor, Pending, Result
 from .caller import Caller
+from .generation.worker import STREAM_END, GenerationWorker
 from .errors import InsufficientMemory, InternalError, InvalidInputData, MSCError, NotFound, RequestTimeout
 from .jobs import JobRunner, error_dict
 from .metrics import Metrics
@@ -134,8 +137,12 @@ class Runtime:
         self.meter.persist(self.metrics())
         self.meter.prune_history(clock.now() - self.config.metrics_retention_s)
 
-    def _executor_for(self, device: int, vgpu_id: str | None) -> Executor:
+    def _executor_for(self, device: int, vgpu_id: str | None, generative: bool = False) -> Executor | GenerationWorker:
+        """The worker of a vGPU (or device): the batching Executor, or for decoders the
+        GenerationWorker; both share the device's time through its DeviceScheduler."""
         key = f"vgpu:{vgpu_id}" if vgpu_id else f"device:{device}"
+        if generative:
+            key = f"generation:{key}"
         with self._executors_lock:
             ex = self.executors.get(key)
             if ex is None:
@@ -145,9 +152,12 @@ class Runtime:
                 else:
                     policy, units = "round_robin", max(1, self.vgpus.device_free(device)[1])
                 cuda = self.vgpus.device(device).torch_device
-                ex = Executor(key, policy, self.vgpus.schedulers[device], units,
-                              self.config.max_queue_delay_ms / 1000.0, self.meter,
-                              cuda if cuda.type == "cuda" else None)
+                if generative:
+                    ex = GenerationWorker(key, policy, self.vgpus.schedulers[device], units, self.meter)
+                else:
+                        ex = Executor(key, policy, self.vgpus.schedulers[device], units,
+                                  self.config.max_queue_delay_ms / 1000.0, self.meter,
+                                  cuda if cuda.type == "cuda" else None)
                 self.executors[key] = ex
             return ex
 
@@ -182,9 +192,14 @@ class Runtime:
         return self.registry.unload(model_id, caller)
 
     # ---- inference ------------------------------------------------------------------------------
-    def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False) -> tuple[Executor, Pending]:
+    def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False,
+                 stream: bool = False) -> tuple[Executor, Pending]:
         entry = self.registry.entry(request.get("model_id"))
         model, executor = entry.model, entry.executor
+        if stream and not isinstance(executor, GenerationWorker):
+            raise InvalidInputData(f"options.stream needs a decoder (transformer) model; "
+                                   f"{entry.model_id!r} is a {entry.spec.get('model_type')} model",
+                                   {"field": "options.stream"})
         if "input_data" not in request:
             raise InvalidInputData("input_data is required", {"field": "input_data"})
         try:
@@ -195,7 +210,8 @@ class Runtime:
         timeout = (request.get("options") or {}).get("timeout", request.get("timeout", self.config.request_timeout_s))
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidInputData("timeout must be a positive number of seconds", {"field": "timeout"})
-        pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout))
+        pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout),
+                          stream=queue_module.SimpleQueue() if stream else None)
         queue = executor.submit(entry.model_id, pending, may_run_inline)
         if queue is not None:  # the executor was idle: run it on this thread (see batching.py)
             executor.run_inline(queue, pending)
@@ -220,11 +236,20 @@ class Runtime:
             raise
         elapsed = time.perf_counter() - t0
         self.meter.record_inference(True, elapsed, res.output.tokens_generated)
+        return self._response(pending, res, elapsed)
+
+    @staticmethod
+    def _response(pending: Pending, res: Result, elapsed: float) -> dict:
         data = res.output.output_data
-        return {"request_id": pending.request_id,
-                "output_data": data.tolist() if isinstance(data, np.ndarray) else data,
-                "inference_time": elapsed, "tokens_generated": int(res.output.tokens_generated),
-                "memory_used": int(res.memory_used)}
+        out = {"request_id": pending.request_id,
+               "output_data": data.tolist() if isinstance(data, np.ndarray) else data,
+               "inference_time": elapsed, "tokens_generated": int(res.output.tokens_generated),
+               "memory_used": int(res.memory_used)}
+        if res.output.finish_reasons is not None:  # decoders: why each row ended
+            out["finish_reasons"] = res.output.finish_reasons
+        if res.output.output_text is not None:
+            out["output_text"] = res.output.output_text
+        return out
 
     def _infer(self, request: dict, request_id: str) -> dict:
         t0 = time.perf_counter()
@@ -240,6 +265,37 @@ class Runtime:
         (queue wait + run). memory_used: on CUDA the allocator's peak growth during the run that
         served it; on the host the bytes of this request's input and output tensors."""
         return self._infer(request, ids.request_id(self.store))
+
+    def infer_stream(self, request: dict, caller: Caller | None = None) -> Iterator[dict]:
+        """A decoder request whose tokens come as they are sampled. Checked and queued now (a
+        bad request raises here, before anything streams); the iterator then yields
+        {"request_id", "token_ids": [new ids per input row]} per step that produced any, and
+        last the response infer() would give (an MSCError if it failed or timed out).
+        Closing the iterator early (the client went away) cancels the request: it leaves
+        the batch at the next step and its KV blocks are freed."""
+        t0 = time.perf_counter()
+        rid = ids.request_id(self.store)
+        try:
+            executor, pending = self._enqueue(request, rid, stream=True)
+        except MSCError:
+            self.meter.record_inference(False, time.perf_counter() - t0)
+            raise
+        return self._stream_events(executor, pending, t0)
+
+    def _stream_events(self, executor: GenerationWorker, pending: Pending, t0: float) -> Iterator[dict]:
+        try:
+            while time.monotonic() < pending.deadline:
+                try:
+                    event = pending.stream.get(timeout=min(1.0, max(0.0, pending.deadline - time.monotonic())))
+                except queue_module.Empty:
+                    continue
+                if event is STREAM_END:
+                    break
+                yield {"request_id": pending.request_id, **event}
+            yield self._finish(executor, pending, t0)
+        finally:
+            if not pending.future.done():
+                executor.abandon(pending)
 
     def infer_batch(self, requests: list[dict], caller: Caller | None = None) -> dict:
         """All requests are queued before any is awaited, so they can share batches."""
@@ -467,9 +523,10 @@ class Runtime:
         require_admin(caller, "delete a virtual GPU")
         self.vgpus.delete(vgpu_id)
         with self._executors_lock:
-            ex = self.executors.pop(f"vgpu:{vgpu_id}", None)
-        if ex is not None:
-            ex.close(InternalError(f"virtual GPU {vgpu_id} was deleted"))
+            closing = [self.executors.pop(k, None) for k in (f"vgpu:{vgpu_id}", f"generation:vgpu:{vgpu_id}")]
+        for ex in closing:
+            if ex is not None:
+                ex.close(InternalError(f"virtual GPU {vgpu_id} was deleted"))
         return {"virtual_gpu_id": vgpu_id, "message": "Virtual GPU destroyed successfully"}
 
     # ---- metrics --------------------------------------------------------------------------------
@@ -482,7 +539,10 @@ class Runtime:
         with self._executors_lock:
             executors = list(self.executors.values())
         depths = {m: d for ex in executors for m, d in ex.depths().items()}
-        return self.meter.snapshot(sum(depths.values()) + self.jobs.count("queued"), depths)
+        snapshot = self.meter.snapshot(sum(depths.values()) + self.jobs.count("queued"), depths)
+        snapshot["generation"] = {m: s for ex in executors if isinstance(ex, GenerationWorker)
+                                  for m, s in ex.snapshots().items()}
+        return snapshot
 
     def metrics_history(self, start_time: datetime | None = None, end_time: datetime | None = None,
                         interval: int = 60) -> list[dict]:

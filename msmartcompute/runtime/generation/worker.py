@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ...models.base import Output
-from ...models.paged import ChunkInput
+from ...models.paged import ChunkInput, cache_bytes
 from ...models.sampling import StopChecker, sample_rows
 from ..batching import Pending, Result, choose_queue, map_run_error
 from ..errors import InsufficientMemory, MSCError, QueueFull, RequestTimeout
@@ -101,7 +101,7 @@ class GenerationQueue:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self.cache.nbytes
+        return cache_bytes(self.cache)
 
     def waiting_requests(self) -> int:
         return sum(1 for r in self.requests if r.started_at is None)
@@ -241,7 +241,7 @@ class GenerationWorker:
                     self._drop(q, r, map_run_error(exc))
 
     def _step(self, q: GenerationQueue) -> None:
-        if q.cache.k and q.cache.k[0].dtype != q.model.dtype:  # optimize swapped in another dtype
+        if q.cache[0].k.dtype != q.model.dtype:  # optimize swapped in another dtype
             self._reset_cache(q)
         self._admit_and_cancel(q)
         plan = q.scheduler.schedule()
@@ -292,7 +292,7 @@ class GenerationWorker:
         q.stats.record_step(len(tokens))
         for r, rows in new.items():
             if r.pending.stream is not None:
-                r.pending.stream.put({"token_ids": rows})
+                r.pending.stream.put({"token_ids": [rows.get(i, []) for i in range(len(r.seqs))]})
         for r in {c.seq.owner[0] for c in sampling}:
             if r.rows_done == len(r.seqs):
                 with self._cond:
