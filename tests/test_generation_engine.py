@@ -43,7 +43,7 @@ def concurrently(rt, requests):
     def call(i):
         barrier.wait()
         try:
-            out[i] = rt.infer(requests[i])
+            out[i] = rt.inference.infer(requests[i])
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             out[i] = exc
 
@@ -60,12 +60,12 @@ def generation(rt, model_id="lm") -> dict:
 
 
 def test_greedy_in_a_continuous_batch_equals_each_request_alone(rt):
-    rt.load_model(lm_spec())
+    rt.registry.load(lm_spec())
     model = rt.registry.entry("lm").model
     reqs = [request(prompt(i, 3 + 17 * i), max_tokens=4 + 9 * (i % 4)) for i in range(8)]
     together = concurrently(rt, reqs)
     for req, got in zip(reqs, together):
-        alone = rt.infer(req)
+        alone = rt.inference.infer(req)
         assert got["output_data"] == alone["output_data"]
         dense = model.generate(req["input_data"], req["options"]["max_tokens"], temperature=0).tolist()
         assert got["output_data"] == dense                          # the dense reference path
@@ -77,88 +77,88 @@ def test_greedy_in_a_continuous_batch_equals_each_request_alone(rt):
 
 
 def test_sampled_tokens_depend_only_on_the_seed(rt):
-    rt.load_model(lm_spec())
+    rt.registry.load(lm_spec())
     model = rt.registry.entry("lm").model
     reqs = [request(prompt(i, 5 + 11 * i, rows=1 + i % 2), max_tokens=12, temperature=0.8, seed=100 + i, top_k=20)
             for i in range(6)]
     together = concurrently(rt, reqs)
     for req, got in zip(reqs, together):
-        assert got["output_data"] == rt.infer(req)["output_data"]
+        assert got["output_data"] == rt.inference.infer(req)["output_data"]
     one = request(prompt(0, 9), max_tokens=10, temperature=0.9, seed=5)
     dense = model.generate(one["input_data"], 10, temperature=0.9, seed=5).tolist()
-    assert rt.infer(one)["output_data"] == dense
+    assert rt.inference.infer(one)["output_data"] == dense
 
 
 def test_a_small_pool_preempts_the_newest_and_still_answers_exactly(rt):
     # 12 blocks of 16 tokens: two sequences of ~90 tokens fit, eight do not
-    rt.load_model(lm_spec(kv_cache_memory=12 * 2 * 2 * 16 * 2 * 16 * 4, max_batch_size=8))
+    rt.registry.load(lm_spec(kv_cache_memory=12 * 2 * 2 * 16 * 2 * 16 * 4, max_batch_size=8))
     g = generation(rt)
     assert g["kv_blocks_total"] == 12 and g["kv_cache_bytes"] == 12 * 2 * 2 * 16 * 2 * 16 * 4
     reqs = [request(prompt(i, 30 + i), max_tokens=60) for i in range(8)]
     together = concurrently(rt, reqs)
     assert generation(rt)["preempted"] > 0
     for req, got in zip(reqs, together):
-        assert got["output_data"] == rt.infer(req)["output_data"]
+        assert got["output_data"] == rt.inference.infer(req)["output_data"]
     assert generation(rt)["kv_blocks_used"] == 0
 
 
 def test_the_vgpu_quota_bounds_the_pool(rt):
     sizes = {}
     for name, mib in (("small", 3), ("large", 8)):
-        v = rt.create_vgpu({"memory_size": mib << 20, "compute_units": 1})
-        rt.load_model(lm_spec(name, virtual_gpu_id=v["virtual_gpu_id"], max_batch_size=64))
+        v = rt.vgpus.create({"memory_size": mib << 20, "compute_units": 1}).to_dict()
+        rt.registry.load(lm_spec(name, virtual_gpu_id=v["virtual_gpu_id"], max_batch_size=64))
         sizes[name] = generation(rt, name)["kv_blocks_total"]
         reserved = rt.registry.entry(name).memory + generation(rt, name)["kv_cache_bytes"]
         assert reserved <= mib << 20
-        rt.unload_model(name)
+        rt.registry.unload(name)
         rt.delete_vgpu(v["virtual_gpu_id"])
     assert 0 < sizes["small"] < sizes["large"]
-    v = rt.create_vgpu({"memory_size": 450_000, "compute_units": 1})  # the weights fit, one sequence does not
+    v = rt.vgpus.create({"memory_size": 450_000, "compute_units": 1}).to_dict()  # the weights fit, one sequence does not
     with pytest.raises(InsufficientMemory):
-        rt.load_model(lm_spec("tiny", virtual_gpu_id=v["virtual_gpu_id"]))
+        rt.registry.load(lm_spec("tiny", virtual_gpu_id=v["virtual_gpu_id"]))
 
 
 def test_stop_token_ids_eos_and_stop_strings(rt):
-    rt.load_model(lm_spec())
+    rt.registry.load(lm_spec())
     data = prompt(3, 12)
-    full = rt.infer(request(data, max_tokens=12))["output_data"][0]
+    full = rt.inference.infer(request(data, max_tokens=12))["output_data"][0]
     stop_at = next(i for i in range(1, 12) if full[i] not in full[:i])
-    got = rt.infer(request(data, max_tokens=12, stop_token_ids=[full[stop_at]]))
+    got = rt.inference.infer(request(data, max_tokens=12, stop_token_ids=[full[stop_at]]))
     assert got["output_data"] == [full[:stop_at]] and got["finish_reasons"] == ["stop"]
-    rt.load_model(lm_spec("eos", parameters={**PARAMS, "eos_token_id": full[stop_at]}))
-    assert rt.infer(request(data, "eos", max_tokens=12))["output_data"] == [full[:stop_at]]
-    assert rt.infer(request(data, "eos", max_tokens=12, ignore_eos=True))["output_data"] == [full]
+    rt.registry.load(lm_spec("eos", parameters={**PARAMS, "eos_token_id": full[stop_at]}))
+    assert rt.inference.infer(request(data, "eos", max_tokens=12))["output_data"] == [full[:stop_at]]
+    assert rt.inference.infer(request(data, "eos", max_tokens=12, ignore_eos=True))["output_data"] == [full]
     with pytest.raises(InvalidInputData, match="tokenizer"):
-        rt.infer(request(data, stop=["x"]))
+        rt.inference.infer(request(data, stop=["x"]))
 
 
 def test_rows_of_one_request_may_end_at_different_lengths(rt):
-    rt.load_model(lm_spec())
+    rt.registry.load(lm_spec())
     data = prompt(4, 10, rows=2)
-    full = rt.infer(request(data, max_tokens=8))["output_data"]
+    full = rt.inference.infer(request(data, max_tokens=8))["output_data"]
     stop = full[0][2]
-    got = rt.infer(request(data, max_tokens=8, stop_token_ids=[stop]))
+    got = rt.inference.infer(request(data, max_tokens=8, stop_token_ids=[stop]))
     expect = [row[:row.index(stop)] if stop in row else row for row in full]
     assert got["output_data"] == expect
     assert got["tokens_generated"] == sum(map(len, expect))
 
 
 def test_stream_yields_each_token_as_it_is_sampled(rt):
-    rt.load_model(lm_spec())
+    rt.registry.load(lm_spec())
     req = request(prompt(5, 20, rows=2), max_tokens=9)
-    events = list(rt.infer_stream(req))
+    events = list(rt.inference.infer_stream(req))
     final, steps = events[-1], events[:-1]
     assert len(steps) == 9 and all(len(e["token_ids"]) == 2 for e in steps)
     assert [sum((e["token_ids"][r] for e in steps), []) for r in range(2)] == final["output_data"]
-    assert final["output_data"] == rt.infer(req)["output_data"]
-    rt.load_model({"model_id": "mlp", "model_type": "mlp", "parameters": {"input_size": 4, "output_size": 2}})
+    assert final["output_data"] == rt.inference.infer(req)["output_data"]
+    rt.registry.load({"model_id": "mlp", "model_type": "mlp", "parameters": {"input_size": 4, "output_size": 2}})
     with pytest.raises(InvalidInputData, match="stream"):
-        rt.infer_stream({"model_id": "mlp", "input_data": np.zeros((1, 4)), "options": {"stream": True}})
+        rt.inference.infer_stream({"model_id": "mlp", "input_data": np.zeros((1, 4)), "options": {"stream": True}})
 
 
 def test_a_closed_stream_leaves_the_batch_at_the_next_step(rt):
-    rt.load_model(lm_spec())
-    events = rt.infer_stream(request(prompt(6, 8), max_tokens=150))
+    rt.registry.load(lm_spec())
+    events = rt.inference.infer_stream(request(prompt(6, 8), max_tokens=150))
     next(events)
     steps = generation(rt)["steps"]
     events.close()                                    # the client went away
@@ -172,10 +172,10 @@ def test_a_closed_stream_leaves_the_batch_at_the_next_step(rt):
 
 
 def test_a_timed_out_request_frees_the_device_within_one_step(rt):
-    rt.load_model(lm_spec())
-    rt.load_model(lm_spec("other"))
+    rt.registry.load(lm_spec())
+    rt.registry.load(lm_spec("other"))
     with pytest.raises(RequestTimeout):
-        rt.infer(request(prompt(7, 8), max_tokens=150, timeout=0.05))
+        rt.inference.infer(request(prompt(7, 8), max_tokens=150, timeout=0.05))
     steps = generation(rt)["steps"]
     deadline = time.monotonic() + 10
     while generation(rt)["kv_blocks_used"] and time.monotonic() < deadline:
@@ -184,24 +184,24 @@ def test_a_timed_out_request_frees_the_device_within_one_step(rt):
     assert g["kv_blocks_used"] == 0 and g["running"] == 0 and g["cancelled_sequences"] == 1
     assert g["steps"] - steps <= 1
     assert g["tokens_generated"] < 150
-    assert rt.infer(request(prompt(8, 4), "other", max_tokens=2))["tokens_generated"] == 2
+    assert rt.inference.infer(request(prompt(8, 4), "other", max_tokens=2))["tokens_generated"] == 2
 
 
 def test_decoders_on_one_vgpu_take_turns(rt):
-    v = rt.create_vgpu({"memory_size": 64 << 20, "compute_units": 1, "scheduling_policy": "round_robin"})
+    v = rt.vgpus.create({"memory_size": 64 << 20, "compute_units": 1, "scheduling_policy": "round_robin"}).to_dict()
     for name in ("a", "b"):
-        rt.load_model(lm_spec(name, virtual_gpu_id=v["virtual_gpu_id"]))
+        rt.registry.load(lm_spec(name, virtual_gpu_id=v["virtual_gpu_id"]))
     done = {}
 
     def long():
-        rt.infer(request(prompt(9, 8), "a", max_tokens=150))
+        rt.inference.infer(request(prompt(9, 8), "a", max_tokens=150))
         done["a"] = time.monotonic()
 
     t = threading.Thread(target=long)
     t.start()
     while generation(rt, "a")["running"] == 0:
         time.sleep(0.001)
-    rt.infer(request(prompt(10, 8), "b", max_tokens=3))
+    rt.inference.infer(request(prompt(10, 8), "b", max_tokens=3))
     done["b"] = time.monotonic()
     t.join()
     assert done["b"] < done["a"]  # b did not wait for a's whole generation

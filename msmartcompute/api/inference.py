@@ -7,7 +7,7 @@ import orjson
 
 from ..runtime.errors import InvalidInputData, MSCError
 from .envelope import error, ok
-from .schemas import BATCH_INFERENCE, INFERENCE, as_matrix, parse
+from .schemas import BatchInference, Inference, as_matrix, parse
 
 
 def prepare_request(body: dict, path: str = "body") -> dict:
@@ -32,17 +32,17 @@ class InferenceResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        request = prepare_request(parse(req, INFERENCE))
+        request = prepare_request(parse(req, Inference))
         if request["options"].get("stream"):
             resp.content_type = "text/event-stream"
             resp.set_header("Cache-Control", "no-cache")
-            resp.stream = server_sent_events(self.runtime.infer_stream(request, req.context.caller))
+            resp.stream = server_sent_events(self.runtime.inference.infer_stream(request))
             return
-        resp.media = ok(self.runtime.infer(request, req.context.caller))
+        resp.media = ok(self.runtime.inference.infer(request))
 
 
 def server_sent_events(events) -> Iterator[bytes]:
-    """Runtime.infer_stream's events as SSE: `data:` per token event, then `event: done` with
+    """Inference.infer_stream's events as SSE: `data:` per token event, then `event: done` with
     the success envelope or `event: error` with the error envelope. When the client goes away,
     waitress closes this iterator, which closes `events`: the request is cancelled."""
     try:
@@ -62,8 +62,8 @@ class AsyncInferenceResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        request = prepare_request(parse(req, INFERENCE))
-        resp.media = ok(self.runtime.submit_inference(request, req.context.caller))
+        request = prepare_request(parse(req, Inference))
+        resp.media = ok(self.runtime.inference.submit(request, req.context.caller))
 
 
 class InferenceResultResource:
@@ -71,7 +71,7 @@ class InferenceResultResource:
         self.runtime = runtime
 
     def on_get(self, req, resp, request_id):
-        resp.media = ok(self.runtime.get_inference(request_id, req.context.caller))
+        resp.media = ok(self.runtime.inference.get(request_id, req.context.caller))
 
 
 class BatchInferenceResource:
@@ -79,6 +79,6 @@ class BatchInferenceResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        body = parse(req, BATCH_INFERENCE)
+        body = parse(req, BatchInference)
         requests = [prepare_request(r, f"body.requests[{i}]") for i, r in enumerate(body["requests"])]
-        resp.media = ok(self.runtime.infer_batch(requests, req.context.caller))
+        resp.media = ok(self.runtime.inference.infer_batch(requests))

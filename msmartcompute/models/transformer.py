@@ -274,6 +274,7 @@ class TransformerModel(ServedModel):
     model_type = "transformer"
     generative = True
     decode = None                    # token ids -> text; the home decoder has no tokenizer
+    trainable = optimizable = language_model = True
 
     def __init__(self, spec: dict, device: torch.device):
         self.config = TransformerConfig.from_spec(spec)
@@ -292,6 +293,13 @@ class TransformerModel(ServedModel):
         options.update(params.normalised())
         return Prepared(tensor=tokens.to(self.device), options=options, rows=tokens.shape[0], sampling=params,
                         batch_key=("generate", params.temperature, params.top_p, params.max_tokens))
+
+    def data_rows(self, data) -> torch.Tensor:
+        return token_rows(data, self.config.vocab_size, self.config.max_sequence_length)
+
+    @property
+    def output_width(self) -> int:
+        return self.config.vocab_size
 
     def run(self, batch: list[Prepared]) -> list[Output]:
         first = batch[0].sampling
