@@ -145,10 +145,13 @@ def test_rows_of_one_request_may_end_at_different_lengths(rt):
 
 def test_stream_yields_each_token_as_it_is_sampled(rt):
     rt.registry.load(lm_spec())
-    req = request(prompt(5, 20, rows=2), max_tokens=9)
-    events = list(rt.inference.infer_stream(req))
+    req = request(prompt(5, 20, rows=2), max_tokens=120)
+    stream = rt.inference.infer_stream(req)
+    first = next(stream)                   # out before the request is done
+    assert 1 <= len(first["token_ids"][0]) < 120 and "output_data" not in first
+    events = [first, *stream]
     final, steps = events[-1], events[:-1]
-    assert len(steps) == 9 and all(len(e["token_ids"]) == 2 for e in steps)
+    assert all(len(e["token_ids"]) == 2 for e in steps)
     assert [sum((e["token_ids"][r] for e in steps), []) for r in range(2)] == final["output_data"]
     assert final["output_data"] == rt.inference.infer(req)["output_data"]
     rt.registry.load({"model_id": "mlp", "model_type": "mlp", "parameters": {"input_size": 4, "output_size": 2}})

@@ -128,34 +128,51 @@ class SamplingParams:
         return torch.Generator(device=device).manual_seed((self.seed + row) % 2 ** 63)
 
 
+def _draw(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+          u: torch.Tensor) -> torch.Tensor:
+    """logits [R, V], per-row temperature (> 0) / top_p / top_k (0: off) [R] and uniform draws
+    u [R, 1] -> token ids [R]: u maps through the cumulative distribution of the kept tokens
+    (the top_k most likely, then the smallest prefix of them whose mass reaches top_p)."""
+    probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)    # [R, V]
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs           # mass of the tokens ahead
+    kept = torch.where(before < top_p[:, None], sorted_probs, torch.zeros_like(sorted_probs))
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    kept = torch.where((top_k[:, None] > 0) & (rank[None, :] >= top_k[:, None]), torch.zeros_like(kept), kept)
+    kept[:, 0] = sorted_probs[:, 0]                               # the top token always stays
+    cdf = kept.cumsum(dim=-1)                                     # [R, V]
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=logits.shape[-1] - 1)  # [R, 1]
+    return order.gather(-1, pick).squeeze(-1)
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
            generator: torch.Generator | None, top_k: int = 0) -> torch.Tensor:
     """logits [R, V] -> token ids [R]: argmax at temperature 0, else one uniform draw per row
-    from `generator`, mapped through the cumulative distribution of the kept tokens (the top_k
-    most likely, then the smallest prefix of them whose mass reaches top_p)."""
+    from `generator` (see _draw)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)    # [R, V]
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs           # mass of the tokens ahead
-    kept = torch.where(before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
-    if top_k > 0:
-        kept[:, top_k:] = 0
-    kept[:, 0] = sorted_probs[:, 0]                               # the top token always stays
-    cdf = kept.cumsum(dim=-1)                                     # [R, V]
-    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device) * cdf[:, -1:]
-    pick = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)  # [R, 1]
-    return order.gather(-1, pick).squeeze(-1)
+    r, device = logits.shape[0], logits.device
+    u = torch.rand(r, 1, generator=generator, device=device)
+    full = torch.full((r,), float(temperature), device=device)
+    return _draw(logits, full, torch.full((r,), float(top_p), device=device),
+                 torch.full((r,), int(top_k), dtype=torch.long, device=device), u)
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> list[int]:
     """logits [N, V], one row per sequence with its own params and generator -> N token ids.
-    Greedy rows share one argmax; each sampled row draws from its own generator."""
+    Greedy rows share one argmax; the sampled rows share one _draw, each with the uniform
+    drawn from its own generator (so the same tokens as `sample` row by row)."""
     out = logits.argmax(dim=-1).tolist()
-    for i, (p, g) in enumerate(zip(params, generators)):
-        if not p.greedy:
-            out[i] = int(sample(logits[i:i + 1], p.temperature, p.top_p, g, p.top_k)[0])
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        device = logits.device
+        u = torch.cat([torch.rand(1, 1, generator=generators[i], device=device) for i in rows])
+        picked = _draw(logits[rows], torch.tensor([params[i].temperature for i in rows], device=device),
+                       torch.tensor([params[i].top_p for i in rows], device=device),
+                       torch.tensor([params[i].top_k for i in rows], dtype=torch.long, device=device), u)
+        for i, token in zip(rows, picked.tolist()):
+            out[i] = token
     return out
 
 

@@ -62,9 +62,16 @@ class Inference:
                     event = pending.stream.get(timeout=min(1.0, max(0.0, pending.deadline - time.monotonic())))
                 except queue_module.Empty:
                     continue
-                if event is STREAM_END:
+                ended = event is STREAM_END
+                while not ended and not pending.stream.empty():  # a slow reader gets what piled up as one event
+                    more = pending.stream.get_nowait()
+                    ended = more is STREAM_END
+                    if not ended:
+                        event = {"token_ids": [a + b for a, b in zip(event["token_ids"], more["token_ids"])]}
+                if event is not STREAM_END:
+                    yield {"request_id": pending.request_id, **event}
+                if ended:
                     break
-                yield {"request_id": pending.request_id, **event}
             yield self._finish(executor, pending, t0)
         finally:
             if not pending.future.done():
