@@ -8,7 +8,6 @@ import falcon
 import numpy as np
 import orjson
 
-from ..runtime.engine import Runtime
 from ..runtime.keys import KeyStore
 from . import errors
 from .allocations import AllocationResource, AllocationsResource
@@ -48,9 +47,11 @@ _JSON = falcon.media.JSONHandler(
 )
 
 
-def create_app(runtime: Runtime, config: ApiConfig | None = None) -> falcon.App:
+def create_app(runtime, config: ApiConfig | None = None, keys: KeyStore | None = None) -> falcon.App:
+    """runtime: a Runtime (one process, tests) or a serving.EngineClient (a front process: the
+    same services, answered by the engine process); keys: the key store (default: the runtime's)."""
     config = config or ApiConfig()
-    keys = KeyStore(runtime.store)
+    keys = keys if keys is not None else KeyStore(runtime.store)
     open_mode = config.open_mode if config.open_mode is not None else keys.count() == 0
     app = falcon.App(middleware=[
         RequestContext(runtime),

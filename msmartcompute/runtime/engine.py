@@ -30,6 +30,7 @@ from .errors import InternalError, MSCError
 from .inference import Inference
 from .jobs import JobRunner
 from .metrics import Metrics
+from .operations import OPERATIONS
 from .optimize import Optimization
 from .registry import Registry, map_large_blocks
 from .resources import Allocations
@@ -175,6 +176,15 @@ class Runtime:
             "gpu_status": devices.gpu_status(),
             "memory_usage": round(memory_usage, 4),
         }
+
+    def operation(self, op: str):
+        """The bound method an OPERATIONS name stands for."""
+        if op not in OPERATIONS:
+            raise KeyError(op)
+        target = self
+        for part in op.split("."):
+            target = getattr(target, part)
+        return target
 
     # ---- virtual GPUs: deleting one also closes its executor ---------------------------------
     def delete_vgpu(self, vgpu_id: str, caller: Caller | None = None) -> dict:

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
+import orjson
 
 from . import clock, ids
 from .access import require_owner
@@ -96,6 +97,8 @@ class Inference:
         request = dict(stored)
         request["input_data"] = np.asarray(stored["input_data"], dtype=stored.get("input_dtype"))
         out = self._infer(request, stored["request_id"])
+        # stored as JSON: the numbers a synchronous answer prints (float32's shortest form, not tolist()'s float64)
+        out["output_data"] = orjson.loads(orjson.dumps(out["output_data"], option=orjson.OPT_SERIALIZE_NUMPY))
         return {k: out[k] for k in ("output_data", "inference_time", "tokens_generated", "memory_used")}
 
     def _infer(self, request: dict, request_id: str) -> dict:
@@ -145,8 +148,7 @@ class Inference:
             raise
         elapsed = time.perf_counter() - t0
         self.meter.record_inference(True, elapsed, res.output.tokens_generated)
-        data = res.output.output_data
-        return {"request_id": pending.request_id,
-                "output_data": data.tolist() if isinstance(data, np.ndarray) else data,
+        # a numpy array stays one: it crosses to a front process as a raw buffer (serving/protocol.py)
+        return {"request_id": pending.request_id, "output_data": res.output.output_data,
                 "inference_time": elapsed, "tokens_generated": int(res.output.tokens_generated),
                 "memory_used": int(res.memory_used)}
