@@ -4,6 +4,8 @@ import os
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -100,6 +102,30 @@ def test_no_engine_is_503_at_once(engine):
 
 def _pids_alive(pids):
     return [p for p in pids if os.path.exists(f"/proc/{p}")]
+
+
+def _get(url):
+    request = urllib.request.Request(url)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers
+
+
+def test_rate_limits_are_exact_across_fronts(tmp_path):
+    server = LiveServer(tmp_path / "state", extra_args=["--workers", "2"],
+                        env={"MSC_RATE_LIMIT_BURST": "100", "MSC_RATE_LIMIT_PER_MINUTE": "8"})
+    try:
+        url = server.base_url
+        # a new connection each: the kernel spreads them over both fronts; one bucket decides all
+        answers = [_get(url + "/api/v1/models") for _ in range(9)]
+        assert [status for status, _ in answers] == [200] * 8 + [429]
+        assert [int(h["X-RateLimit-Remaining"]) for _, h in answers] == [7, 6, 5, 4, 3, 2, 1, 0, 0]
+        time.sleep(7.6)  # one token back (8 a minute)
+        assert _get(url + "/api/v1/models")[0] == 200
+    finally:
+        server.stop()
 
 
 def test_a_dead_front_is_replaced_and_serving_goes_on(tmp_path):

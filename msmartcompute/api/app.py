@@ -47,17 +47,20 @@ _JSON = falcon.media.JSONHandler(
 )
 
 
-def create_app(runtime, config: ApiConfig | None = None, keys: KeyStore | None = None) -> falcon.App:
+def create_app(runtime, config: ApiConfig | None = None, keys: KeyStore | None = None,
+               limiter=None) -> falcon.App:
     """runtime: a Runtime (one process, tests) or a serving.EngineClient (a front process: the
-    same services, answered by the engine process); keys: the key store (default: the runtime's)."""
+    same services, answered by the engine process); keys: the key store (default: the runtime's);
+    limiter: the rate limiter (default: one in this process; a front uses the engine's)."""
     config = config or ApiConfig()
     keys = keys if keys is not None else KeyStore(runtime.store)
     open_mode = config.open_mode if config.open_mode is not None else keys.count() == 0
+    limiter = limiter if limiter is not None else RateLimiter(config.rate_limit)
     app = falcon.App(middleware=[
         RequestContext(runtime),
         BodyLimit(config.max_body_bytes),
-        Auth(keys, open_mode),
-        RateLimit(RateLimiter(config.rate_limit)),
+        Auth(keys, open_mode, limiter),
+        RateLimit(limiter),
     ])
     app.req_options.media_handlers.update({falcon.MEDIA_JSON: _JSON})
     app.resp_options.media_handlers.update({falcon.MEDIA_JSON: _JSON})

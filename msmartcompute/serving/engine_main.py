@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..api.ratelimit import RateLimitConfig, RateLimiter
 from ..runtime.engine import Runtime, RuntimeConfig
 from ..runtime.errors import MSCError
 from .children import child_args, child_config, die_with_parent, stop_event
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         except MSCError as exc:
             if exc.code != "MODEL_ALREADY_LOADED":  # restored from the store already
                 log.error("could not preload model %s: %s", spec.get("model_id"), exc.message)
-    server = EngineServer(runtime, args.engine_address)
+    limiter = RateLimiter(RateLimitConfig(config.rate_limit_per_minute, config.rate_limit_burst,
+                                          config.rate_limit_enabled))
+    server = EngineServer(runtime, args.engine_address, limiter)
     pid_file = Path(args.pid_file)
     tmp = pid_file.with_suffix(".tmp")
     tmp.write_text(str(os.getpid()))

@@ -24,8 +24,9 @@ MAX_CALLS = 512  # calls served at once; more wait for a worker thread
 
 
 class EngineServer:
-    def __init__(self, runtime, address: str):
+    def __init__(self, runtime, address: str, limiter=None):
         self.runtime = runtime
+        self.limiter = limiter  # api.ratelimit.RateLimiter: every front's buckets, answered inline
         self.address = address
         self.context = zmq.Context.instance()
         self.router = self.context.socket(zmq.ROUTER)
@@ -66,6 +67,10 @@ class EngineServer:
                 self.runtime.operation(message.op)(*message.args)
             except Exception:
                 log.exception("note %s failed", message.op)
+        elif message.op == "ratelimit.check" and self.limiter is not None:
+            # inline on the I/O thread: one process decides every request in arrival order, no worker hop
+            reply = protocol.Reply(message.call_id, self.limiter.check_dict(*message.args))
+            self.router.send_multipart([frames[0], *protocol.encode(reply)], copy=False)
         else:
             self.pool.submit(self._run, front, message)
 

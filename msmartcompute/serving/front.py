@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..api import create_app
 from ..api.app import ApiConfig
-from ..api.ratelimit import RateLimitConfig
+from ..api.ratelimit import RateLimitConfig, RemoteRateLimiter
 from ..runtime.keys import KeyStore
 from ..runtime.store import Store
 from .children import child_args, child_config, die_with_parent, stop_event
@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     stopping = stop_event()
     engine = EngineClient(args.engine_address, Path(args.pid_file))
     store = Store(Path(config.state_dir) / "msmartcompute.sqlite3")
-    app = create_app(engine, ApiConfig(
-        max_body_bytes=config.max_body_bytes, open_mode=args.open_mode,
-        rate_limit=RateLimitConfig(config.rate_limit_per_minute, config.rate_limit_burst,
-                                   config.rate_limit_enabled)), keys=KeyStore(store))
+    rate_limit = RateLimitConfig(config.rate_limit_per_minute, config.rate_limit_burst, config.rate_limit_enabled)
+    app = create_app(engine, ApiConfig(max_body_bytes=config.max_body_bytes, open_mode=args.open_mode,
+                                       rate_limit=rate_limit),
+                     keys=KeyStore(store), limiter=RemoteRateLimiter(engine, rate_limit))
     listener = socket.socket(fileno=args.listen_fd)
     server = waitress.create_server(app, sockets=[listener], **waitress_settings(config))
     serve_until(server, stopping)
