@@ -133,6 +133,16 @@ def test_a_dead_front_is_replaced_and_serving_goes_on(tmp_path):
     try:
         url = server.base_url
         assert http(url, "POST", "/api/v1/models", MLP_SPEC)[0] == 200
+        for _ in range(6):  # new connections: both fronts serve some
+            assert http(url, "POST", "/api/v1/inference", {"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]]})[0] == 200
+        # one set of numbers across the processes: fronts count requests, the engine inferences
+        metrics = http(url, "GET", "/api/v1/metrics")[1]["metrics"]
+        assert (metrics["total_requests"], metrics["inference_requests"], metrics["batch_sizes"]) == (7, 6, {"1": 6})
+        with urllib.request.urlopen(url + "/metrics") as r:
+            text = r.read().decode()
+        assert 'msmartcompute_requests_total{method="POST",route="/api/v1/inference",status="200"} 6.0' in text
+        assert 'msmartcompute_inferences_total{model="mlp-small",status="ok"} 6.0' in text
+        assert 'msmartcompute_inference_duration_seconds_bucket{le="+Inf",model="mlp-small"} 6.0' in text
         children = server.children()
         engine = server.engine_pid()
         fronts = [p for p in children if p != engine]

@@ -19,10 +19,11 @@ _request_ids = itertools.count(1)
 
 
 class RequestContext:
-    """Request id, timing, the access log line and the request counters."""
+    """Request id, timing, the access log line and the request counters (runtime/instruments.py:
+    labels route (the URI template), method, status)."""
 
-    def __init__(self, runtime):
-        self.runtime = runtime
+    def __init__(self, instruments):
+        self.instruments = instruments
 
     def process_request(self, req, resp):
         req.context.request_id = req.get_header("X-Request-ID") or f"r{next(_request_ids)}"
@@ -36,8 +37,10 @@ class RequestContext:
         access_log.info("%s %s %d %.1fms %s", req.method, req.path, status, elapsed * 1000,
                         req.context.get("request_id"))
         if req.path not in PUBLIC_PATHS and req.path != "/metrics":
+            route = req.uri_template or "unmatched"  # a template, never the raw path: label values stay few
             try:
-                self.runtime.record_request(status < 400, elapsed)
+                self.instruments.requests.labels(route, req.method, str(status)).inc()
+                self.instruments.request_seconds.labels(route).observe(elapsed)
             except Exception:  # metrics must never turn a served response into an error
                 access_log.exception("recording metrics failed")
 

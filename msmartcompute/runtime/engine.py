@@ -211,6 +211,3 @@ class Runtime:
     def metrics_history(self, start_time: datetime | None = None, end_time: datetime | None = None,
                         interval: int = 60) -> list[dict]:
         return self.meter.history(clock.to_unix(start_time), clock.to_unix(end_time), interval)
-
-    def record_request(self, ok: bool, latency_s: float) -> None:
-        self.meter.record_request(ok, latency_s)

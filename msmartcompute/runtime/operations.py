@@ -10,5 +10,5 @@ OPERATIONS = frozenset({
     "sessions.create", "sessions.get", "sessions.delete",
     "allocations.allocate", "allocations.get", "allocations.list", "allocations.deallocate",
     "vgpus.create", "vgpus.describe", "vgpus.list", "delete_vgpu",
-    "health", "metrics", "metrics_history", "record_request",
+    "health", "metrics", "metrics_history",
 })

@@ -48,8 +48,6 @@ class EngineClient:
         self._ids = itertools.count(1)
         for op in OPERATIONS:
             service, _, method = op.rpartition(".")
-            if hasattr(type(self), method):  # record_request: sent as a Note, see below
-                continue
             if service:
                 proxy = self.__dict__.setdefault(service, _Service())
                 setattr(proxy, method, self._method(op))
@@ -88,16 +86,6 @@ class EngineClient:
         if first.last:
             return first.value
         return ReplyStream(self, sock, call_id, pid, first)
-
-    def note(self, op: str, *args) -> None:
-        """Send and forget (metrics): dropped while no engine is connected."""
-        try:
-            self._socket().send_multipart(protocol.encode(protocol.Note(op, list(args))), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass
-
-    def record_request(self, ok: bool, latency_s: float) -> None:
-        self.note("record_request", ok, latency_s)
 
     def _receive(self, sock: zmq.Socket, call_id: int, pid: int) -> protocol.Reply:
         while True:

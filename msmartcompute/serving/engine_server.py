@@ -4,7 +4,7 @@ optimization; the only writer of the store) behind a ZeroMQ ROUTER socket.
 One I/O thread owns the ROUTER: it reads calls and hands each to a worker thread (calls block:
 an inference waits for its batch, a training runs for minutes), forwards the workers' replies
 (each worker pushes them over an inproc socket, since a ZeroMQ socket belongs to one thread),
-and runs Notes inline. A Cancel marks its call: a streaming call stops before its next message.
+and answers rate-limit checks inline. A Cancel marks its call: a streaming call stops before its next message.
 """
 from __future__ import annotations
 
@@ -62,11 +62,6 @@ class EngineServer:
             return
         if isinstance(message, protocol.Cancel):
             self.cancelled.add((front, message.call_id))
-        elif isinstance(message, protocol.Note):
-            try:
-                self.runtime.operation(message.op)(*message.args)
-            except Exception:
-                log.exception("note %s failed", message.op)
         elif message.op == "ratelimit.check" and self.limiter is not None:
             # inline on the I/O thread: one process decides every request in arrival order, no worker hop
             reply = protocol.Reply(message.call_id, self.limiter.check_dict(*message.args))

@@ -4,7 +4,6 @@ front (DEALER, one per front thread)          engine (ROUTER)
   [header: Call, *buffers]             ->
                                        <-   [header: Reply, *buffers]   (one, or a stream of them)
   [header: Cancel]                     ->   (the client went away: stop the stream)
-  [header: Note]                       ->   (fire and forget: nothing comes back)
 
 Headers are msgpack (msgspec). A numpy array anywhere in the arguments or the result travels as
 a raw buffer in its own frame (zero-copy on both ends); the header holds an Ext in its place with
@@ -34,12 +33,6 @@ class Call(msgspec.Struct, tag=True):
 
 class Cancel(msgspec.Struct, tag=True):
     call_id: int
-
-
-class Note(msgspec.Struct, tag=True):
-    """A call whose result nobody waits for."""
-    op: str
-    args: list = []
 
 
 class Reply(msgspec.Struct):
@@ -72,7 +65,7 @@ def _ext_hook(code: int, data: memoryview):
 
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
-_to_engine = msgspec.msgpack.Decoder(Call | Cancel | Note, ext_hook=_ext_hook)
+_to_engine = msgspec.msgpack.Decoder(Call | Cancel, ext_hook=_ext_hook)
 _to_front = msgspec.msgpack.Decoder(Reply, ext_hook=_ext_hook)
 
 
@@ -94,7 +87,7 @@ def encode(message) -> list:
     return [header, *frames]
 
 
-def decode_call(frames: list) -> Call | Cancel | Note:
+def decode_call(frames: list) -> Call | Cancel:
     return _decode(_to_engine, frames)
 
 

@@ -48,13 +48,22 @@ class Supervisor:
                            "--pid-file", str(self.pid_file), "--parent", str(os.getpid())]
         if open_mode:
             self.child_argv.append("--open-mode")
+        # prometheus_client multiprocess mode: every child writes its instruments' values here
+        self.metrics_dir = self.run_dir / "metrics"
+        self.metrics_dir.mkdir()
+        self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         self.engine: subprocess.Popen | None = None
         self.fronts: list[subprocess.Popen | None] = [None] * workers
         self.stopping = threading.Event()
 
     def _spawn(self, module: str, *extra: str, pass_fds=()) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", f"msmartcompute.serving.{module}", *self.child_argv, *extra],
-                                pass_fds=pass_fds)
+                                pass_fds=pass_fds, env=self.env)
+
+    def _gone(self, child: subprocess.Popen) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(child.pid, str(self.metrics_dir))  # its live gauges stop counting
 
     def _start_engine(self) -> None:
         self.pid_file.unlink(missing_ok=True)
@@ -87,11 +96,13 @@ class Supervisor:
                 if self.engine.poll() is not None:
                     log.error("the engine process exited (status %s): restarting it; fronts answer 503 meanwhile",
                               self.engine.returncode)
+                    self._gone(self.engine)
                     self._start_engine()
                     last_restart = time.monotonic()
                 for i, front in enumerate(self.fronts):
                     if front.poll() is not None:
                         log.error("front %d exited (status %s): replacing it", i, front.returncode)
+                        self._gone(front)
                         self._start_front(i)
                         last_restart = time.monotonic()
             log.info("stopping: no new connections; draining in-flight requests")
