@@ -431,7 +431,7 @@ __global__ void attention_combine_kernel(const __grid_constant__ AttentionParams
 constexpr int kBwdKeys = 64;   // keys per dK/dV block and per dQ step
 constexpr int kBwdRows = 64;   // packed rows per dQ block
 template <int D>
-constexpr int bwd_step_rows() { return D <= 64 ? 64 : 32; }  // rows per dK/dV step: registers at D 128
+__host__ __device__ constexpr int bwd_step_rows() { return D <= 64 ? 64 : 32; }  // rows per dK/dV step: registers at D 128
 
 template <int D>
 constexpr size_t bwd_dkdv_smem_bytes() {
