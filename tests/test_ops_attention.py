@@ -372,3 +372,20 @@ def test_gpu_benchmark_script_parses_arguments(capsys):
     printed = capsys.readouterr().out
     assert "4 cases x 5 implementations" in printed
     assert bench.flops({"batch": 1, "heads": 1, "seqlen": 2, "head_dim": 1, "causal": False, "mode": "fwd"}) == 16
+
+
+def test_gpu_paged_decode_script_parses_arguments(capsys):
+    # The decode-bandwidth benchmark cannot run here; its import, cases and byte count can.
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu",
+                        "bench_paged_decode.py")
+    spec = importlib.util.spec_from_file_location("bench_paged_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--list", "--batches", "2", "--contexts", "100", "4096"]) == 0
+    assert "2 cases x 4 implementations" in capsys.readouterr().out
+    case = {"batch": 2, "context": 100, "kv_heads": 8, "head_dim": 128}
+    assert bench.kv_bytes(case) == 2 * 2 * 100 * 8 * 128 * 2
+
