@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import falcon
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..runtime.errors import InvalidInputData
 from .envelope import ok
