@@ -374,6 +374,22 @@ def test_gpu_benchmark_script_parses_arguments(capsys):
     assert bench.flops({"batch": 1, "heads": 1, "seqlen": 2, "head_dim": 1, "causal": False, "mode": "fwd"}) == 16
 
 
+def test_gpu_paged_decode_script_parses_arguments(capsys):
+    # The decode-bandwidth benchmark cannot run here; its import, cases and byte count can.
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu",
+                        "bench_paged_decode.py")
+    spec = importlib.util.spec_from_file_location("bench_paged_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--list", "--batches", "2", "--contexts", "100", "4096"]) == 0
+    assert "2 cases x 4 implementations" in capsys.readouterr().out
+    case = {"batch": 2, "context": 100, "kv_heads": 8, "head_dim": 128}
+    assert bench.kv_bytes(case) == 2 * 2 * 100 * 8 * 128 * 2
+
+
 def allocated_bytes(fn) -> int:
     """Bytes the torch allocator hands out while fn runs (the profiler's memory records)."""
     from torch.profiler import ProfilerActivity, profile
@@ -415,20 +431,3 @@ def test_triton_grids_stay_within_cuda_limits(monkeypatch):
     for grid in grids:
         assert all(size <= 65535 for size in grid[1:]) and grid[0] < 2 ** 31, grid
         assert grid[0] * (grid[1] if len(grid) > 1 else 1) >= 70000, grid  # every (batch, head) gets programs
-
-
-def test_gpu_paged_decode_script_parses_arguments(capsys):
-    # The decode-bandwidth benchmark cannot run here; its import, cases and byte count can.
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu",
-                        "bench_paged_decode.py")
-    spec = importlib.util.spec_from_file_location("bench_paged_decode", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.main(["--list", "--batches", "2", "--contexts", "100", "4096"]) == 0
-    assert "2 cases x 4 implementations" in capsys.readouterr().out
-    case = {"batch": 2, "context": 100, "kv_heads": 8, "head_dim": 128}
-    assert bench.kv_bytes(case) == 2 * 2 * 100 * 8 * 128 * 2
-

@@ -58,9 +58,7 @@ void attention_fwd_strided(const at::Tensor& q, const at::Tensor& k, const at::T
 std::tuple<at::Tensor, at::Tensor> fused_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, bool causal, double scale) {
   const auto s = check_attention_inputs("fused_attention_fwd", q, k, v, causal);
-  TORCH_CHECK(q.device().is_cpu(), "fused_attention_fwd_cpu: expected CPU tensors, got ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "fused_attention_fwd on CPU: expected float32, bfloat16 or float16, got ", q.scalar_type());
+  cpu::check_cpu_float("fused_attention_fwd", q);
   auto qc = cpu::last_dim_contiguous(q), kc = cpu::last_dim_contiguous(k), vc = cpu::last_dim_contiguous(v);
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({s.B, s.H, s.Sq}, q.options().dtype(at::kFloat));
@@ -77,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_bwd_cpu(const at:
                                                                        double scale) {
   check_attention_inputs("fused_attention_bwd", q, k, v, causal);
   check_attention_grads("fused_attention_bwd", q, grad_out, out, lse);
-  TORCH_CHECK(q.device().is_cpu(), "fused_attention_bwd_cpu: expected CPU tensors, got ", q.device());
+  cpu::check_cpu_float("fused_attention_bwd", q);
   return cpu::attention_bwd_math(grad_out, q, k, v, out, lse, causal, scale);
 }
 

@@ -128,6 +128,13 @@ void finish_rows(const TileState& state, int64_t nq, int64_t D, ORow o_row, LseA
   }
 }
 
+// The CPU kernels take CPU float32, bfloat16 and float16 tensors (fp32 math inside).
+inline void check_cpu_float(const char* op, const at::Tensor& q) {
+  TORCH_CHECK(q.device().is_cpu(), op, " on CPU: expected CPU tensors, got ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              op, " on CPU: expected float32, bfloat16 or float16, got ", q.scalar_type());
+}
+
 // A view's rows must be contiguous in their last dim for the row pointers; anything else is
 // copied (only q-sized inputs in practice: caches and projections have unit last stride).
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) {

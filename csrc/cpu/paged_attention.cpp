@@ -100,9 +100,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
                                const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
   const char* op = "paged_attention";
   const auto s = check_paged_inputs(op, q, k_cache, v_cache, block_table, seq_lens);
-  TORCH_CHECK(q.device().is_cpu(), op, " on CPU: expected CPU tensors, got ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              op, " on CPU: expected float32, bfloat16 or float16, got ", q.scalar_type());
+  cpu::check_cpu_float(op, q);
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   if (q.numel() == 0) return out;
   // Every block a sequence reads must exist: a bad table would read outside the cache.
@@ -148,7 +146,7 @@ void reshape_and_cache_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor&
                            const at::Tensor& slot_mapping) {
   const char* op = "reshape_and_cache";
   check_cache_write(op, k, v, k_cache, v_cache, slot_mapping);
-  TORCH_CHECK(k.device().is_cpu(), op, " on CPU: expected CPU tensors, got ", k.device());
+  cpu::check_cpu_float(op, k);
   auto slots = slot_mapping.contiguous();
   const int64_t* sp = slots.const_data_ptr<int64_t>();
   const int64_t capacity = k_cache.size(0) * k_cache.size(1);

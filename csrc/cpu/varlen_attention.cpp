@@ -74,19 +74,13 @@ void varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, a
   });
 }
 
-void check_cpu_float(const char* op, const at::Tensor& q) {
-  TORCH_CHECK(q.device().is_cpu(), op, " on CPU: expected CPU tensors, got ", q.device());
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              op, " on CPU: expected float32, bfloat16 or float16, got ", q.scalar_type());
-}
-
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                                                             const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                             int64_t max_seqlen_k, bool causal, double scale) {
   const char* op = "varlen_attention_fwd";
   const auto s = check_varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k);
-  check_cpu_float(op, q);
+  cpu::check_cpu_float(op, q);
   const auto cu_q = offsets(op, cu_seqlens_q, s.total_q, max_seqlen_q, "cu_seqlens_q");
   const auto cu_k = offsets(op, cu_seqlens_k, s.total_k, max_seqlen_k, "cu_seqlens_k");
   auto qc = cpu::last_dim_contiguous(q), kc = cpu::last_dim_contiguous(k), vc = cpu::last_dim_contiguous(v);
@@ -104,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     int64_t max_seqlen_k, bool causal, double scale) {
   const char* op = "varlen_attention_bwd";
   const auto s = check_varlen_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k);
-  check_cpu_float(op, q);
+  cpu::check_cpu_float(op, q);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op, ": grad_out ", grad_out.sizes(),
               " and out ", out.sizes(), " must have q's shape ", q.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == s.H && lse.size(1) == s.total_q,

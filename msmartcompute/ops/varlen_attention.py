@@ -88,9 +88,15 @@ if extension_loaded():
 
     def _backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        dq, dk, dv = torch.ops.msmartcompute.varlen_attention_bwd(
-            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
-            ctx.max_seqlen_k, ctx.causal, ctx.scale)
+        args = (grad_out.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
+                ctx.max_seqlen_k, ctx.causal, ctx.scale)
+        if q.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key("msmartcompute::varlen_attention_bwd",
+                                                                            "CUDA"):
+            from .triton import varlen_attention as triton_varlen  # a CUDA forward without its backward yet
+
+            dq, dk, dv = triton_varlen.varlen_attention_bwd(*args)
+        else:
+            dq, dk, dv = torch.ops.msmartcompute.varlen_attention_bwd(*args)
         return dq, dk, dv, None, None, None, None, None, None
 
     torch.library.register_autograd("msmartcompute::varlen_attention_fwd", _backward, setup_context=_setup_context)
