@@ -20,6 +20,7 @@ class Prepared:
 class Output:
     output_data: "np.ndarray | list[list]"  # the rows to return for this request
     tokens_generated: int           # real count (0 for non-generative models)
+    finish_reasons: "list[str] | None" = None  # per generated row: "stop" (end of sequence) or "length"
 
 
 class ServedModel:
