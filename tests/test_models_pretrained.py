@@ -52,7 +52,8 @@ def test_greedy_generation_equal_token_for_token(tmp_path, family):
     got = ours.run([prepared])[0].output_data
     for prompt, row in zip(prompts, got):
         with torch.no_grad():
-            want = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+            x = torch.tensor([prompt])
+            want = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, len(prompt):]
         assert row == want.tolist()
 
@@ -183,7 +184,7 @@ def test_single_weights_file_with_parameters(tmp_path):
     ref = hf_model("gpt2")
     path = tmp_path / "model.bin"
     torch.save(ref.state_dict(), path)
-    params = {"vocab_size": 128, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "max_position_embeddings": 128}
+    params = {"vocab_size": 320, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "max_position_embeddings": 128}
     ours = build_model({"model_type": "transformer", "model_path": str(path), "parameters": params}, CPU)
     assert ours.family == "gpt2"
     ids = torch.randint(0, 128, (2, 6))

@@ -10,7 +10,7 @@ import orjson
 
 from ..runtime.engine import Runtime
 from ..runtime.keys import KeyStore
-from . import errors
+from . import errors, openai_compat
 from .allocations import AllocationResource, AllocationsResource
 from .health import HealthResource
 from .inference import (AsyncInferenceResource, BatchInferenceResource, InferenceResource,
@@ -91,4 +91,5 @@ def create_app(runtime: Runtime, config: ApiConfig | None = None) -> falcon.App:
     }
     for path, resource in routes.items():
         app.add_route(API_PREFIX + path, resource)
+    openai_compat.install(app, runtime)
     return app

@@ -54,12 +54,21 @@ INFERENCE_OPTIONS = {
     },
 }
 
+_TEXT = {
+    "oneOf": [{"type": "string", "minLength": 1},
+              {"type": "array", "minItems": 1, "maxItems": MAX_ROWS, "items": {"type": "string", "minLength": 1}}],
+    "description": "extension: text in place of input_data, for a model whose checkpoint folder has a "
+                   "tokenizer (one row per string); the response then also carries output_text",
+}
+
 INFERENCE = {
     "type": "object",
-    "required": ["model_id", "input_data"],
+    "required": ["model_id"],
+    "description": "input_data, or input_text for a model with a tokenizer, is required",
     "properties": {
         "model_id": _ID,
         "input_data": _MATRIX,
+        "input_text": _TEXT,
         "batch_size": {"type": "integer", "minimum": 1, "maximum": MAX_ROWS},
         "sequence_length": {"type": "integer", "minimum": 1, "maximum": 1_048_576},
         "data_type": {"type": "string", "enum": ["float32", "float16", "bfloat16", "int64", "int32"]},

@@ -35,6 +35,27 @@ class ServedModel:
         """Measured bytes of every parameter and buffer (int8 weights count 1 byte each)."""
         return module_bytes(self.module)
 
+    tokenizer = None                # models.tokenizer.Tokenizer, for checkpoints that ship one
+
+    def encode_text(self, texts, add_special_tokens: bool = True) -> list[list[int]]:
+        """input_text (a list of strings, one row each) -> token id rows (any lengths).
+        add_special_tokens=False for a prompt a chat template has already framed."""
+        if self.tokenizer is None:
+            raise ValueError(f"this {self.model_type} model has no tokenizer: send token ids in input_data "
+                             "(a checkpoint folder with tokenizer.json, or GPT-2's vocab.json + merges.txt, "
+                             "brings one)")
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("input_text must be a string or a non-empty list of strings")
+        rows = self.tokenizer.encode_batch(texts, add_special_tokens)
+        empty = next((i for i, r in enumerate(rows) if not r), None)
+        if empty is not None:
+            raise ValueError(f"input_text[{empty}] encodes to no tokens")
+        return rows
+
+    def decode_text(self, output_data) -> list[str] | None:
+        """Generated id rows -> text, one string per row; None when outputs are not tokens."""
+        return None
+
     def prepare(self, input_data, options: dict) -> Prepared:
         raise NotImplementedError
 

@@ -213,6 +213,9 @@ class PretrainedDecoder(PretrainedModel):
             outputs.append(Output(output_data=rows, tokens_generated=sum(len(r) for r in rows), finish_reasons=why))
         return outputs
 
+    def decode_text(self, output_data) -> list[str] | None:
+        return None if self.tokenizer is None else [self.tokenizer.decode(row) for row in output_data]
+
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, S] -> logits [B, S, V] float32 (one causal forward, no cache)."""

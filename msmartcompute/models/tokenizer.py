@@ -45,8 +45,32 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts)]
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt for `messages` through the checkpoint's chat template, rendered in jinja2's
+        sandbox (a template is data from the folder: it may not reach Python internals)."""
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template (tokenizer_config.json chat_template or "
+                             "chat_template.jinja): use the completions endpoint")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ValueError(f"the chat template refused the messages: {message}")
+
+        # the options transformers renders chat templates with, so prompts come out the same
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except ValueError:
+            raise
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"the chat template could not be rendered: {type(exc).__name__}: {exc}") from None
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=True)

@@ -50,6 +50,31 @@ class RuntimeConfig:
     metrics_retention_s: float = 7 * 24 * 3600.0
 
 
+def _prepare(model, request: dict):
+    """One request checked by its model -> (Prepared, prompt tokens of an input_text request).
+    input_text (a string or a list of strings, one row each) is tokenized by the model's
+    tokenizer in place of input_data (add_special_tokens false: a chat template framed it)."""
+    text, data = request.get("input_text"), request.get("input_data")
+    field = "input_data"
+    if text is not None:
+        if data is not None:
+            raise InvalidInputData("give input_data or input_text, not both", {"field": "input_text"})
+        field = "input_text"
+        try:
+            data = model.encode_text([text] if isinstance(text, str) else text,
+                                     add_special_tokens=request.get("add_special_tokens", True))
+        except ValueError as exc:
+            raise InvalidInputData(str(exc), {"field": field}) from None
+    elif data is None:
+        raise InvalidInputData("input_data is required (or input_text for a model with a tokenizer)",
+                               {"field": "input_data"})
+    try:
+        prepared = model.prepare(data, request.get("options") or {})
+    except ValueError as exc:
+        raise InvalidInputData(str(exc), {"field": field}) from None
+    return prepared, (sum(len(row) for row in data) if text is not None else None)
+
+
 class Runtime:
     def __init__(self, config: RuntimeConfig):
         self.config = config
@@ -185,17 +210,14 @@ class Runtime:
     def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False) -> tuple[Executor, Pending]:
         entry = self.registry.entry(request.get("model_id"))
         model, executor = entry.model, entry.executor
-        if "input_data" not in request:
-            raise InvalidInputData("input_data is required", {"field": "input_data"})
-        try:
-            prepared = model.prepare(request["input_data"], request.get("options") or {})
-        except ValueError as exc:
-            raise InvalidInputData(str(exc), {"field": "input_data"}) from None
+        prepared, prompt_tokens = _prepare(model, request)
         # options.timeout is the documented field; a top-level "timeout" is accepted too
         timeout = (request.get("options") or {}).get("timeout", request.get("timeout", self.config.request_timeout_s))
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidInputData("timeout must be a positive number of seconds", {"field": "timeout"})
         pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout))
+        if prompt_tokens is not None:
+            pending.decode_text, pending.prompt_tokens = model.decode_text, prompt_tokens
         queue = executor.submit(entry.model_id, pending, may_run_inline)
         if queue is not None:  # the executor was idle: run it on this thread (see batching.py)
             executor.run_inline(queue, pending)
@@ -221,10 +243,18 @@ class Runtime:
         elapsed = time.perf_counter() - t0
         self.meter.record_inference(True, elapsed, res.output.tokens_generated)
         data = res.output.output_data
-        return {"request_id": pending.request_id,
-                "output_data": data.tolist() if isinstance(data, np.ndarray) else data,
-                "inference_time": elapsed, "tokens_generated": int(res.output.tokens_generated),
-                "memory_used": int(res.memory_used)}
+        out = {"request_id": pending.request_id,
+               "output_data": data.tolist() if isinstance(data, np.ndarray) else data,
+               "inference_time": elapsed, "tokens_generated": int(res.output.tokens_generated),
+               "memory_used": int(res.memory_used)}
+        if pending.decode_text is not None:  # the request came as input_text
+            out["prompt_tokens"] = pending.prompt_tokens
+            text = pending.decode_text(out["output_data"])
+            if text is not None:
+                out["output_text"] = text
+        if res.output.finish_reasons is not None:
+            out["finish_reasons"] = res.output.finish_reasons
+        return out
 
     def _infer(self, request: dict, request_id: str) -> dict:
         t0 = time.perf_counter()
@@ -257,7 +287,8 @@ class Runtime:
             if exc is None:
                 try:
                     out = self._finish(executor, pending, t0)
-                    results.append({k: out[k] for k in ("request_id", "output_data", "inference_time")})
+                    results.append({k: out[k] for k in ("request_id", "output_data", "inference_time",
+                                                        "output_text", "finish_reasons", "prompt_tokens") if k in out})
                     continue
                 except MSCError as e:
                     exc = e
@@ -269,14 +300,13 @@ class Runtime:
         now + (jobs ahead / job workers + 1) x the mean duration of recent inference jobs (else
         the recent inference latency)."""
         entry = self.registry.entry(request.get("model_id"))
-        try:
-            entry.model.prepare(request.get("input_data"), request.get("options") or {})
-        except ValueError as exc:
-            raise InvalidInputData(str(exc), {"field": "input_data"}) from None
+        _prepare(entry.model, request)
         rid = ids.request_id(self.store)
-        data = np.asarray(request["input_data"])
         stored = {k: v for k, v in request.items() if k != "input_data"}
-        stored.update(input_data=data.tolist(), input_dtype=data.dtype.name, request_id=rid)
+        stored["request_id"] = rid
+        if request.get("input_data") is not None:
+            data = np.asarray(request["input_data"])
+            stored.update(input_data=data.tolist(), input_dtype=data.dtype.name)
         owner = caller.user_id if caller else request.get("user_id")
         self.jobs.submit(rid, "inference", owner, stored)
         ahead = self.jobs.queued_ahead(rid)
@@ -286,9 +316,11 @@ class Runtime:
 
     def _inference_job(self, stored: dict) -> dict:
         request = dict(stored)
-        request["input_data"] = np.asarray(stored["input_data"], dtype=stored.get("input_dtype"))
+        if stored.get("input_data") is not None:
+            request["input_data"] = np.asarray(stored["input_data"], dtype=stored.get("input_dtype"))
         out = self._infer(request, stored["request_id"])
-        return {k: out[k] for k in ("output_data", "inference_time", "tokens_generated", "memory_used")}
+        return {k: out[k] for k in ("output_data", "inference_time", "tokens_generated", "memory_used",
+                                    "output_text", "finish_reasons", "prompt_tokens") if k in out}
 
     def get_inference(self, request_id: str, caller: Caller | None = None) -> dict:
         job = self.jobs.get(request_id)
@@ -299,9 +331,21 @@ class Runtime:
         out = {"request_id": request_id, "status": job["status"], "output_data": result.get("output_data"),
                "inference_time": result.get("inference_time"),
                "completion_time": clock.iso(job["completed_at"]) if job["status"] == "completed" else None}
+        if "output_text" in result:
+            out["output_text"] = result["output_text"]
         if job["status"] == "failed":
             out["error"] = {k: job["error"][k] for k in ("code", "message")}
         return out
+
+    def chat_prompt(self, model_id: str, messages: list[dict], caller: Caller | None = None) -> str:
+        """The prompt the model's chat template makes of `messages` (OpenAI chat format)."""
+        model = self.registry.entry(model_id).model
+        if model.tokenizer is None:
+            raise InvalidInputData(f"model {model_id!r} has no tokenizer", {"field": "model"})
+        try:
+            return model.tokenizer.render_chat(messages)
+        except ValueError as exc:
+            raise InvalidInputData(str(exc), {"field": "messages"}) from None
 
     # ---- training -------------------------------------------------------------------------------
     # Training works on a deep copy and swaps it in at the end (Registry.swap), so inference on
