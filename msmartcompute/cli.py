@@ -5,6 +5,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -12,9 +13,29 @@ import threading
 import time
 from pathlib import Path
 
+from . import __version__
 from .config import load_config
 
 log = logging.getLogger("msmartcompute")
+
+
+class CliError(Exception):
+    """A mistake the user can fix: main() prints it as one line and exits with `status`."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+def _config(args: argparse.Namespace, overrides: dict):
+    """The merged config, or a one-line CliError naming the file or variable at fault."""
+    try:
+        return load_config(args.config, {"state_dir": args.state_dir, **overrides})
+    except OSError as exc:
+        raise CliError(f"cannot read config file {args.config}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # also JSON and TOML syntax errors
+        where = "" if str(exc).startswith(("config file", "environment variable")) else f"config file {args.config}: "
+        raise CliError(f"{where}{exc}") from None
 
 # SIGTERM/SIGINT: stop accepting, let in-flight requests finish for at most this long, then stop.
 DRAIN_TIMEOUT_S = 30.0
@@ -34,8 +55,11 @@ def _runtime(config):
     try:
         runtime_config = RuntimeConfig(state_dir=config.state_dir, **config.runtime)
     except TypeError as exc:
-        raise SystemExit(f"config file: bad [inference]/[virtualization] setting: {exc}") from None
-    return Runtime(runtime_config)
+        raise CliError(f"config file: bad [inference]/[virtualization] setting: {exc}") from None
+    try:
+        return Runtime(runtime_config)
+    except OSError as exc:
+        raise CliError(f"state dir {config.state_dir}: {exc.strerror or exc}") from None
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -47,13 +71,16 @@ def serve(args: argparse.Namespace) -> int:
     from .runtime.errors import MSCError
     from .runtime.keys import KeyStore
 
-    config = load_config(args.config, {"host": args.host, "port": args.port, "state_dir": args.state_dir,
-                                       "threads": args.threads})
+    config = _config(args, {"host": args.host, "port": args.port, "threads": args.threads})
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runtime = _runtime(config)
     keys = KeyStore(runtime.store)
-    for entry in config.api_keys:
-        keys.add(entry["key"], entry.get("user_id", "admin"), entry.get("role", "admin"))
+    try:
+        for entry in config.api_keys:
+            keys.add(str(entry.get("key", "")), entry.get("user_id", "admin"), entry.get("role", "admin"))
+    except (ValueError, AttributeError) as exc:
+        runtime.close()
+        raise CliError(f"bad API key in the config file or MSC_ADMIN_KEY: {exc}") from None
     open_mode = keys.count() == 0
     if open_mode and not _is_loopback(config.host):
         runtime.close()
@@ -74,7 +101,6 @@ def serve(args: argparse.Namespace) -> int:
         max_body_bytes=config.max_body_bytes, open_mode=open_mode,
         rate_limit=RateLimitConfig(config.rate_limit_per_minute, config.rate_limit_burst,
                                    config.rate_limit_enabled)))
-    log.info("serving on http://%s:%d (state dir %s)", config.host, config.port, Path(config.state_dir).resolve())
     stopping = threading.Event()
 
     def on_signal(signum, frame):
@@ -83,9 +109,14 @@ def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     try:
-        server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
-                                        ident="msmartcompute", max_request_body_size=config.max_body_bytes,
-                                        clear_untrusted_proxy_headers=True)
+        try:
+            server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
+                                            ident="msmartcompute", max_request_body_size=config.max_body_bytes,
+                                            clear_untrusted_proxy_headers=True)
+        except OSError as exc:  # port in use, address not on this machine, privileged port
+            raise CliError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", 1) from None
+        log.info("serving on http://%s:%d (state dir %s)", config.host, config.port,
+                 Path(config.state_dir).resolve())
         _serve_until(server, stopping)
         log.info("stopping: no new connections; draining in-flight requests (at most %.0f s)", DRAIN_TIMEOUT_S)
         drained = _drain(server, DRAIN_TIMEOUT_S)
@@ -138,32 +169,42 @@ def _drain(server, timeout_s: float) -> bool:
     return drained
 
 
-    return 0
-
-
 def keys_command(args: argparse.Namespace) -> int:
+    from .runtime.ids import check_id
     from .runtime.keys import KeyStore
-    from .runtime.store import Store
+    from .runtime.store import STORE_FILENAME, Store
 
-    config = load_config(args.config, {"state_dir": args.state_dir})
-    store = Store(Path(config.state_dir) / "msmartcompute.sqlite3")
-    keys = KeyStore(store)
+    config = _config(args, {})
+    path = Path(config.state_dir) / STORE_FILENAME
     if args.keys_command == "create":
         try:
-            key = keys.create(args.user, args.role)
+            check_id(args.user, "--user")
         except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(key)
-        print(f"created a {args.role} key for {args.user}; it is shown only once", file=sys.stderr)
-    elif args.keys_command == "list":
-        for entry in keys.list():
-            print(f"{entry['key_id']}  {entry['role']:<5}  {entry['user_id']}")
-    elif args.keys_command == "revoke":
-        if not keys.revoke(args.key_id):
-            print(f"error: no key with id {args.key_id}", file=sys.stderr)
-            return 1
-    store.close()
+            raise CliError(str(exc)) from None
+    elif not path.exists():  # list/revoke only read: never create a state dir for them
+        if args.keys_command == "revoke":
+            raise CliError(f"no key {args.key}: there is no store at {path}", 1)
+        print(f"no keys: there is no store at {path}", file=sys.stderr)
+        return 0
+    try:
+        store = Store(path)
+    except OSError as exc:
+        raise CliError(f"state dir {config.state_dir}: {exc.strerror or exc}") from None
+    keys = KeyStore(store)
+    try:
+        if args.keys_command == "create":
+            print(keys.create(args.user, args.role))
+            print(f"created a {args.role} key for {args.user}; it is shown only once", file=sys.stderr)
+        elif args.keys_command == "list":
+            for entry in keys.list():
+                print(f"{entry['key_id']}  {entry['role']:<5}  {entry['user_id']}")
+        elif args.keys_command == "revoke":
+            revoked = keys.revoke(args.key)
+            if revoked is None:
+                raise CliError(f"no key with id {args.key}", 1)
+            print(f"revoked {revoked['role']} key {revoked['key_id']} of user {revoked['user_id']}")
+    finally:
+        store.close()
     return 0
 
 
@@ -180,7 +221,7 @@ def progress_bar(result: dict, width: int = 30) -> str:
 def train_command(args: argparse.Namespace) -> int:
     """Submit a training request (a JSON file: the POST /training body) and print the result;
     --async queues it and draws a progress bar on stderr while it runs."""
-    from .client import MSmartComputeClient, MSmartComputeError
+    from .client import ConnectionFailedError, MSmartComputeClient, MSmartComputeError, UnauthorizedError
 
     try:
         with open(args.file) as f:
@@ -205,41 +246,46 @@ def train_command(args: argparse.Namespace) -> int:
                 result = client.wait(job["request_id"], timeout=args.timeout, kind="training", on_progress=draw)
             finally:
                 print(file=sys.stderr)
+    except ConnectionFailedError as exc:
+        raise CliError(f"{exc.message}; is `msmartcompute serve` running there?", 1) from None
+    except UnauthorizedError as exc:
+        raise CliError(f"{exc}; pass --key or set MSC_API_KEY", 1) from None
     except MSmartComputeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise CliError(str(exc), 1) from None
     print(json.dumps(result, indent=2))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msmartcompute", description="MSmartCompute engine and server")
+    parser.add_argument("--version", action="version", version=f"msmartcompute {__version__}")
+    _add_state_options(parser)
+    # the same options after a subcommand; SUPPRESS keeps a value given before it
+    state = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    _add_state_options(state)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="start the REST server")
+    p = sub.add_parser("serve", help="start the REST server", parents=[state])
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8080)")
-    p.add_argument("--state-dir", help="folder for the SQLite store and state (default ./var)")
-    p.add_argument("--config", help="config file, JSON or TOML")
     p.add_argument("--threads", type=int,
                    help="waitress worker threads (default 32: a batch holds at most this many requests)")
     p.set_defaults(func=serve)
 
-    k = sub.add_parser("keys", help="manage API keys (stored hashed in the state dir)")
-    k.add_argument("--state-dir", help="state dir (default ./var)")
-    k.add_argument("--config", help="config file, JSON or TOML")
+    k = sub.add_parser("keys", help="manage API keys (stored hashed in the state dir)", parents=[state])
     ksub = k.add_subparsers(dest="keys_command", required=True)
-    c = ksub.add_parser("create", help="create a key and print it once")
-    c.add_argument("--user", required=True)
+    c = ksub.add_parser("create", help="create a key and print it once", parents=[state])
+    c.add_argument("--user", required=True, help="the user id the key acts as (the API's id rules)")
     c.add_argument("--role", choices=["admin", "user"], default="user")
-    ksub.add_parser("list", help="list key ids, roles and users (never the keys)")
-    r = ksub.add_parser("revoke", help="revoke a key by id")
-    r.add_argument("key_id")
+    ksub.add_parser("list", help="list key ids, roles and users (never the keys)", parents=[state])
+    r = ksub.add_parser("revoke", help="revoke a key, given the key or its id", parents=[state])
+    r.add_argument("key", help="the key id (as `keys list` shows it) or the whole msc_... key")
     k.set_defaults(func=keys_command)
 
     t = sub.add_parser("train", help="train a model on a server from a JSON request file")
     t.add_argument("--url", default="http://127.0.0.1:8080", help="server URL (default http://127.0.0.1:8080)")
-    t.add_argument("--key", help="API key")
+    t.add_argument("--key", default=os.environ.get("MSC_API_KEY"),
+                   help="API key (default: the MSC_API_KEY environment variable)")
     t.add_argument("--file", required=True, help="the POST /training body, as JSON")
     t.add_argument("--async", dest="async_", action="store_true",
                    help="queue the job and show a progress bar until it ends")
@@ -250,9 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_state_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", help="folder for the SQLite store and state (default ./var)")
+    parser.add_argument("--config", help="config file, JSON or TOML")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"msmartcompute: error: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ class UnauthorizedError(MSmartComputeError): code = "UNAUTHORIZED"  # noqa: E701
 class ForbiddenError(MSmartComputeError): code = "FORBIDDEN"  # noqa: E701
 class NotFoundError(MSmartComputeError): code = "NOT_FOUND"  # noqa: E701
 class JobFailedError(MSmartComputeError): code = "JOB_FAILED"  # noqa: E701
+class ConnectionFailedError(MSmartComputeError):  # noqa: E302
+    """No answer from the server (refused, unreachable, reset, timed out): not an API error code."""
+    code = "CONNECTION_FAILED"
 
 _ERRORS = {cls.code: cls for cls in MSmartComputeError.__subclasses__()}
 
@@ -64,6 +67,10 @@ class MSmartComputeClient:
                     time.sleep(float(retry_after))
                     continue
                 raise self._error(err) from None
+            except (urllib.error.URLError, OSError) as err:
+                reason = getattr(err, "reason", err)
+                raise ConnectionFailedError("CONNECTION_FAILED", f"cannot reach {self.base_url}: {reason}",
+                                            {"url": url}) from None
         raise AssertionError("unreachable")
 
     @staticmethod

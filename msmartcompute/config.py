@@ -43,7 +43,10 @@ _INT_KEYS = {"port", "threads", "max_body_bytes", "rate_limit_per_minute", "rate
 
 def _coerce(name: str, value):
     if name in _INT_KEYS:
-        return int(value)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be an integer, got {value!r}") from None
     if name == "state_dir":
         return Path(value)
     if name == "rate_limit_enabled":
@@ -66,6 +69,9 @@ def load_config(config_file: str | Path | None = None, overrides: dict | None = 
     environ = os.environ if environ is None else environ
     config = ServerConfig()
     data = read_config_file(config_file) if config_file else {}
+    if not isinstance(data, dict) or not all(isinstance(data.get(name, {}), dict)
+                                             for name in ("server", "security", "inference", "virtualization")):
+        raise ValueError("config file: expected tables [server], [security], [inference], [virtualization]")
     unknown = set(data) - {"server", "security", "inference", "virtualization", "models"}
     if unknown:
         raise ValueError(f"config file: unknown section(s) {', '.join(sorted(unknown))}")
@@ -81,7 +87,10 @@ def load_config(config_file: str | Path | None = None, overrides: dict | None = 
     config.models = list(data.get("models", []))
     for name, var in _ENV.items():
         if environ.get(var):
-            setattr(config, name, _coerce(name, environ[var]))
+            try:
+                setattr(config, name, _coerce(name, environ[var]))
+            except ValueError as exc:
+                raise ValueError(f"environment variable {var}: {exc}") from None
     if environ.get("MSC_ADMIN_KEY"):  # bootstrap an admin key without a config file
         config.api_keys.append({"key": environ["MSC_ADMIN_KEY"], "user_id": environ.get("MSC_ADMIN_USER", "admin"),
                                 "role": "admin"})

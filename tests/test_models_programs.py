@@ -52,7 +52,9 @@ def test_program_loads_runs_and_batches(tmp_path, kind):
         with torch.no_grad():
             want = net(torch.from_numpy(r)).numpy()
         np.testing.assert_allclose(out.output_data, want, rtol=1e-6, atol=1e-6)
-        np.testing.assert_array_equal(out.output_data, model.run([model.prepare(r, {})])[0].output_data)
+        # alone or in a batch: the same rows, up to the float32 rounding of a different GEMM shape
+        alone = model.run([model.prepare(r, {})])[0].output_data
+        np.testing.assert_allclose(out.output_data, alone, rtol=1e-6, atol=1e-7)
         assert out.tokens_generated == 0
 
 

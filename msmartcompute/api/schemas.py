@@ -7,13 +7,13 @@ import re
 import numpy as np
 
 from ..runtime.errors import InvalidInputData
+from ..runtime.ids import ID_PATTERN, MAX_ID_LENGTH
 
 # Limits on what one request may ask for; the body-size limit is in ApiConfig.
 MAX_ROWS = 65_536
 MAX_ELEMENTS = 16_777_216
-MAX_ID_LENGTH = 128
 
-_ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"}
+_ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": ID_PATTERN}
 _MATRIX = {
     "type": "array", "minItems": 1, "maxItems": MAX_ROWS,
     "items": {"type": "array", "minItems": 1, "items": {"type": "number"}},

@@ -27,7 +27,7 @@ from .metrics import Metrics
 from .registry import Registry, map_large_blocks
 from .resources import Allocations
 from .sessions import Sessions
-from .store import Store
+from .store import STORE_FILENAME, Store
 from .vgpu import VGPUManager
 
 log = logging.getLogger("msmartcompute.runtime")
@@ -80,7 +80,7 @@ class Runtime:
         self.config = config
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.state_dir / "msmartcompute.sqlite3")
+        self.store = Store(self.state_dir / STORE_FILENAME)
         self.started_at = time.monotonic()
         roots = config.model_roots if config.model_roots is not None else [self.state_dir / "models"]
         self.meter = Metrics(self.store, config.metrics_window_s)

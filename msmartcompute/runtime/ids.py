@@ -1,10 +1,23 @@
 """Public ids: `req_<unix>_<n>`, `alloc_<unix>_<n>`, sessions `<user_id>_<n>`; n from a counter
-persisted in the store, so ids never repeat across restarts."""
+persisted in the store, so ids never repeat across restarts. Also the one rule for the ids
+callers choose (model, user, virtual GPU ids), shared by the API's schemas and the CLI."""
 from __future__ import annotations
 
+import re
 import time
 
 from .store import Store
+
+MAX_ID_LENGTH = 128
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$"
+
+
+def check_id(value: str, what: str) -> str:
+    """Raise ValueError with the rule when value is not a valid caller-chosen id."""
+    if not value or len(value) > MAX_ID_LENGTH or not re.match(ID_PATTERN, value):
+        raise ValueError(f"{what} must be 1 to {MAX_ID_LENGTH} characters: letters, digits and . _ : @ -, "
+                         f"starting with a letter or digit (got {value!r})")
+    return value
 
 
 def request_id(store: Store) -> str:

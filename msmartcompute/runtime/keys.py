@@ -13,6 +13,7 @@ import secrets
 import time
 
 from .caller import Caller
+from .ids import check_id
 from .store import Store
 
 NAMESPACE = "api_keys"
@@ -50,8 +51,7 @@ class KeyStore:
         """Create a key for user_id; returns the only copy of the plaintext key."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        if not user_id or len(user_id) > 128:
-            raise ValueError("user_id must be 1 to 128 characters")
+        check_id(user_id, "user_id")
         key_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         self.store.put(NAMESPACE, key_id, {"user_id": user_id, "role": role, "digest": _digest(secret),
@@ -85,9 +85,16 @@ class KeyStore:
         return [{"key_id": key_id, "user_id": r["user_id"], "role": r["role"], "created_at": r["created_at"]}
                 for key_id, r in self.store.items(NAMESPACE)]
 
-    def revoke(self, key_id: str) -> bool:
+    def revoke(self, key_or_id: str) -> dict | None:
+        """Revoke by key id or by the whole key; returns what was revoked ({key_id, user_id, role})
+        or None when no such key exists."""
+        parts = key_or_id.split("_", 2)
+        key_id = parts[1] if len(parts) == 3 and parts[0] == "msc" else key_or_id
         self._records.pop(key_id, None)
-        return self.store.delete(NAMESPACE, key_id)
+        record = self.store.get(NAMESPACE, key_id)
+        if record is None or not self.store.delete(NAMESPACE, key_id):
+            return None
+        return {"key_id": key_id, "user_id": record["user_id"], "role": record["role"]}
 
     def count(self) -> int:
         return len(self.store.items(NAMESPACE))

@@ -60,6 +60,9 @@ MIGRATIONS: list[str] = [
 ]
 
 
+STORE_FILENAME = "msmartcompute.sqlite3"  # inside the state dir
+
+
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
