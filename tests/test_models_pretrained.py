@@ -160,7 +160,7 @@ def test_sentence_transformers_folder_sets_pooling(tmp_path):
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(
         {"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
     ours = load(folder, "encoder")
-    assert (ours.pooling, ours.normalize) == ("cls", True)
+    assert (ours.module.pooling, ours.module.normalize) == ("cls", True)
     out = ours.run([ours.prepare([[2, 5, 6, 3]], {})])[0].output_data
     assert abs(np.linalg.norm(out[0]) - 1) < 1e-5
 

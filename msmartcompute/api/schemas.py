@@ -28,7 +28,12 @@ LOAD_MODEL = {
     "properties": {
         "model_id": _ID,
         "model_type": {"type": "string", "enum": MODEL_TYPES},
-        "model_path": {"type": "string", "minLength": 1, "maxLength": 4096},
+        "model_path": {"type": "string", "minLength": 1, "maxLength": 4096,
+                       "description": "a weights file, or a Hugging Face-format checkpoint folder "
+                                      "(config.json, safetensors or .bin weights, tokenizer files)"},
+        "weights_path": {"type": "string", "minLength": 1, "maxLength": 4096,
+                         "description": "extension: weights trained here (training save_path) for the "
+                                        "checkpoint folder in model_path"},
         "max_batch_size": {"type": "integer", "minimum": 1, "maximum": 1024},
         "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": 65536},
         "enable_quantization": {"type": "boolean"},

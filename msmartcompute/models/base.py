@@ -56,6 +56,11 @@ class ServedModel:
         """Generated id rows -> text, one string per row; None when outputs are not tokens."""
         return None
 
+    def weights_to_save(self, module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+        """Trained weights to write (name -> tensor) and the spec key the saved file goes under,
+        so that loading the spec again builds the trained model."""
+        return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, "model_path"
+
     def prepare(self, input_data, options: dict) -> Prepared:
         raise NotImplementedError
 

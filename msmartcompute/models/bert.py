@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_context import AttentionContext
+from .attention_context import AttentionContext, NoCache
 from .hf import Target
 from .spec import SpecError
 
@@ -31,6 +31,7 @@ class BertConfig:
     max_position_embeddings: int
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
+    max_sequence_length: int = 0    # the served limit (pretrained.py sets it at load)
 
     @property
     def head_dim(self) -> int:
@@ -129,3 +130,20 @@ def pool(hidden: torch.Tensor, valid: torch.Tensor, pooling: str, normalize: boo
         w = valid.float()[:, :, None]
         out = (hidden * w).sum(dim=1) / w.sum(dim=1).clamp(min=1e-9)
     return F.normalize(out, p=2, dim=-1) if normalize else out
+
+
+class SentenceEncoder(nn.Module):
+    """The served encoder: Bert plus its pooling. forward(tokens [B, S], lengths [B] or None
+    (every token real)) -> pooled [B, C] float32, the home encoder's interface, which
+    training and optimization call."""
+
+    def __init__(self, bert: Bert, pooling: str, normalize: bool):
+        super().__init__()
+        self.bert, self.pooling, self.normalize = bert, pooling, normalize
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        b, s = tokens.shape
+        positions = torch.arange(s, device=tokens.device).expand(b, s)
+        valid = torch.ones_like(tokens, dtype=torch.bool) if lengths is None else positions < lengths[:, None]
+        hidden = self.bert(tokens, positions, NoCache(causal=False, valid=valid))
+        return pool(hidden, valid, self.pooling, self.normalize)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_context import AttentionContext
+from .attention_context import AttentionContext, NoCache
 from .hf import Target
 from .spec import SpecError
 
@@ -27,6 +27,7 @@ class GPT2Config:
     max_position_embeddings: int
     layer_norm_eps: float = 1e-5
     scale_attn_by_inverse_layer_idx: bool = False
+    max_sequence_length: int = 0    # the served limit (pretrained.py sets it at load)
 
     @property
     def head_dim(self) -> int:
@@ -116,8 +117,11 @@ class GPT2(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.embed.weight).float()                            # tied lm_head
 
-    def forward(self, input_ids, positions, ctx: AttentionContext) -> torch.Tensor:
-        return self.logits(self.hidden(input_ids, positions, ctx))
+    def forward(self, input_ids, positions=None, ctx: AttentionContext | None = None) -> torch.Tensor:
+        """Without positions and ctx: the whole sequence, causal (training, scoring)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
+        return self.logits(self.hidden(input_ids, positions, ctx or NoCache(causal=True)))
 
     # ---- checkpoint names ---------------------------------------------------------------------
     PREFIXES = ("transformer.",)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_context import AttentionContext
+from .attention_context import AttentionContext, NoCache
 from .hf import Target
 from .spec import SpecError
 
@@ -38,6 +38,7 @@ class LlamaConfig:
     qkv_bias: bool = False
     tie_word_embeddings: bool = False
     family: str = "llama"
+    max_sequence_length: int = 0    # the served limit (pretrained.py sets it at load)
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "LlamaConfig":
@@ -191,8 +192,11 @@ class Llama(nn.Module):
         head = self.embed.weight if self.lm_head is None else None
         return (F.linear(h, head) if head is not None else self.lm_head(h)).float()
 
-    def forward(self, input_ids, positions, ctx: AttentionContext) -> torch.Tensor:
-        return self.logits(self.hidden(input_ids, positions, ctx))
+    def forward(self, input_ids, positions=None, ctx: AttentionContext | None = None) -> torch.Tensor:
+        """Without positions and ctx: the whole sequence, causal (training, scoring)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
+        return self.logits(self.hidden(input_ids, positions, ctx or NoCache(causal=True)))
 
     # ---- checkpoint names ---------------------------------------------------------------------
     PREFIXES = ("model.",)

@@ -146,9 +146,9 @@ def build_module(family: str, cfg: dict, spec: dict, device: torch.device):
     module.reset_buffers()
     body, head = module.weight_targets()
     tied = () if head or family == "bert" else ("lm_head.weight",)
-    hf.load_weights(body, head, spec["model_path"], module.PREFIXES, module.IGNORED + tied)
-    if flag(spec, "enable_quantization"):
-        quantize_linears(module)
+    # weights_path: weights trained here (runtime training's save_path) for this folder's config
+    hf.load_weights(body, head, spec.get("weights_path") or spec["model_path"], module.PREFIXES,
+                    module.IGNORED + tied)
     return module.eval(), config, dtype
 
 
@@ -168,11 +168,20 @@ class PretrainedModel(ServedModel):
         self.device = device
         self.tensor_cores = flag(spec, "enable_tensor_cores")
         self.module, self.config, self.dtype = build_module(family, cfg, spec, device)
-        self.max_length = _max_length(spec, family, self.config, cfg)
+        self.max_length = self.config.max_sequence_length = _max_length(spec, family, self.config, cfg)
         self.tokenizer: Tokenizer | None = load_tokenizer(folder, cfg) if folder else None
+        self.quantize = flag(spec, "enable_quantization")
 
     def _rows(self, input_data) -> list[torch.Tensor]:
         return _token_lists(input_data, self.config.vocab_size, self.max_length)
+
+    def weights_to_save(self, module) -> tuple[dict[str, torch.Tensor], str]:
+        """(the checkpoint's own names -> tensors, the spec key the saved file goes under):
+        trained weights are written in Hugging Face names and load as `weights_path` beside
+        the folder, which keeps the config and tokenizer."""
+        body, head = _architecture(module).weight_targets()
+        return ({name: (t.tensor.t() if t.transposed else t.tensor).detach().cpu().contiguous()
+                 for name, t in (body | head).items()}, "weights_path")
 
 
 class PretrainedDecoder(PretrainedModel):
@@ -185,6 +194,8 @@ class PretrainedDecoder(PretrainedModel):
         super().__init__(spec, device, family, cfg, folder)
         eos = self.tokenizer.eos_ids if self.tokenizer else hf_eos_ids(cfg)
         self.eos_ids = frozenset(eos)
+        if self.quantize:
+            quantize_linears(self.module)
 
     def prepare(self, input_data, options: dict) -> Prepared:
         rows = self._rows(input_data)
@@ -232,7 +243,9 @@ class PretrainedEncoder(PretrainedModel):
 
     def __init__(self, spec, device, family, cfg, folder):
         super().__init__(spec, device, family, cfg, folder)
-        self.pooling, self.normalize = pooling_of(spec, folder)
+        self.module = bert.SentenceEncoder(self.module, *pooling_of(spec, folder)).eval()
+        if self.quantize:
+            quantize_linears(self.module)
 
     def prepare(self, input_data, options: dict) -> Prepared:
         rows = self._rows(input_data)
@@ -242,23 +255,20 @@ class PretrainedEncoder(PretrainedModel):
         options["_lengths"] = [r.numel() for r in rows]
         return Prepared(tensor=padded, options=options, batch_key=("tokens",), rows=len(rows))
 
-    def embed(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """tokens [B, S] right-padded, lengths [B] -> pooled [B, C] float32."""
-        b, s = tokens.shape
-        positions = torch.arange(s, device=self.device).expand(b, s)
-        valid = positions < lengths[:, None]
-        hidden = self.module(tokens, positions, NoCache(causal=False, valid=valid))
-        return bert.pool(hidden, valid, self.pooling, self.normalize)
-
     @torch.inference_mode()
     def run(self, batch: list[Prepared]) -> list[Output]:
         s = max(p.tensor.shape[1] for p in batch)
         tokens = torch.cat([F.pad(p.tensor, (0, s - p.tensor.shape[1])) for p in batch]).to(self.device)
         lengths = torch.tensor([n for p in batch for n in p.options["_lengths"]], device=self.device)
         with tensor_cores(self.tensor_cores, self.device):
-            pooled = self.embed(tokens, lengths)
+            pooled = self.module(tokens, lengths)                                          # [B, C]
         return [Output(output_data=part.cpu().numpy(), tokens_generated=0)
                 for part in pooled.split([p.rows for p in batch])]
+
+
+def _architecture(module):
+    """The architecture module inside a served module (the encoder wraps its Bert)."""
+    return module.bert if isinstance(module, bert.SentenceEncoder) else module
 
 
 def hf_eos_ids(cfg: dict) -> list[int]:

@@ -195,8 +195,9 @@ class Registry:
             if model_id in self.models:
                 raise ModelAlreadyLoaded(f"model {model_id!r} is already loaded", {"model_id": model_id})
             build_spec = dict(spec)
-            if spec.get("model_path"):
-                build_spec["model_path"] = self.resolve_path(spec["model_path"])
+            for key in ("model_path", "weights_path"):  # weights_path: trained weights for a checkpoint folder
+                if spec.get(key):
+                    build_spec[key] = self.resolve_path(spec[key])
             max_batch = _positive_int(spec, "max_batch_size", self.default_max_batch_size)
             priority = spec.get("priority", 0)
             if not isinstance(priority, int) or isinstance(priority, bool):
