@@ -243,8 +243,6 @@ import sys, torch
 from msmartcompute.models import build_model
 from msmartcompute.models.base import module_bytes
 import msmartcompute.models.pretrained, tokenizers  # imported before measuring
-with torch.device("meta"):  # torch's first meta-device use loads ~150 MiB once per process
-    torch.nn.Embedding(2, 2), torch.nn.Linear(2, 2)
 
 
 def status(key):

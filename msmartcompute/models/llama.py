@@ -173,7 +173,7 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def reset_buffers(self) -> None:
-        """Recompute the non-persistent buffers (after the module was built on the meta device)."""
+        """Recompute the rotary frequencies in float32 (after a cast to the compute dtype)."""
         self.inv_freq = rope_frequencies(self.cfg)[0].to(self.inv_freq.device)
 
     def rotary(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,11 +6,13 @@ or, for a single weights file, from `parameters.architecture` or the tensor name
 seed's `model_type` stays the public word: decoders load as `transformer`, encoders as
 `encoder`. `parameters` given in the request must agree with config.json (SpecError naming
 the field). Weights go from disk into the module's own parameters (hf.load_weights): the
-module is built on the meta device and given real, uninitialised memory on the target
-device and dtype first, so no throwaway initialisation and no second copy."""
+module is built with uninitialised memory on the target device and dtype first, so no
+throwaway initialisation and no second copy."""
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -130,6 +132,28 @@ def _max_length(spec: dict, family: str, config, cfg: dict) -> int:
     return value
 
 
+_INIT_FUNCTIONS = ("kaiming_uniform_", "uniform_", "normal_", "ones_", "zeros_")
+_init_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Modules built without initialising their parameters (the checkpoint overwrites every
+    one): torch.nn.init's fillers do nothing meanwhile, so parameters are uninitialised
+    memory on the target device and the load writes each byte once. (Building on the meta
+    device instead costs 8-13 s the first time in a process, measured: torch imports its
+    meta kernels.) The fillers are module globals, hence the lock."""
+    with _init_lock:
+        saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        try:
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(torch.nn.init, name, fn)
+
+
 def build_module(family: str, cfg: dict, spec: dict, device: torch.device):
     """The architecture's module with the checkpoint's weights, on `device` in the compute dtype."""
     module_cls, config_cls = ARCHITECTURES[family]
@@ -140,9 +164,8 @@ def build_module(family: str, cfg: dict, spec: dict, device: torch.device):
                                       f"needs: {exc}") from None
     _check_parameters(spec, family, config)
     dtype = compute_dtype(spec, device)
-    with torch.device("meta"):
+    with torch.device(device), _no_init():
         module = module_cls(config).to(dtype)
-    module = module.to_empty(device=device)
     module.reset_buffers()
     body, head = module.weight_targets()
     tied = () if head or family == "bert" else ("lm_head.weight",)
