@@ -28,7 +28,7 @@ def runtime(tmp_path):
 
 def load(rt, family, **extra):
     model_type = "encoder" if family == "bert" else "transformer"
-    rt.load_model({"model_id": family, "model_type": model_type, "model_path": family, **extra})
+    rt.registry.load({"model_id": family, "model_type": model_type, "model_path": family, **extra})
     return rt.registry.entry(family).model
 
 
@@ -42,7 +42,7 @@ def test_int8_optimize_reports_and_bounds_accuracy_loss(runtime, family, weight_
     model = load(runtime, family)
     x = torch.tensor(calibration())
     before = model.logits(x)
-    r = runtime.optimize_model(family, {"optimization_type": "quantization", "target_precision": "int8",
+    r = runtime.optimization.optimize(family, {"optimization_type": "quantization", "target_precision": "int8",
                                         "calibration_data": x.tolist(), "options": {"weight_only": weight_only}})
     want_mode = "w8a16" if weight_only or not hasattr(ops, "int8_linear") else "w8a8"
     assert r["mode"] == want_mode and r["model_updated"] is True
@@ -55,7 +55,7 @@ def test_int8_optimize_reports_and_bounds_accuracy_loss(runtime, family, weight_
     assert r["accuracy_loss"] == pytest.approx(measured)
     assert r["accuracy_loss"] <= 0.1 and rel <= 0.05
     assert r["optimized_size"] < r["original_size"]  # the embedding (tied head) stays float
-    out = runtime.infer({"model_id": family, "input_data": [[5, 6, 7]], "options": {"max_tokens": 4,
+    out = runtime.inference.infer({"model_id": family, "input_data": [[5, 6, 7]], "options": {"max_tokens": 4,
                                                                                      "temperature": 0}})
     assert len(out["output_data"][0]) <= 4
 
@@ -65,7 +65,7 @@ def test_enable_quantization_at_load(runtime):
     from msmartcompute.models.layers import QuantizedLinear
 
     assert any(isinstance(m, QuantizedLinear) for m in model.module.modules())
-    assert len(runtime.infer({"model_id": "llama", "input_text": "hello",
+    assert len(runtime.inference.infer({"model_id": "llama", "input_text": "hello",
                               "options": {"max_tokens": 3, "temperature": 0}})["output_text"]) == 1
 
 
@@ -73,15 +73,15 @@ def test_enable_quantization_at_load(runtime):
 def test_next_token_fine_tuning_lowers_the_loss_and_saves(runtime, family, tmp_path):
     model = load(runtime, family)
     data = [[3, 4, 5, 6, 7, 8, 9, 10]] * 4
-    r = runtime.train({"model_id": family, "training_data": data, "epochs": 20, "learning_rate": 1e-2,
+    r = runtime.training.train({"model_id": family, "training_data": data, "epochs": 20, "learning_rate": 1e-2,
                        "save_path": f"trained/{family}.safetensors"})
     assert r["model_updated"] and r["loss_history"][-1] < 0.5 * r["loss_history"][0]
     trained = model.logits(torch.tensor(data[:1]))
     # the saved weights (Hugging Face names) load again beside the folder's config and tokenizer
     spec = dict(runtime.registry.entry(family).spec)
     assert spec["weights_path"].endswith(f"trained/{family}.safetensors")
-    runtime.unload_model(family)
-    runtime.load_model(spec)
+    runtime.registry.unload(family)
+    runtime.registry.load(spec)
     again = runtime.registry.entry(family).model
     assert torch.allclose(again.logits(torch.tensor(data[:1])), trained, atol=1e-5)
     assert again.tokenizer is not None
@@ -90,10 +90,10 @@ def test_next_token_fine_tuning_lowers_the_loss_and_saves(runtime, family, tmp_p
 def test_encoder_quantizes_and_trains(runtime):
     load(runtime, "bert")
     x = calibration(4, 10)
-    r = runtime.optimize_model("bert", {"optimization_type": "quantization", "calibration_data": x})
+    r = runtime.optimization.optimize("bert", {"optimization_type": "quantization", "calibration_data": x})
     assert r["accuracy_metric"] == "relative_error" and r["accuracy_loss"] <= 0.05
-    runtime.unload_model("bert")
+    runtime.registry.unload("bert")
     load(runtime, "bert")
-    r = runtime.train({"model_id": "bert", "training_data": x, "labels": [0, 1, 2, 3], "epochs": 30,
+    r = runtime.training.train({"model_id": "bert", "training_data": x, "labels": [0, 1, 2, 3], "epochs": 30,
                        "learning_rate": 1e-2})
     assert r["loss_history"][-1] < r["loss_history"][0]

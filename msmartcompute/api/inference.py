@@ -3,17 +3,7 @@ from __future__ import annotations
 
 from ..runtime.errors import InvalidInputData
 from .envelope import ok
-from .schemas import BATCH_INFERENCE, INFERENCE, MAX_ROWS, as_matrix, parse
-
-
-def _check_text(text, path: str) -> None:
-    if isinstance(text, str):
-        text = [text]
-    if not isinstance(text, list) or not text or not all(isinstance(t, str) and t for t in text):
-        raise InvalidInputData(f"{path} must be a non-empty string or a non-empty list of non-empty strings",
-                               {"field": path})
-    if len(text) > MAX_ROWS:
-        raise InvalidInputData(f"{path} has {len(text)} strings, more than the limit of {MAX_ROWS}", {"field": path})
+from .schemas import BatchInference, Inference, as_matrix, parse
 
 
 def prepare_request(body: dict, path: str = "body") -> dict:
@@ -22,7 +12,8 @@ def prepare_request(body: dict, path: str = "body") -> dict:
     if body.get("input_text") is not None:
         if body.get("input_data") is not None:
             raise InvalidInputData(f"{path}: give input_data or input_text, not both", {"field": f"{path}.input_text"})
-        _check_text(body["input_text"], f"{path}.input_text")
+        if body["input_text"] == "":
+            raise InvalidInputData(f"{path}.input_text must not be empty", {"field": f"{path}.input_text"})
         request = dict(body)
         request["options"] = dict(body.get("options") or {})
         return request
@@ -49,8 +40,8 @@ class InferenceResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        request = prepare_request(parse(req, INFERENCE))
-        resp.media = ok(self.runtime.infer(request, req.context.caller))
+        request = prepare_request(parse(req, Inference))
+        resp.media = ok(self.runtime.inference.infer(request))
 
 
 class AsyncInferenceResource:
@@ -58,8 +49,8 @@ class AsyncInferenceResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        request = prepare_request(parse(req, INFERENCE))
-        resp.media = ok(self.runtime.submit_inference(request, req.context.caller))
+        request = prepare_request(parse(req, Inference))
+        resp.media = ok(self.runtime.inference.submit(request, req.context.caller))
 
 
 class InferenceResultResource:
@@ -67,7 +58,7 @@ class InferenceResultResource:
         self.runtime = runtime
 
     def on_get(self, req, resp, request_id):
-        resp.media = ok(self.runtime.get_inference(request_id, req.context.caller))
+        resp.media = ok(self.runtime.inference.get(request_id, req.context.caller))
 
 
 class BatchInferenceResource:
@@ -75,6 +66,6 @@ class BatchInferenceResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        body = parse(req, BATCH_INFERENCE)
+        body = parse(req, BatchInference)
         requests = [prepare_request(r, f"body.requests[{i}]") for i, r in enumerate(body["requests"])]
-        resp.media = ok(self.runtime.infer_batch(requests, req.context.caller))
+        resp.media = ok(self.runtime.inference.infer_batch(requests))

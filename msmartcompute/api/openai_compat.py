@@ -49,7 +49,7 @@ def _model(body: dict, runtime, model_type: str) -> str:
     model_id = _get(body, "model", str, rule="a model id")
     if model_id is None:
         raise _bad("model", "model is required")
-    found = runtime.get_model(model_id)
+    found = runtime.registry.get(model_id)
     if found["model_type"] != model_type:
         kind = "completions and chat completions" if model_type == "transformer" else "embeddings"
         raise _bad("model", f"model {model_id!r} is a {found['model_type']} model; {kind} need a "
@@ -90,7 +90,7 @@ def _cut(text: str, stops: list[str], reason: str) -> tuple[str, str]:
     return (text[:cut], "stop") if cut >= 0 else (text, reason)
 
 
-def _generate(runtime, caller, model_id: str, prompts: list[str], body: dict, *, framed: bool) -> tuple[dict, list]:
+def _generate(runtime, model_id: str, prompts: list[str], body: dict, *, framed: bool) -> tuple[dict, list]:
     """Run prompts x n through the model: (runtime result, [(text, finish_reason)] per choice)."""
     n = _get(body, "n", int, 1, lambda v: 1 <= v <= MAX_N, f"an integer in [1, {MAX_N}]")
     stops = _stops(body)
@@ -98,7 +98,7 @@ def _generate(runtime, caller, model_id: str, prompts: list[str], body: dict, *,
                "options": _sampling(body)}
     if framed:  # the chat template already placed the special tokens
         request["add_special_tokens"] = False
-    result = runtime.infer(request, caller)
+    result = runtime.inference.infer(request)
     choices = [_cut(text, stops, reason) for text, reason in zip(result["output_text"], result["finish_reasons"])]
     return result, choices
 
@@ -125,7 +125,7 @@ class ModelsResource:
         self.runtime = runtime
 
     def on_get(self, req, resp):
-        models = [m for m in self.runtime.list_models(req.context.caller) if m["status"] == "loaded"]
+        models = [m for m in self.runtime.registry.list() if m["status"] == "loaded"]
         resp.media = {"object": "list", "data": [
             {"id": m["model_id"], "object": "model", "created": int(time.time()), "owned_by": "msmartcompute",
              "model_type": m["model_type"]} for m in models]}
@@ -143,7 +143,7 @@ class CompletionsResource:
         if not isinstance(prompts, list) or not prompts or len(prompts) > MAX_ROWS \
                 or not all(isinstance(p, str) and p for p in prompts):
             raise _bad("prompt", "prompt must be a non-empty string or a list of non-empty strings")
-        result, choices = _generate(self.runtime, req.context.caller, model_id, prompts, body, framed=False)
+        result, choices = _generate(self.runtime, model_id, prompts, body, framed=False)
         rid, created = "cmpl-" + result["request_id"], int(time.time())
         items = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
                  for i, (text, reason) in enumerate(choices)]
@@ -182,8 +182,8 @@ class ChatCompletionsResource:
     def on_post(self, req, resp):
         body = _body(req)
         model_id = _model(body, self.runtime, "transformer")
-        prompt = self.runtime.chat_prompt(model_id, _messages(body), req.context.caller)
-        result, choices = _generate(self.runtime, req.context.caller, model_id, [prompt], body, framed=True)
+        prompt = self.runtime.inference.chat_prompt(model_id, _messages(body))
+        result, choices = _generate(self.runtime, model_id, [prompt], body, framed=True)
         rid, created = "chatcmpl-" + result["request_id"], int(time.time())
         head = {"id": rid, "created": created, "model": model_id}
         if body.get("stream") is True:
@@ -221,7 +221,7 @@ class EmbeddingsResource:
         encoding = _get(body, "encoding_format", str, "float", lambda v: v in ("float", "base64"), "float or base64")
         if body.get("dimensions") is not None:
             raise _bad("dimensions", "dimensions is not supported: the model's embedding size is fixed")
-        result = self.runtime.infer(request, req.context.caller)
+        result = self.runtime.inference.infer(request)
         rows = np.asarray(result["output_data"], dtype=np.float32)
         prompt_tokens = result.get("prompt_tokens") or sum(len(r) for r in request.get("input_data", []))
         resp.media = {"object": "list", "model": model_id,

@@ -198,6 +198,9 @@ class PretrainedModel(ServedModel):
     def _rows(self, input_data) -> list[torch.Tensor]:
         return _token_lists(input_data, self.config.vocab_size, self.max_length)
 
+    def data_rows(self, data) -> torch.Tensor:
+        return token_rows(data, self.config.vocab_size, self.max_length)
+
     def weights_to_save(self, module) -> tuple[dict[str, torch.Tensor], str]:
         """(the checkpoint's own names -> tensors, the spec key the saved file goes under):
         trained weights are written in Hugging Face names and load as `weights_path` beside
@@ -212,6 +215,7 @@ class PretrainedDecoder(PretrainedModel):
     also stops at the tokenizer's / config's end-of-sequence ids."""
 
     model_type = "transformer"
+    trainable = optimizable = language_model = True
 
     def __init__(self, spec, device, family, cfg, folder):
         super().__init__(spec, device, family, cfg, folder)
@@ -247,6 +251,10 @@ class PretrainedDecoder(PretrainedModel):
             outputs.append(Output(output_data=rows, tokens_generated=sum(len(r) for r in rows), finish_reasons=why))
         return outputs
 
+    @property
+    def output_width(self) -> int:
+        return self.config.vocab_size
+
     def decode_text(self, output_data) -> list[str] | None:
         return None if self.tokenizer is None else [self.tokenizer.decode(row) for row in output_data]
 
@@ -263,12 +271,17 @@ class PretrainedEncoder(PretrainedModel):
     has it, else parameters.pooling mean | cls and parameters.normalize)."""
 
     model_type = "encoder"
+    trainable = optimizable = True
 
     def __init__(self, spec, device, family, cfg, folder):
         super().__init__(spec, device, family, cfg, folder)
         self.module = bert.SentenceEncoder(self.module, *pooling_of(spec, folder)).eval()
         if self.quantize:
             quantize_linears(self.module)
+
+    @property
+    def output_width(self) -> int:
+        return self.config.hidden_size  # pooled vectors
 
     def prepare(self, input_data, options: dict) -> Prepared:
         rows = self._rows(input_data)
