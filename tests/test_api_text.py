@@ -91,7 +91,7 @@ def test_text_errors(api):
     assert err["details"]["field"] == "body.input_data"
     err = assert_error(api.post("/api/v1/inference", {"model_id": "gpt2", "input_text": ["ok", 3]}), 400,
                        "INVALID_INPUT_DATA")
-    assert err["details"]["field"] == "body.input_text"
+    assert err["details"]["field"] == "body.input_text[1]"
     err = assert_error(api.post("/api/v1/inference", {"model_id": "gpt2", "input_text": "a", "input_data": [[1]]}),
                        400, "INVALID_INPUT_DATA")
     assert err["details"]["field"] == "body.input_text"
