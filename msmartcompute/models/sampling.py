@@ -1,5 +1,5 @@
-"""Per-request sampling and stops for decoders: the options a request may give, checked once,
-and the choice of each next token.
+"""Per-request sampling and stops for decoders (transformer.py, pretrained.py, the generation
+engine): the options a request may give, checked once, and the choice of each next token.
 
 A request's tokens depend only on its seed: every sampled row owns a torch.Generator seeded
 with the request's seed (row r of a multi-row request with seed + r) and draws exactly one
@@ -71,7 +71,7 @@ class SamplingParams:
         return self.temperature == 0
 
     @classmethod
-    def from_options(cls, options: dict, *, prompt_len: int, limit: int, vocab_size: int,
+    def from_options(cls, options: dict, *, prompt_len: int, limit: int, vocab_size: int | None,
                      has_tokenizer: bool) -> "SamplingParams":
         """Checks a request's options (ValueError names the bad one). `limit` is the model's
         max_sequence_length: prompt + max_tokens must fit in it."""
@@ -99,7 +99,7 @@ class SamplingParams:
         seed = _int({"seed": seed}, "seed", None, 0, 2 ** 63 - 1)
         stop_ids = options.get("stop_token_ids") or []
         if not isinstance(stop_ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in stop_ids):
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < (vocab_size or 2 ** 63) for t in stop_ids):
             raise ValueError(f"options.stop_token_ids must be a list of token ids in [0, {vocab_size})")
         stop = _str_list(options, "stop")
         if stop and not has_tokenizer:
@@ -126,6 +126,14 @@ class SamplingParams:
         if self.greedy:
             return None
         return torch.Generator(device=device).manual_seed((self.seed + row) % 2 ** 63)
+
+
+def sampling_options(options: dict, prompt_length: int, limit: int) -> dict:
+    """options with the sampling ones checked and normalised (SamplingParams.from_options), for
+    a decoder's prepare() that keeps them as a dict (pretrained.py)."""
+    params = SamplingParams.from_options(options or {}, prompt_len=prompt_length, limit=limit, vocab_size=None,
+                                         has_tokenizer=True)
+    return {**(options or {}), **params.normalised()}
 
 
 def _draw(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,

@@ -285,9 +285,9 @@ class TransformerModel(ServedModel):
         self.module, self.dtype = build_module(lambda: Decoder(self.config), spec, device)
 
     def prepare(self, input_data, options: dict) -> Prepared:
-        options = dict(options or {})
         limit = self.config.max_sequence_length
         tokens = token_rows(input_data, self.config.vocab_size, limit)  # [rows, S]
+        options = dict(options or {})
         params = SamplingParams.from_options(options, prompt_len=tokens.shape[1], limit=limit,
                                              vocab_size=self.config.vocab_size, has_tokenizer=self.decode is not None)
         options.update(params.normalised())

@@ -46,6 +46,8 @@ class Pending:
     future: Future = field(default_factory=Future)
     abandoned: bool = False           # the caller timed out or went away: skip it / stop it
     stream: "queue.SimpleQueue | None" = None  # decoders: token events as they come (generation/worker.py)
+    decode_text: object = None        # for an input_text request: output_data -> output_text
+    prompt_tokens: int | None = None  # for an input_text request: the tokens its text became
 
 
 @dataclass

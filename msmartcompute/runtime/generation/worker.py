@@ -319,8 +319,7 @@ def _answer(r: _Request, error: MSCError | None = None, q: GenerationQueue | Non
             data = np.array(rows, dtype=np.int64) if len({len(x) for x in rows}) == 1 else rows
             memory = int(p.prepared.tensor.nbytes) + 8 * sum(map(len, rows)) + r.peak_blocks * q.kv_bytes_per_block
             output = Output(output_data=data, tokens_generated=sum(map(len, rows)),
-                            finish_reasons=[s.finish_reason for s in r.stops],
-                            output_text=[s.output_text() for s in r.stops] if q.model.decode else None)
+                            finish_reasons=[s.finish_reason for s in r.stops])
             p.future.set_result(Result(output, time.monotonic() - (r.started_at or p.enqueued_at),
                                        batch_size, memory))
         else:  # cancelled: nobody reads the future; resolve it so no waiter hangs
