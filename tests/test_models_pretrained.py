@@ -279,3 +279,14 @@ def test_safetensors_load_peak_rss_at_most_1_3x_weights(tmp_path):
           f"({grown / weights:.3f}x)")
     assert weights > 100 * 2**20
     assert grown <= 1.3 * weights
+
+
+def test_sdpa_fallback_equals_the_fused_path(monkeypatch):
+    """Where the fused kernels do not take a dtype or head dim (CUDA fp32, head dim 8), the
+    context falls back to SDPA with the same causal alignment (a decode chunk against a cache)."""
+    from msmartcompute.models import attention_context
+
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    fused = attention_context._attention(q, k, v, causal=True, mask=None)
+    monkeypatch.setattr(attention_context, "_fused_takes", lambda q: False)
+    assert rel_err(attention_context._attention(q, k, v, causal=True, mask=None), fused) <= 1e-5
