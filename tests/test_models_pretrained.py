@@ -290,3 +290,20 @@ def test_sdpa_fallback_equals_the_fused_path(monkeypatch):
     fused = attention_context._attention(q, k, v, causal=True, mask=None)
     monkeypatch.setattr(attention_context, "_fused_takes", lambda q: False)
     assert rel_err(attention_context._attention(q, k, v, causal=True, mask=None), fused) <= 1e-5
+
+
+def test_bf16_checkpoint_and_mixed_precision(tmp_path):
+    """A checkpoint stored in bf16 is converted tensor by tensor to the compute dtype (float32 by
+    default; bf16 with enable_mixed_precision)."""
+    ref = hf_model("llama").to(torch.bfloat16)
+    folder = save(ref, tmp_path / "bf16", tokenizer=None)
+    ours = load(folder)
+    assert ours.dtype == torch.float32
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        want = ref.float()(ids).logits
+    assert rel_err(ours.logits(ids), want) <= 1e-4
+    half = load(folder, enable_mixed_precision=True)
+    assert half.dtype == torch.bfloat16 and half.module.embed.weight.dtype == torch.bfloat16
+    assert half.module.inv_freq.dtype == torch.float32  # rotary frequencies stay exact
+    assert rel_err(half.logits(ids), want) <= 0.05
