@@ -279,3 +279,47 @@ def test_safetensors_load_peak_rss_at_most_1_3x_weights(tmp_path):
           f"({grown / weights:.3f}x)")
     assert weights > 100 * 2**20
     assert grown <= 1.3 * weights
+
+
+def test_sdpa_fallback_equals_the_fused_path(monkeypatch):
+    """Where the fused kernels do not take a dtype or head dim (CUDA fp32, head dim 8), the
+    context falls back to SDPA with the same causal alignment (a decode chunk against a cache)."""
+    from msmartcompute.models import attention_context
+
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    fused = attention_context._attention(q, k, v, causal=True, mask=None)
+    monkeypatch.setattr(attention_context, "_fused_takes", lambda q: False)
+    assert rel_err(attention_context._attention(q, k, v, causal=True, mask=None), fused) <= 1e-5
+
+
+def test_bf16_checkpoint_and_mixed_precision(tmp_path):
+    """A checkpoint stored in bf16 is converted tensor by tensor to the compute dtype (float32 by
+    default; bf16 with enable_mixed_precision)."""
+    ref = hf_model("llama").to(torch.bfloat16)
+    folder = save(ref, tmp_path / "bf16", tokenizer=None)
+    ours = load(folder)
+    assert ours.dtype == torch.float32
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        want = ref.float()(ids).logits
+    assert rel_err(ours.logits(ids), want) <= 1e-4
+    half = load(folder, enable_mixed_precision=True)
+    assert half.dtype == torch.bfloat16 and half.module.embed.weight.dtype == torch.bfloat16
+    assert half.module.inv_freq.dtype == torch.float32  # rotary frequencies stay exact
+    assert rel_err(half.logits(ids), want) <= 0.05
+
+
+def test_chat_template_is_sandboxed():
+    """A chat template is data from the checkpoint folder: it cannot reach Python internals."""
+    from msmartcompute.models.tokenizer import Tokenizer
+
+    messages = [{"role": "user", "content": "hi"}]
+    ok = Tokenizer(None, [], "<s>", "</s>", "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert ok.render_chat(messages) == "<s>hi"
+    for template in ("{{ ''.__class__.__mro__[1].__subclasses__() }}",
+                     "{{ messages.append(1) }}",  # immutable sandbox: no mutation either
+                     "{{ raise_exception('no system role') }}"):
+        with pytest.raises(ValueError):
+            Tokenizer(None, [], None, None, template).render_chat(messages)
+    with pytest.raises(ValueError, match="no chat template"):
+        Tokenizer(None, [], None, None, None).render_chat(messages)

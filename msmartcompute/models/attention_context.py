@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from msmartcompute import ops
+from msmartcompute.ops.attention import GPU_HEAD_DIMS
 
 
 class AttentionContext:
@@ -26,11 +27,21 @@ class AttentionContext:
         raise NotImplementedError
 
 
+def _fused_takes(q: torch.Tensor) -> bool:
+    """The GPU kernels take fp16/bf16 and head dims GPU_HEAD_DIMS; the CPU kernel takes any."""
+    return q.device.type != "cuda" or (q.dtype in (torch.float16, torch.bfloat16)
+                                       and q.shape[-1] in GPU_HEAD_DIMS)
+
+
 def _attention(q, k, v, causal: bool, mask: torch.Tensor | None) -> torch.Tensor:
     """The kernel choice: ops.fused_attention (GQA unexpanded, causal aligned to the last key)
-    when no padding mask is needed; torch's SDPA with the mask otherwise (the fused op takes none)."""
-    if mask is None:
+    when no padding mask is needed and the kernels take the dtype and head dim; torch's SDPA
+    otherwise (the fused op takes no mask)."""
+    if mask is None and _fused_takes(q):
         return ops.fused_attention(q, k, v, causal=causal and q.shape[2] > 1)
+    if mask is None and causal and q.shape[2] > 1:  # SDPA's is_causal aligns to the first key
+        t = k.shape[2]
+        mask = torch.ones(q.shape[2], t, dtype=torch.bool, device=q.device).tril(t - q.shape[2])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
