@@ -180,5 +180,5 @@ def test_every_engine_call_of_the_api_is_an_operation():
 
     api = Path(__file__).resolve().parents[1] / "msmartcompute" / "api"
     called = {m for f in api.glob("*.py")
-              for m in re.findall(r"self\.runtime\.([a-z_]+(?:\.[a-z_]+)?)\(", f.read_text())}
+              for m in re.findall(r"\bruntime\.([a-z_]+(?:\.[a-z_]+)?)\(", f.read_text())}
     assert called and called <= OPERATIONS, sorted(called - OPERATIONS)
