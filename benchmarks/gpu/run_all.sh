@@ -113,6 +113,7 @@ fi
 declare -A FIT=(
   [bench_attention]="--seqlens 1024 4096 16384 --reps 10 --warmup 3"
   [bench_gemm]="--m 1,16,256,4096 --reps 20 --warmup 5"
+  [bench_paged_decode]="--contexts 1024 16384 --reps 10 --warmup 3"
   [bench_serving]="--batch 1,8 --reps 1 --new-tokens 32"
 )
 if wanted bench; then

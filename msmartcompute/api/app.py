@@ -8,9 +8,9 @@ import falcon
 import numpy as np
 import orjson
 
-from ..runtime.engine import Runtime
+from ..runtime.instruments import Instruments
 from ..runtime.keys import KeyStore
-from . import errors
+from . import errors, openai_compat
 from .allocations import AllocationResource, AllocationsResource
 from .health import HealthResource
 from .inference import (AsyncInferenceResource, BatchInferenceResource, InferenceResource,
@@ -48,15 +48,23 @@ _JSON = falcon.media.JSONHandler(
 )
 
 
-def create_app(runtime: Runtime, config: ApiConfig | None = None) -> falcon.App:
+def create_app(runtime, config: ApiConfig | None = None, keys: KeyStore | None = None,
+               limiter=None) -> falcon.App:
+    """runtime: a Runtime (one process, tests) or a serving.EngineClient (a front process: the
+    same services, answered by the engine process); keys: the key store (default: the runtime's);
+    limiter: the rate limiter (default: one in this process; a front uses the engine's)."""
     config = config or ApiConfig()
-    keys = KeyStore(runtime.store)
+    keys = keys if keys is not None else KeyStore(runtime.store)
     open_mode = config.open_mode if config.open_mode is not None else keys.count() == 0
+    limiter = limiter if limiter is not None else RateLimiter(config.rate_limit)
+    # one process, one Instruments: in-process the runtime's, in a front its own (multiprocess files)
+    meter = getattr(runtime, "meter", None)
+    instruments = meter.instruments if meter is not None else Instruments()
     app = falcon.App(middleware=[
-        RequestContext(runtime),
+        RequestContext(instruments),
         BodyLimit(config.max_body_bytes),
-        Auth(keys, open_mode),
-        RateLimit(RateLimiter(config.rate_limit)),
+        Auth(keys, open_mode, limiter),
+        RateLimit(limiter),
     ])
     app.req_options.media_handlers.update({falcon.MEDIA_JSON: _JSON})
     app.resp_options.media_handlers.update({falcon.MEDIA_JSON: _JSON})
@@ -68,7 +76,7 @@ def create_app(runtime: Runtime, config: ApiConfig | None = None) -> falcon.App:
     app.add_route("/health", health)
     app.add_route(f"{API_PREFIX}/health", health)
     app.add_route(f"{API_PREFIX}/openapi.json", OpenApiResource())
-    app.add_route("/metrics", PrometheusResource(runtime))
+    app.add_route("/metrics", PrometheusResource(runtime, instruments))
     routes = {
         "/models": ModelsResource(runtime),
         "/models/{model_id}": ModelResource(runtime),
@@ -91,4 +99,5 @@ def create_app(runtime: Runtime, config: ApiConfig | None = None) -> falcon.App:
     }
     for path, resource in routes.items():
         app.add_route(API_PREFIX + path, resource)
+    openai_compat.install(app, runtime)
     return app

@@ -1,13 +1,29 @@
 """POST /inference, /inference/async, /inference/batch; GET /inference/{request_id}."""
 from __future__ import annotations
 
-from ..runtime.errors import InvalidInputData
-from .envelope import ok
+from typing import Iterator
+
+import orjson
+
+from ..runtime.errors import InvalidInputData, MSCError
+from .envelope import error, ok
 from .schemas import BatchInference, Inference, as_matrix, parse
 
 
 def prepare_request(body: dict, path: str = "body") -> dict:
-    """input_data as a numpy matrix, checked against batch_size / sequence_length when given."""
+    """input_data as a numpy matrix, checked against batch_size / sequence_length when given;
+    or input_text (a string or a list of strings), which the model's tokenizer turns into rows."""
+    if body.get("input_text") is not None:
+        if body.get("input_data") is not None:
+            raise InvalidInputData(f"{path}: give input_data or input_text, not both", {"field": f"{path}.input_text"})
+        if body["input_text"] == "":
+            raise InvalidInputData(f"{path}.input_text must not be empty", {"field": f"{path}.input_text"})
+        request = dict(body)
+        request["options"] = dict(body.get("options") or {})
+        return request
+    if body.get("input_data") is None:
+        raise InvalidInputData(f"{path}.input_data is required (or input_text for a model with a tokenizer)",
+                               {"field": f"{path}.input_data"})
     matrix = as_matrix(body["input_data"], f"{path}.input_data")
     rows, cols = matrix.shape
     if body.get("batch_size") is not None and body["batch_size"] != rows:
@@ -29,7 +45,28 @@ class InferenceResource:
 
     def on_post(self, req, resp):
         request = prepare_request(parse(req, Inference))
+        if request["options"].get("stream"):
+            resp.content_type = "text/event-stream"
+            resp.set_header("Cache-Control", "no-cache")
+            resp.stream = server_sent_events(self.runtime.inference.infer_stream(request))
+            return
         resp.media = ok(self.runtime.inference.infer(request))
+
+
+def server_sent_events(events) -> Iterator[bytes]:
+    """Inference.infer_stream's events as SSE: `data:` per token event, then `event: done` with
+    the success envelope or `event: error` with the error envelope. When the client goes away,
+    waitress closes this iterator, which closes `events`: the request is cancelled."""
+    try:
+        for event in events:
+            if "output_data" in event:
+                yield b"event: done\ndata: " + orjson.dumps(ok(event), option=orjson.OPT_SERIALIZE_NUMPY) + b"\n\n"
+            else:
+                yield b"data: " + orjson.dumps(event) + b"\n\n"
+    except MSCError as exc:
+        yield b"event: error\ndata: " + orjson.dumps(error(exc.code, exc.message, exc.details)) + b"\n\n"
+    finally:
+        events.close()
 
 
 class AsyncInferenceResource:

@@ -46,32 +46,53 @@ class MetricsHistoryResource:
         resp.media = ok({"history": self.runtime.metrics_history(start, end, int(raw_interval))})
 
 
-class _RuntimeCollector:
-    """Reads runtime.metrics() at scrape time; None readings are left out, not zeroed."""
+class _ReadingsCollector:
+    """The readings of runtime.metrics() that are not Prometheus instruments already (device
+    readings, windowed throughput and latency percentiles), as gauges at scrape time; None readings
+    are left out, not zeroed."""
 
-    # prometheus_client appends _total to counter names
-    COUNTERS = {"total_requests": "requests", "successful_requests": "requests_successful",
-                "failed_requests": "requests_failed"}
+    FROM_INSTRUMENTS = {"total_requests", "successful_requests", "failed_requests", "inference_requests",
+                        "inference_failures", "request_latency_p50", "request_latency_p99"}
 
     def __init__(self, runtime):
         self.runtime = runtime
 
+    # per-model generation metrics (runtime/generation/): counters, the rest are gauges
+    GENERATION_COUNTERS = ("tokens_generated", "steps", "cancelled_sequences", "preempted")
+
     def collect(self):
-        for name, value in self.runtime.metrics().items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+        metrics = self.runtime.metrics()
+        yield from self._generation(metrics.get("generation") or {})
+        for name, value in metrics.items():
+            if name in self.FROM_INSTRUMENTS or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            if name in self.COUNTERS:
-                yield CounterMetricFamily(f"msmartcompute_{self.COUNTERS[name]}", name.replace("_", " "), value=value)
-            else:
-                yield GaugeMetricFamily(f"msmartcompute_{name}", name.replace("_", " "), value=value)
+            yield GaugeMetricFamily(f"msmartcompute_{name}", name.replace("_", " "), value=value)
+
+    def _generation(self, per_model: dict):
+        families = {}
+        for model_id, stats in sorted(per_model.items()):
+            for name, value in stats.items():
+                if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                if name not in families:
+                    kind = CounterMetricFamily if name in self.GENERATION_COUNTERS else GaugeMetricFamily
+                    families[name] = kind(f"msmartcompute_generation_{name}", f"generation: {name.replace('_', ' ')}",
+                                          labels=["model_id"])
+                families[name].add_metric([model_id], value)
+        yield from families.values()
 
 
 class PrometheusResource:
-    def __init__(self, runtime):
-        self.registry = CollectorRegistry()
-        self.registry.register(_RuntimeCollector(runtime))
+    """GET /metrics: the instruments (counters with _total, latency histograms in seconds, labels
+    model / route / status, queue depth, formed batch size) merged over every serving process,
+    then the readings."""
+
+    def __init__(self, runtime, instruments):
+        self.instruments = instruments
+        self.readings = CollectorRegistry()
+        self.readings.register(_ReadingsCollector(runtime))
 
     def on_get(self, req, resp):
         resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        resp.data = generate_latest(self.registry)
+        resp.data = generate_latest(self.instruments.read()) + generate_latest(self.readings)
         resp.status = falcon.HTTP_200

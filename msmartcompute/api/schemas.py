@@ -6,12 +6,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-import falcon
 import msgspec
 import numpy as np
 from msgspec import Meta, Struct
 
-from ..models.layers import ACTIVATIONS
 from ..runtime.errors import InvalidInputData
 from ..runtime.ids import ID_PATTERN, MAX_ID_LENGTH
 
@@ -38,7 +36,7 @@ class Body(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 # ---- POST /models: `parameters` typed per model_type -------------------------------------------
-Activation = Literal[tuple(ACTIVATIONS)]
+Activation = Literal["relu", "gelu", "silu", "tanh"]  # models.layers.ACTIVATIONS (a test keeps them equal)
 
 
 class MLPParameters(Body):
@@ -57,6 +55,25 @@ class TransformerParameters(Body):
     num_heads: _int(1, 1024)
     num_kv_heads: _int(1, 1024) | None = None
     intermediate_size: _int(1, 1 << 20) | None = None
+    eos_token_id: _int(0, 1 << 24, "transformer: the token that ends a generated row") | None = None
+
+
+class PretrainedParameters(Body):
+    """parameters of a transformer or encoder loaded from model_path (a Hugging Face-format
+    folder or a GPT-2 / Llama / BERT weights file): sizes are optional and must agree with the
+    folder's config.json; a single weights file needs them."""
+    architecture: Literal["llama", "mistral", "qwen2", "gpt2", "bert"] | None = None
+    vocab_size: _int(1, 1 << 24) | None = None
+    hidden_size: _int(1, 1 << 16) | None = None
+    num_layers: _int(1, 1024) | None = None
+    num_heads: _int(1, 1024) | None = None
+    num_kv_heads: _int(1, 1024) | None = None
+    intermediate_size: _int(1, 1 << 20) | None = None
+    max_position_embeddings: _int(1, 1 << 24) | None = None
+    rope_theta: Annotated[float, Meta(gt=0)] | None = None
+    pooling: Annotated[Literal["mean", "cls"], Meta(description="encoder pooling without a "
+                                                                 "sentence-transformers modules.json")] | None = None
+    normalize: Annotated[bool, Meta(description="L2-normalise pooled encoder vectors")] | None = None
 
 
 class ProgramParameters(Body):
@@ -70,10 +87,20 @@ PARAMETERS: dict[str, type] = {"mlp": MLPParameters, "transformer": TransformerP
 MODEL_TYPES = list(PARAMETERS)
 
 
+def parameters_type(model_type: str, model_path: str | None) -> type:
+    """A transformer or encoder with a model_path may be a pretrained checkpoint."""
+    if model_path and model_type in ("transformer", "encoder"):
+        return PretrainedParameters
+    return PARAMETERS[model_type]
+
+
 class LoadModel(Body):
     model_id: Id
     model_type: Literal["transformer", "encoder", "mlp", "torchscript", "exported"]
-    model_path: Path | None = None
+    model_path: Annotated[Path, Meta(description="a weights file, or a Hugging Face-format checkpoint folder "
+                                                 "(config.json, safetensors or .bin weights, tokenizer files)")] | None = None
+    weights_path: Annotated[Path, Meta(description="extension: weights trained here (training save_path) for the "
+                                                   "checkpoint folder in model_path")] | None = None
     max_batch_size: _int(1, 1024) | None = None
     max_sequence_length: _int(1, 65536) | None = None
     enable_quantization: bool | None = None
@@ -82,9 +109,12 @@ class LoadModel(Body):
     virtual_gpu_id: Id | None = None
     priority: _int(0, 100, "scheduling priority on a vGPU with the priority policy") | None = None
     seed: Seed | None = None
+    kv_cache_memory: Annotated[int, Meta(ge=1, le=2**50, description=(
+        "transformer: bytes of its paged KV cache (default: enough for max_batch_size sequences of "
+        "max_sequence_length, within the free memory of its virtual GPU or device)"))] | None = None
     parameters: Annotated[dict, Meta(description="by model_type: mlp -> MLPParameters; transformer, encoder "
-                                                 "-> TransformerParameters; torchscript, exported -> "
-                                                 "ProgramParameters")] | None = None
+                                                 "-> TransformerParameters (PretrainedParameters with a model_path); "
+                                                 "torchscript, exported -> ProgramParameters")] | None = None
 
 
 # ---- inference ----------------------------------------------------------------------------------
@@ -98,11 +128,27 @@ class InferenceOptions(Body):
     seed: Seed | None = None
     timeout: Annotated[Timeout, Meta(description="seconds before REQUEST_TIMEOUT (default from the server "
                                                  "config)")] | None = None
+    # extensions for decoders (transformer models), see models/sampling.py
+    top_k: _int(0, 1 << 24, "keep the k most likely tokens (0: all)") | None = None
+    stop_token_ids: Annotated[list[_int(0, 1 << 24)], Meta(
+        max_length=64, description="token ids that end a row (not part of its output)")] | None = None
+    stop: Annotated[str | list[str], Meta(description=(
+        "a string or a list of strings that end a row (models with a tokenizer); the text is cut "
+        "before it"))] | None = None
+    ignore_eos: Annotated[bool, Meta(description="keep generating past the model's EOS token")] | None = None
+    stream: Annotated[bool, Meta(description=(
+        "answer with Server-Sent Events (text/event-stream): one `data:` event {request_id, token_ids: "
+        "[new ids per row]} per generation step, then `event: done` with the usual response envelope "
+        "(or `event: error` with the error envelope)"))] | None = None
 
 
 class Inference(Body):
     model_id: Id
-    input_data: Matrix
+    input_data: Matrix | None = None
+    input_text: Annotated[str | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=MAX_ROWS)],
+                          Meta(description="extension: text in place of input_data for a model whose checkpoint "
+                                           "folder has a tokenizer (one row per string); the response then also "
+                                           "carries output_text. One of input_data / input_text is required")] | None = None
     batch_size: _int(1, MAX_ROWS) | None = None
     sequence_length: _int(1, 1_048_576) | None = None
     data_type: Literal["float32", "float16", "bfloat16", "int64", "int32"] | None = None
@@ -202,9 +248,6 @@ EXAMPLES: dict[type, dict] = {
 def parse(req, body_type: type) -> dict:
     """The request's JSON body decoded into `body_type` (unknown fields refused), as a dict of
     the fields it sets; the error names the field."""
-    content_type = req.content_type
-    if content_type and not content_type.split(";")[0].strip().lower().endswith(("/json", "+json")):
-        raise falcon.HTTPUnsupportedMediaType(description=f"Content-Type {content_type!r} is not JSON")
     raw = req.bounded_stream.read()
     if not raw:
         raise InvalidInputData("the request body is empty: send a JSON object", {"field": "body"})
@@ -216,7 +259,7 @@ def parse(req, body_type: type) -> dict:
         raise InvalidInputData(f"the request body is not valid JSON: {exc}", {"field": "body"}) from None
     out = _fields(body)
     if body_type is LoadModel and body.parameters is not None:
-        validate(PARAMETERS[body.model_type], body.parameters, "body.parameters")
+        validate(parameters_type(body.model_type, body.model_path), body.parameters, "body.parameters")
     return out
 
 

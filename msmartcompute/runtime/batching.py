@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -43,7 +44,10 @@ class Pending:
     deadline: float                   # time.monotonic() by which it must be done
     enqueued_at: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
-    abandoned: bool = False           # the caller timed out: skip it
+    abandoned: bool = False           # the caller timed out or went away: skip it / stop it
+    stream: "queue.SimpleQueue | None" = None  # decoders: token events as they come (generation/worker.py)
+    decode_text: object = None        # for an input_text request: output_data -> output_text
+    prompt_tokens: int | None = None  # for an input_text request: the tokens its text became
 
 
 @dataclass
@@ -237,6 +241,7 @@ class Executor:
             q = choose_queue(self.policy, ready, self._last_served)
             self._last_served = q.model_id
             batch = q.take(1 if self.max_queue_delay_s <= 0 else None)
+            self.metrics.record_queue_depth(q.model_id, len(q.items))
             return (q, batch) if batch else None
 
     # ---- worker -----------------------------------------------------------------------------
@@ -261,6 +266,7 @@ class Executor:
                     q = choose_queue(self.policy, ready, self._last_served)
                     self._last_served = q.model_id
                     batch = q.take(1 if self.max_queue_delay_s <= 0 else None)
+                    self.metrics.record_queue_depth(q.model_id, len(q.items))
                     if batch:
                         self._busy = True
                         return q, batch
@@ -323,7 +329,7 @@ class Executor:
         queue.device_time_s += run_s
         if len(outputs) != len(group):
             raise InternalError(f"model returned {len(outputs)} outputs for {len(group)} requests")
-        self.metrics.record_batch(len(group))
+        self.metrics.record_batch(queue.model_id, len(group))
         for p, out in zip(group, outputs):
             if cuda is None:
                 memory = int(p.prepared.tensor.nbytes) + _nbytes(out.output_data)

@@ -1,26 +1,61 @@
 """The inference service: POST /inference (sync, batch, async) and GET /inference/{id}.
 
-A request goes through its model's batch queue (batching.py); `inference_time` is seconds end
+A request goes through its model's batch queue (batching.py), a decoder's through its
+generation worker (generation/worker.py; `infer_stream` streams its tokens); `inference_time` is seconds end
 to end (queue wait + run). `memory_used`: on CUDA the allocator's peak growth during the run
 that served it; on the host the bytes of this request's input and output tensors. Async
 requests are persisted jobs (jobs.py) that take the same path from a worker thread and are
-run again after a restart."""
+run again after a restart. A request may send input_text in place of input_data for a model
+with a tokenizer; its result then carries output_text, finish_reasons and prompt_tokens."""
 from __future__ import annotations
 
+import queue as queue_module
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Iterator
 
 import numpy as np
+import orjson
 
 from . import clock, ids
 from .access import require_owner
 from .batching import Executor, Pending, Result
 from .caller import Caller
+from .generation.worker import STREAM_END, GenerationWorker
 from .errors import InvalidInputData, MSCError, NotFound, RequestTimeout
 from .jobs import JobRunner, error_dict
 from .metrics import Metrics
 from .registry import Registry
 from .store import Store
+
+
+# extension fields of a request sent as input_text (see prepare)
+TEXT_FIELDS = ("output_text", "finish_reasons", "prompt_tokens")
+
+
+def prepare(model, request: dict):
+    """One request checked by its model -> (Prepared, prompt tokens of an input_text request).
+    input_text (a string or a list of strings, one row each) is tokenized by the model's
+    tokenizer in place of input_data (add_special_tokens false: a chat template framed it)."""
+    text, data = request.get("input_text"), request.get("input_data")
+    field = "input_data"
+    if text is not None:
+        if data is not None:
+            raise InvalidInputData("give input_data or input_text, not both", {"field": "input_text"})
+        field = "input_text"
+        try:
+            data = model.encode_text([text] if isinstance(text, str) else text,
+                                     add_special_tokens=request.get("add_special_tokens", True))
+        except ValueError as exc:
+            raise InvalidInputData(str(exc), {"field": field}) from None
+    elif data is None:
+        raise InvalidInputData("input_data is required (or input_text for a model with a tokenizer)",
+                               {"field": "input_data"})
+    try:
+        prepared = model.prepare(data, request.get("options") or {})
+    except ValueError as exc:
+        raise InvalidInputData(str(exc), {"field": field}) from None
+    return prepared, (sum(len(row) for row in data) if text is not None else None)
 
 
 class Inference:
@@ -35,6 +70,45 @@ class Inference:
         """Run one request through its model's batch queue."""
         return self._infer(request, ids.request_id(self.store))
 
+    def infer_stream(self, request: dict) -> Iterator[dict]:
+        """A decoder request whose tokens come as they are sampled. Checked and queued now (a
+        bad request raises here, before anything streams); the iterator then yields
+        {"request_id", "token_ids": [new ids per input row]} per step that produced any, and
+        last the response infer() would give (an MSCError if it failed or timed out).
+        Closing the iterator early (the client went away) cancels the request: it leaves
+        the batch at the next step and its KV blocks are freed."""
+        t0 = time.perf_counter()
+        rid = ids.request_id(self.store)
+        try:
+            executor, pending = self._enqueue(request, rid, stream=True)
+        except MSCError as exc:
+            self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
+            raise
+        return self._stream_events(executor, pending, t0, request["model_id"])
+
+    def _stream_events(self, executor: GenerationWorker, pending: Pending, t0: float,
+                       model_id: str) -> Iterator[dict]:
+        try:
+            while time.monotonic() < pending.deadline:
+                try:
+                    event = pending.stream.get(timeout=min(1.0, max(0.0, pending.deadline - time.monotonic())))
+                except queue_module.Empty:
+                    continue
+                ended = event is STREAM_END
+                while not ended and not pending.stream.empty():  # a slow reader gets what piled up as one event
+                    more = pending.stream.get_nowait()
+                    ended = more is STREAM_END
+                    if not ended:
+                        event = {"token_ids": [a + b for a, b in zip(event["token_ids"], more["token_ids"])]}
+                if event is not STREAM_END:
+                    yield {"request_id": pending.request_id, **event}
+                if ended:
+                    break
+            yield self._finish(executor, pending, t0, model_id)
+        finally:
+            if not pending.future.done():
+                executor.abandon(pending)
+
     def infer_batch(self, requests: list[dict]) -> dict:
         """All requests are queued before any is awaited, so they can share batches."""
         t0 = time.perf_counter()
@@ -42,16 +116,17 @@ class Inference:
         for request in requests:
             rid = ids.request_id(self.store)
             try:
-                queued.append((rid, *self._enqueue(request, rid), None))
+                queued.append((rid, request, *self._enqueue(request, rid), None))
             except MSCError as exc:
-                self.meter.record_inference(False, 0.0)
-                queued.append((rid, None, None, exc))
+                self.meter.record_inference(False, 0.0, model=self._label(request), code=exc.code)
+                queued.append((rid, request, None, None, exc))
         results = []
-        for rid, executor, pending, exc in queued:
+        for rid, request, executor, pending, exc in queued:
             if exc is None:
                 try:
-                    out = self._finish(executor, pending, t0)
-                    results.append({k: out[k] for k in ("request_id", "output_data", "inference_time")})
+                    out = self._finish(executor, pending, t0, request["model_id"])
+                    results.append({k: out[k] for k in ("request_id", "output_data", "inference_time",
+                                                        *TEXT_FIELDS) if k in out})
                     continue
                 except MSCError as e:
                     exc = e
@@ -63,14 +138,13 @@ class Inference:
         now + (jobs ahead / job workers + 1) x the mean duration of recent inference jobs (else
         the recent inference latency)."""
         entry = self.registry.entry(request.get("model_id"))
-        try:
-            entry.model.prepare(request.get("input_data"), request.get("options") or {})
-        except ValueError as exc:
-            raise InvalidInputData(str(exc), {"field": "input_data"}) from None
+        prepare(entry.model, request)
         rid = ids.request_id(self.store)
-        data = np.asarray(request["input_data"])
         stored = {k: v for k, v in request.items() if k != "input_data"}
-        stored.update(input_data=data.tolist(), input_dtype=data.dtype.name, request_id=rid)
+        stored["request_id"] = rid
+        if request.get("input_data") is not None:
+            data = np.asarray(request["input_data"])
+            stored.update(input_data=data.tolist(), input_dtype=data.dtype.name)
         owner = caller.user_id if caller else request.get("user_id")
         self.jobs.submit(rid, "inference", owner, stored)
         ahead = self.jobs.queued_ahead(rid)
@@ -87,40 +161,63 @@ class Inference:
         out = {"request_id": request_id, "status": job["status"], "output_data": result.get("output_data"),
                "inference_time": result.get("inference_time"),
                "completion_time": clock.iso(job["completed_at"]) if job["status"] == "completed" else None}
+        out.update({k: result[k] for k in TEXT_FIELDS if k in result})
         if job["status"] == "failed":
             out["error"] = {k: job["error"][k] for k in ("code", "message")}
         return out
 
+    def chat_prompt(self, model_id: str, messages: list[dict]) -> str:
+        """The prompt the model's chat template makes of `messages` (OpenAI chat format)."""
+        model = self.registry.entry(model_id).model
+        if model.tokenizer is None:
+            raise InvalidInputData(f"model {model_id!r} has no tokenizer", {"field": "model"})
+        try:
+            return model.tokenizer.render_chat(messages)
+        except ValueError as exc:
+            raise InvalidInputData(str(exc), {"field": "messages"}) from None
+
     # ---- the path of one request ------------------------------------------------------------
     def _job(self, stored: dict) -> dict:
         request = dict(stored)
-        request["input_data"] = np.asarray(stored["input_data"], dtype=stored.get("input_dtype"))
+        if stored.get("input_data") is not None:
+            request["input_data"] = np.asarray(stored["input_data"], dtype=stored.get("input_dtype"))
         out = self._infer(request, stored["request_id"])
-        return {k: out[k] for k in ("output_data", "inference_time", "tokens_generated", "memory_used")}
+        # stored as JSON: the numbers a synchronous answer prints (float32's shortest form, not tolist()'s float64)
+        out["output_data"] = orjson.loads(orjson.dumps(out["output_data"], option=orjson.OPT_SERIALIZE_NUMPY))
+        return {k: out[k] for k in ("output_data", "inference_time", "tokens_generated", "memory_used",
+                                    *TEXT_FIELDS) if k in out}
 
     def _infer(self, request: dict, request_id: str) -> dict:
         t0 = time.perf_counter()
         try:
             executor, pending = self._enqueue(request, request_id, may_run_inline=True)
-        except MSCError:
-            self.meter.record_inference(False, time.perf_counter() - t0)
+        except MSCError as exc:
+            self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
             raise
-        return self._finish(executor, pending, t0)
+        return self._finish(executor, pending, t0, request["model_id"])
 
-    def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False) -> tuple[Executor, Pending]:
+    def _label(self, request: dict) -> str:
+        """The model label of a metric: a loaded model's id, else "-" (label values stay few)."""
+        model_id = request.get("model_id")
+        return model_id if isinstance(model_id, str) and model_id in self.registry.models else "-"
+
+    def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False,
+                 stream: bool = False) -> tuple[Executor, Pending]:
         entry = self.registry.entry(request.get("model_id"))
         model, executor = entry.model, entry.executor
-        if "input_data" not in request:
-            raise InvalidInputData("input_data is required", {"field": "input_data"})
-        try:
-            prepared = model.prepare(request["input_data"], request.get("options") or {})
-        except ValueError as exc:
-            raise InvalidInputData(str(exc), {"field": "input_data"}) from None
+        if stream and not isinstance(executor, GenerationWorker):
+            raise InvalidInputData(f"options.stream needs a decoder (transformer) model; "
+                                   f"{entry.model_id!r} is a {entry.spec.get('model_type')} model",
+                                   {"field": "options.stream"})
+        prepared, prompt_tokens = prepare(model, request)
         # options.timeout is the documented field; a top-level "timeout" is accepted too
         timeout = (request.get("options") or {}).get("timeout", request.get("timeout", self.request_timeout_s))
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidInputData("timeout must be a positive number of seconds", {"field": "timeout"})
-        pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout))
+        pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout),
+                          stream=queue_module.SimpleQueue() if stream else None)
+        if prompt_tokens is not None:
+            pending.decode_text, pending.prompt_tokens = model.decode_text, prompt_tokens
         queue = executor.submit(entry.model_id, pending, may_run_inline)
         if queue is not None:  # the executor was idle: run it on this thread (see batching.py)
             executor.run_inline(queue, pending)
@@ -137,16 +234,23 @@ class Inference:
                                  {"request_id": pending.request_id}) from None
         return res
 
-    def _finish(self, executor: Executor, pending: Pending, t0: float) -> dict:
+    def _finish(self, executor: Executor, pending: Pending, t0: float, model_id: str) -> dict:
         try:
             res = self._wait(executor, pending)
-        except MSCError:
-            self.meter.record_inference(False, time.perf_counter() - t0)
+        except MSCError as exc:
+            self.meter.record_inference(False, time.perf_counter() - t0, model=model_id, code=exc.code)
             raise
         elapsed = time.perf_counter() - t0
-        self.meter.record_inference(True, elapsed, res.output.tokens_generated)
-        data = res.output.output_data
-        return {"request_id": pending.request_id,
-                "output_data": data.tolist() if isinstance(data, np.ndarray) else data,
-                "inference_time": elapsed, "tokens_generated": int(res.output.tokens_generated),
-                "memory_used": int(res.memory_used)}
+        self.meter.record_inference(True, elapsed, res.output.tokens_generated, model=model_id)
+        # a numpy array stays one: it crosses to a front process as a raw buffer (serving/protocol.py)
+        out = {"request_id": pending.request_id, "output_data": res.output.output_data,
+               "inference_time": elapsed, "tokens_generated": int(res.output.tokens_generated),
+               "memory_used": int(res.memory_used)}
+        if pending.decode_text is not None:  # the request came as input_text
+            out["prompt_tokens"] = pending.prompt_tokens
+            text = pending.decode_text(out["output_data"])
+            if text is not None:
+                out["output_text"] = text
+        if res.output.finish_reasons is not None:
+            out["finish_reasons"] = res.output.finish_reasons
+        return out
