@@ -72,7 +72,7 @@ class Auth:
     def process_request(self, req, resp):
         if req.path in PUBLIC_PATHS or req.method == "OPTIONS":
             return
-        if self.open_mode:
+        if self.open_mode and self.keys.is_open():  # started open: closed by the first key created
             req.context.caller = None  # full access
             return
         header = req.get_header("Authorization") or ""
