@@ -58,7 +58,9 @@ def create_app(runtime: Runtime, config: ApiConfig | None = None) -> falcon.App:
         Auth(keys, open_mode),
         RateLimit(RateLimiter(config.rate_limit)),
     ])
-    app.req_options.media_handlers.update({falcon.MEDIA_JSON: _JSON})
+    # Bodies are JSON only: a form or text/plain body gets a 415 that says so (reading those as JSON
+    # would let any web page post to an open loopback server without a CORS preflight).
+    app.req_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: _JSON})
     app.resp_options.media_handlers.update({falcon.MEDIA_JSON: _JSON})
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.keep_blank_qs_values = True  # `?interval=` is a bad value (400), not an absent one

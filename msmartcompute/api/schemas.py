@@ -61,7 +61,9 @@ INFERENCE = {
         "model_id": _ID,
         "input_data": _MATRIX,
         "batch_size": {"type": "integer", "minimum": 1, "maximum": MAX_ROWS},
-        "sequence_length": {"type": "integer", "minimum": 1, "maximum": 1_048_576},
+        "sequence_length": {"type": "integer", "minimum": 1, "maximum": 1_048_576,
+                            "description": "each input_data row is cut to its first sequence_length values or "
+                                           "padded with 0 at the end (rows may then differ in length)"},
         "data_type": {"type": "string", "enum": ["float32", "float16", "bfloat16", "int64", "int32"]},
         "session_id": {"type": "string", "minLength": 1, "maxLength": 2 * MAX_ID_LENGTH},
         "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
