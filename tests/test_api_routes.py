@@ -205,6 +205,44 @@ def test_metrics(loaded):
     assert prom.status_code == 200 and "msmartcompute_requests_total" in prom.text
 
 
+def test_metrics_per_model_and_devices(loaded):
+    for _ in range(3):
+        assert_ok(loaded.post("/api/v1/inference", {"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]] * 2}))
+    metrics = assert_ok(loaded.get("/api/v1/metrics"))["metrics"]
+    model = metrics["models"]["mlp-small"]
+    assert model["requests_per_second"] > 0 and sum(model["batch_sizes"].values()) >= 1
+    assert 0 < model["latency_p50"] <= model["latency_p99"] and model["queue_depth"] == 0
+    device = metrics["devices"][0]
+    assert device["index"] == 0 and 0 < device["memory_unreserved"] <= device["memory_total"]
+    assert_ok(loaded.delete("/api/v1/models/mlp-small"))
+    assert "mlp-small" not in assert_ok(loaded.get("/api/v1/metrics"))["metrics"]["models"]
+
+
+def test_jobs_list_training_progress_and_owners(loaded):
+    loaded = Api(loaded.runtime, open_mode=False)
+    admin = loaded.keys.create("ops", "admin")
+    alice = loaded.keys.create("alice", "user")
+    trained = assert_ok(loaded.as_(alice).post("/api/v1/training/async", {
+        "model_id": "mlp-small", "training_data": [[0, 1, 0, 1], [1, 0, 1, 0]], "labels": [0, 2], "epochs": 4}))
+    assert_ok(loaded.as_(admin).post("/api/v1/inference/async", {"model_id": "mlp-small",
+                                                                 "input_data": [[1, 2, 3, 4]]}))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        jobs = assert_ok(loaded.as_(admin).get("/api/v1/jobs"), "jobs")["jobs"]
+        if all(j["status"] == "completed" for j in jobs):
+            break
+        time.sleep(0.05)
+    assert [j["kind"] for j in jobs] == ["inference", "training"]  # newest first
+    training = jobs[1]
+    assert training["request_id"] == trained["request_id"] and training["model_id"] == "mlp-small"
+    assert training["status"] == "completed" and training["epochs_completed"] == 4
+    assert len(training["loss_history"]) == 4 and training["current_loss"] == training["loss_history"][-1]
+    assert [j["request_id"] for j in assert_ok(loaded.as_(alice).get("/api/v1/jobs"))["jobs"]] == \
+        [trained["request_id"]]  # a user sees only their own
+    assert_error(loaded.as_(admin).get("/api/v1/jobs", params={"limit": "0"}), 400, "INVALID_INPUT_DATA")
+
+
+
 def test_resources(loaded):
     alloc = assert_ok(loaded.post("/api/v1/resources", {"user_id": "user123", "memory_size": 1 << 20,
                                                          "compute_units": 1, "duration": 3600}),

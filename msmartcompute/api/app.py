@@ -13,12 +13,14 @@ from ..runtime.keys import KeyStore
 from . import errors
 from .allocations import AllocationResource, AllocationsResource
 from .health import HealthResource
+from .jobs import JobsResource
 from .inference import (AsyncInferenceResource, BatchInferenceResource, InferenceResource,
                         InferenceResultResource)
 from .metrics import MetricsHistoryResource, MetricsResource, PrometheusResource
 from .middleware import Auth, BodyLimit, RateLimit, RequestContext
 from .models import ModelResource, ModelsResource, OptimizeResource
 from .openapi import OpenApiResource
+from .pages import STATIC_DIR, STATIC_PREFIX, PageResource
 from .ratelimit import RateLimitConfig, RateLimiter
 from .sessions import SessionResource, SessionsResource
 from .training import AsyncTrainingResource, TrainingResource, TrainingResultResource
@@ -70,6 +72,9 @@ def create_app(runtime: Runtime, config: ApiConfig | None = None) -> falcon.App:
     app.add_route("/health", health)
     app.add_route(f"{API_PREFIX}/health", health)
     app.add_route(f"{API_PREFIX}/openapi.json", OpenApiResource())
+    app.add_route(f"{API_PREFIX}/docs", PageResource("docs.html"))
+    app.add_route("/dashboard", PageResource("dashboard.html"))
+    app.add_static_route(STATIC_PREFIX.rstrip("/"), str(STATIC_DIR))
     app.add_route("/metrics", PrometheusResource(runtime))
     routes = {
         "/models": ModelsResource(runtime),
@@ -82,6 +87,7 @@ def create_app(runtime: Runtime, config: ApiConfig | None = None) -> falcon.App:
         "/training": TrainingResource(runtime),
         "/training/async": AsyncTrainingResource(runtime),
         "/training/{request_id}": TrainingResultResource(runtime),
+        "/jobs": JobsResource(runtime),
         "/sessions": SessionsResource(runtime),
         "/sessions/{session_id}": SessionResource(runtime),
         "/metrics": MetricsResource(runtime),

@@ -8,12 +8,18 @@ import time
 import falcon
 
 from ..runtime.errors import RateLimitExceeded, Unauthorized
+from .pages import STATIC_PREFIX
 from .ratelimit import RateLimiter
 
 access_log = logging.getLogger("msmartcompute.access")
 
-# Open to everyone, keys or not.
-PUBLIC_PATHS = frozenset({"/health", "/api/v1/health", "/api/v1/openapi.json"})
+# Open to everyone, keys or not: health, the API's description and the browser pages (which hold
+# no data: they call the API with the key the user types in).
+PUBLIC_PATHS = frozenset({"/health", "/api/v1/health", "/api/v1/openapi.json", "/api/v1/docs", "/dashboard"})
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(STATIC_PREFIX)
 
 _request_ids = itertools.count(1)
 
@@ -35,7 +41,7 @@ class RequestContext:
         status = resp.status_code if hasattr(resp, "status_code") else int(str(resp.status)[:3])
         access_log.info("%s %s %d %.1fms %s", req.method, req.path, status, elapsed * 1000,
                         req.context.get("request_id"))
-        if req.path not in PUBLIC_PATHS and req.path != "/metrics":
+        if not is_public(req.path) and req.path != "/metrics":
             try:
                 self.runtime.record_request(status < 400, elapsed)
             except Exception:  # metrics must never turn a served response into an error
@@ -60,7 +66,7 @@ class Auth:
         self.open_mode = open_mode
 
     def process_request(self, req, resp):
-        if req.path in PUBLIC_PATHS or req.method == "OPTIONS":
+        if is_public(req.path) or req.method == "OPTIONS":
             return
         if self.open_mode:
             req.context.caller = None  # full access
@@ -81,7 +87,7 @@ class RateLimit:
         self.limiter = limiter
 
     def process_request(self, req, resp):
-        if not self.limiter.config.enabled or req.path in PUBLIC_PATHS:
+        if not self.limiter.config.enabled or is_public(req.path):
             return
         key_id = req.context.get("key_id")
         key = f"key:{key_id}" if key_id else f"ip:{req.remote_addr}"

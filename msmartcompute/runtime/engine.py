@@ -179,7 +179,9 @@ class Runtime:
         return self.registry.entry(model_id).public()
 
     def unload_model(self, model_id: str, caller: Caller | None = None) -> dict:
-        return self.registry.unload(model_id, caller)
+        out = self.registry.unload(model_id, caller)
+        self.meter.forget_model(model_id)
+        return out
 
     # ---- inference ------------------------------------------------------------------------------
     def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False) -> tuple[Executor, Pending]:
@@ -482,7 +484,31 @@ class Runtime:
         with self._executors_lock:
             executors = list(self.executors.values())
         depths = {m: d for ex in executors for m, d in ex.depths().items()}
-        return self.meter.snapshot(sum(depths.values()) + self.jobs.count("queued"), depths)
+        snapshot = self.meter.snapshot(sum(depths.values()) + self.jobs.count("queued"), depths)
+        snapshot["devices"] = [{"index": d.index, "name": d.name, "memory_total": d.memory_capacity,
+                                "memory_unreserved": self.vgpus.device_free(d.index)[0],
+                                "compute_units": d.compute_units} for d in self.vgpus.devices]
+        return snapshot
+
+    def list_jobs(self, caller: Caller | None = None, limit: int = 50) -> list[dict]:
+        """The latest async inference and training jobs, newest first (a user sees only theirs):
+        {request_id, kind, status, model_id, created_at, started_at, completed_at, error}, and for
+        training epochs, epochs_completed, current_loss, loss_history."""
+        owner = None if caller is None or caller.is_admin else caller.user_id
+        out = []
+        for job in self.jobs.recent(limit, owner):
+            item = {"request_id": job["id"], "kind": job["kind"], "status": job["status"],
+                    "model_id": job["model_id"], "owner": job["owner"],
+                    **{k: clock.iso(job[k]) if job[k] else None for k in ("created_at", "started_at", "completed_at")},
+                    "error": (job["error"] or {}).get("message")}
+            if job["kind"] == "training":
+                progress = (job["result"] or {}) if job["status"] == "completed" else (job["progress"] or {})
+                history = progress.get("loss_history") or []
+                item.update(epochs=(job["progress"] or {}).get("epochs"),
+                            epochs_completed=progress.get("epochs_completed", len(history)),
+                            current_loss=history[-1] if history else None, loss_history=history)
+            out.append(item)
+        return out
 
     def metrics_history(self, start_time: datetime | None = None, end_time: datetime | None = None,
                         interval: int = 60) -> list[dict]:
