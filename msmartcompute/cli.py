@@ -98,7 +98,7 @@ def serve(args: argparse.Namespace) -> int:
             if exc.code != "MODEL_ALREADY_LOADED":  # restored from the store already
                 log.error("could not preload model %s: %s", spec.get("model_id"), exc.message)
     app = create_app(runtime, ApiConfig(
-        max_body_bytes=config.max_body_bytes, open_mode=open_mode,
+        max_body_bytes=config.max_body_bytes, open_mode=open_mode, cors_origins=tuple(config.cors_origins),
         rate_limit=RateLimitConfig(config.rate_limit_per_minute, config.rate_limit_burst,
                                    config.rate_limit_enabled)))
     stopping = threading.Event()

@@ -35,6 +35,9 @@ class ApiConfig:
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     # No keys and open_mode: every request is served with full access (loopback only; the CLI checks).
     open_mode: bool | None = None  # None: open exactly when no key exists
+    # Browser origins allowed to call the API (CORS), e.g. ("https://app.example",) or ("*",).
+    # Empty (the default): no CORS headers, so browsers refuse cross-origin calls.
+    cors_origins: tuple[str, ...] = ()
 
 
 def _orjson_default(value):
@@ -54,7 +57,12 @@ def create_app(runtime: Runtime, config: ApiConfig | None = None) -> falcon.App:
     config = config or ApiConfig()
     keys = KeyStore(runtime.store)
     open_mode = config.open_mode if config.open_mode is not None else keys.count() == 0
+    cors = [falcon.CORSMiddleware(
+        allow_origins="*" if "*" in config.cors_origins else list(config.cors_origins),
+        expose_headers=["X-Request-ID", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+                        "Retry-After"])] if config.cors_origins else []
     app = falcon.App(middleware=[
+        *cors,
         RequestContext(runtime),
         BodyLimit(config.max_body_bytes),
         Auth(keys, open_mode),
