@@ -28,7 +28,7 @@ def runtime(request, weights, tmp_path_factory):
     for name, path in weights.items():
         for n in REQUESTS:
             spec = models.load_spec(name, path, max_batch_size=n)
-            rt.load_model({**spec, "model_id": f"{name}-{n}"})
+            rt.registry.load({**spec, "model_id": f"{name}-{n}"})
     rt.mode = request.param
     yield rt
     rt.close()
@@ -39,7 +39,7 @@ def runtime(request, weights, tmp_path_factory):
 def test_runtime_infer_batch(benchmark, runtime, weights, name, n):
     x = np.random.default_rng(n).standard_normal((n, models.MODELS[name][0])).astype(np.float32)
     requests = [{"model_id": f"{name}-{n}", "input_data": x[i:i + 1]} for i in range(n)]
-    out = benchmark(runtime.infer_batch, requests)
+    out = benchmark(runtime.inference.infer_batch, requests)
     with torch.inference_mode():
         want = models.load(name, weights[name])(torch.from_numpy(x)).numpy()
     got = np.concatenate([np.asarray(r["output_data"], dtype=np.float32) for r in out["results"]])

@@ -92,7 +92,7 @@ def serve(args: argparse.Namespace) -> int:
     runtime.start()
     for spec in config.models:
         try:
-            runtime.load_model(dict(spec))
+            runtime.registry.load(dict(spec))
             log.info("preloaded model %s", spec.get("model_id"))
         except MSCError as exc:
             if exc.code != "MODEL_ALREADY_LOADED":  # restored from the store already

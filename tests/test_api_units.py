@@ -47,19 +47,37 @@ def test_sustained_limit_per_minute():
 
 def test_schema_names_the_field():
     with pytest.raises(InvalidInputData) as err:
-        schemas.validate(schemas.LOAD_MODEL, {"model_id": "m", "model_type": "mlp", "max_batch_size": 0})
+        schemas.validate(schemas.LoadModel, {"model_id": "m", "model_type": "mlp", "max_batch_size": 0})
     assert err.value.details["field"] == "body.max_batch_size" and ">= 1" in err.value.message
     with pytest.raises(InvalidInputData, match="body.model_type is required"):
-        schemas.validate(schemas.LOAD_MODEL, {"model_id": "m"})
+        schemas.validate(schemas.LoadModel, {"model_id": "m"})
     with pytest.raises(InvalidInputData, match="must be an integer, got a boolean"):
-        schemas.validate(schemas.ALLOCATION, {"user_id": "u", "memory_size": True, "compute_units": 1,
+        schemas.validate(schemas.Allocation, {"user_id": "u", "memory_size": True, "compute_units": 1,
                                               "duration": 5})
     with pytest.raises(InvalidInputData, match=r"body.requests\[1\].model_id"):
-        schemas.validate(schemas.BATCH_INFERENCE, {"requests": [{"model_id": "a", "input_data": [[1]]},
+        schemas.validate(schemas.BatchInference, {"requests": [{"model_id": "a", "input_data": [[1]]},
                                                                 {"model_id": "", "input_data": [[1]]}]})
-    schemas.validate(schemas.INFERENCE, {"model_id": "m", "input_data": [[1.0]], "options": {"top_p": 1}})
+    schemas.validate(schemas.Inference, {"model_id": "m", "input_data": [[1.0]], "options": {"top_p": 1}})
     with pytest.raises(InvalidInputData, match="top_p must be > 0"):
-        schemas.validate(schemas.INFERENCE, {"model_id": "m", "input_data": [[1.0]], "options": {"top_p": 0}})
+        schemas.validate(schemas.Inference, {"model_id": "m", "input_data": [[1.0]], "options": {"top_p": 0}})
+    # a typo is refused, not ignored: the error names the field
+    with pytest.raises(InvalidInputData, match="body.options.temprature is not a field") as err:
+        schemas.validate(schemas.Inference, {"model_id": "m", "input_data": [[1.0]], "options": {"temprature": 1}})
+    assert err.value.details == {"field": "body.options.temprature"}
+    with pytest.raises(InvalidInputData, match=r"body.requests\[0\].max_token is not a field"):
+        schemas.validate(schemas.BatchInference, {"requests": [{"model_id": "a", "input_data": [[1]], "max_token": 3}]})
+
+
+def test_parameters_are_typed_by_model_type():
+    mlp = {"input_size": 4, "output_size": 2, "hidden_sizes": [8], "activation": "gelu"}
+    schemas.validate(schemas.PARAMETERS["mlp"], mlp)
+    with pytest.raises(InvalidInputData, match="body.parameters.hidden_size is not a field"):
+        schemas.validate(schemas.PARAMETERS["mlp"], {**mlp, "hidden_size": 8}, "body.parameters")
+    with pytest.raises(InvalidInputData, match="body.parameters.num_heads is required"):
+        schemas.validate(schemas.PARAMETERS["transformer"], {"vocab_size": 10, "hidden_size": 8, "num_layers": 1},
+                         "body.parameters")
+    with pytest.raises(InvalidInputData, match="activation has an unknown value"):
+        schemas.validate(schemas.PARAMETERS["mlp"], {**mlp, "activation": "swish"})
 
 
 def test_input_data_becomes_a_matrix():
@@ -96,6 +114,17 @@ def test_openapi_document_is_valid_openapi3():
     assert {"INVALID_MODEL_ID", "MODEL_ALREADY_LOADED", "INSUFFICIENT_MEMORY", "INVALID_INPUT_DATA",
             "REQUEST_TIMEOUT", "RATE_LIMIT_EXCEEDED", "UNAUTHORIZED", "FORBIDDEN", "NOT_FOUND",
             "INTERNAL_ERROR"} <= set(codes)
+    # every body is typed from the Structs that decode it, and every example decodes into it
+    for path, methods in document["paths"].items():
+        for method, op in methods.items():
+            body = op.get("requestBody")
+            if body is None:
+                assert all("example" in p for p in op.get("parameters", []) if p["in"] == "path"), (method, path)
+                continue
+            content = body["content"]["application/json"]
+            name = content["schema"]["$ref"].rsplit("/", 1)[1]
+            assert document["components"]["schemas"][name]["additionalProperties"] is False
+            schemas.validate(getattr(schemas, name), content["example"])
 
 
 def test_config_precedence(tmp_path):

@@ -36,7 +36,7 @@ def run_concurrently(rt, inputs, model_id="mlp"):
 
     def call(i):
         barrier.wait()
-        results[i] = rt.infer({"model_id": model_id, "input_data": inputs[i]})
+        results[i] = rt.inference.infer({"model_id": model_id, "input_data": inputs[i]})
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
     for t in threads:
@@ -49,7 +49,7 @@ def run_concurrently(rt, inputs, model_id="mlp"):
 def test_64_concurrent_requests_batch_and_match_unbatched(tmp_path):
     rt = make_runtime(tmp_path, max_queue_delay_ms=20)
     try:
-        rt.load_model(mlp_spec())
+        rt.registry.load(mlp_spec())
         inputs = [rows(i, 1 + i % 3) for i in range(64)]
         results = run_concurrently(rt, inputs)
         sizes = {int(k): v for k, v in rt.metrics()["batch_sizes"].items()}
@@ -78,7 +78,7 @@ def test_64_concurrent_requests_batch_and_match_unbatched(tmp_path):
 def test_zero_delay_turns_batching_off(tmp_path):
     rt = make_runtime(tmp_path, max_queue_delay_ms=0)
     try:
-        rt.load_model(mlp_spec())
+        rt.registry.load(mlp_spec())
         run_concurrently(rt, [rows(i, 1) for i in range(16)])
         assert rt.metrics()["batch_sizes"] == {"1": 16}
     finally:
@@ -96,7 +96,7 @@ def submit_raw(rt, model_id, prepared, timeout=10.0):
 def test_faulty_request_in_a_batch_fails_alone(tmp_path):
     rt = make_runtime(tmp_path, max_queue_delay_ms=50)
     try:
-        rt.load_model(mlp_spec())
+        rt.registry.load(mlp_spec())
         model = rt.registry.models["mlp"].model
         good = [model.prepare(rows(i, 2), {}) for i in range(3)]
         key = good[0].batch_key
@@ -120,13 +120,13 @@ def test_faulty_request_in_a_batch_fails_alone(tmp_path):
 def test_timeout_comes_back_fast(tmp_path):
     rt = make_runtime(tmp_path)
     try:
-        rt.load_model(mlp_spec())
+        rt.registry.load(mlp_spec())
         with rt.vgpus.schedulers[0].exclusive():
             t0 = time.perf_counter()
             with pytest.raises(RequestTimeout):
-                rt.infer({"model_id": "mlp", "input_data": rows(0, 1), "timeout": 0.2})
+                rt.inference.infer({"model_id": "mlp", "input_data": rows(0, 1), "timeout": 0.2})
             assert time.perf_counter() - t0 < 1.0
-        assert rt.infer({"model_id": "mlp", "input_data": rows(1, 1)})["output_data"]
+        assert rt.inference.infer({"model_id": "mlp", "input_data": rows(1, 1)})["output_data"]
         assert rt.metrics()["inference_failures"] == 1
     finally:
         rt.close()
@@ -135,12 +135,12 @@ def test_timeout_comes_back_fast(tmp_path):
 def test_full_queue_rejects_fast(tmp_path):
     rt = make_runtime(tmp_path, max_queue_size=4)
     try:
-        rt.load_model(mlp_spec(max_batch_size=1))
+        rt.registry.load(mlp_spec(max_batch_size=1))
         executor = rt.registry.models["mlp"].executor
         results = []
         with rt.vgpus.schedulers[0].exclusive():
             threads = [threading.Thread(target=lambda i=i: results.append(
-                rt.infer({"model_id": "mlp", "input_data": rows(i, 1)}))) for i in range(5)]
+                rt.inference.infer({"model_id": "mlp", "input_data": rows(i, 1)}))) for i in range(5)]
             for t in threads:
                 t.start()
             deadline = time.monotonic() + 10
@@ -150,7 +150,7 @@ def test_full_queue_rejects_fast(tmp_path):
             assert rt.metrics()["queued_requests"] == 4 and rt.metrics()["queue_depth"] == {"mlp": 4}
             t0 = time.perf_counter()
             with pytest.raises(QueueFull) as err:
-                rt.infer({"model_id": "mlp", "input_data": rows(9, 1)})
+                rt.inference.infer({"model_id": "mlp", "input_data": rows(9, 1)})
             assert time.perf_counter() - t0 < 0.5  # no wait for a slot (the default timeout is 30 s)
             assert err.value.code == "QUEUE_FULL" and err.value.details["max_queue_size"] == 4
         for t in threads:
@@ -180,13 +180,13 @@ def test_choose_queue_policies():
 def test_vgpu_policy_orders_service(tmp_path, policy):
     rt = make_runtime(tmp_path, max_queue_delay_ms=0)
     try:
-        rt.create_vgpu({"virtual_gpu_id": "v", "memory_size": 2**24, "compute_units": 1,
+        rt.vgpus.create({"virtual_gpu_id": "v", "memory_size": 2**24, "compute_units": 1,
                         "scheduling_policy": policy})
-        rt.load_model(mlp_spec("a", max_batch_size=1, virtual_gpu_id="v", priority=0))
-        rt.load_model(mlp_spec("b", max_batch_size=1, virtual_gpu_id="v", priority=5))
+        rt.registry.load(mlp_spec("a", max_batch_size=1, virtual_gpu_id="v", priority=0))
+        rt.registry.load(mlp_spec("b", max_batch_size=1, virtual_gpu_id="v", priority=5))
         model = {m: rt.registry.models[m].model for m in "ab"}
         for i in range(3):
-            rt.infer({"model_id": "a", "input_data": rows(i, 1)})
+            rt.inference.infer({"model_id": "a", "input_data": rows(i, 1)})
         queue_a = rt.registry.models["a"].queue
         assert queue_a.device_time_s > 0 and rt.registry.models["b"].queue.device_time_s == 0
         queue_a.device_time_s += 1.0  # as if a had run for a second: b is owed far more than it will use
@@ -229,12 +229,12 @@ def test_device_time_shared_by_compute_units():
 def test_unload_fails_the_requests_still_queued(tmp_path):
     rt = make_runtime(tmp_path)
     try:
-        rt.load_model(mlp_spec(max_batch_size=1))
+        rt.registry.load(mlp_spec(max_batch_size=1))
         model = rt.registry.models["mlp"].model
         with rt.vgpus.schedulers[0].exclusive():
             pending = [submit_raw(rt, "mlp", model.prepare(rows(i, 1), {})) for i in range(3)]
             time.sleep(0.05)  # the worker holds the first and waits for the device
-            rt.unload_model("mlp")
+            rt.registry.unload("mlp")
         first = pending[0].future.result(timeout=10)  # already taken: it completes
         assert first.output.output_data.shape == (1, OUT)
         for p in pending[1:]:
@@ -246,7 +246,7 @@ def test_unload_fails_the_requests_still_queued(tmp_path):
 def test_generation_batches_group_by_options_and_count_tokens(tmp_path):
     rt = make_runtime(tmp_path, max_queue_delay_ms=30)
     try:
-        rt.load_model({"model_id": "lm", "model_type": "transformer", "max_sequence_length": 32,
+        rt.registry.load({"model_id": "lm", "model_type": "transformer", "max_sequence_length": 32,
                        "parameters": {"vocab_size": 50, "hidden_size": 32, "num_layers": 1, "num_heads": 4}})
         model = rt.registry.models["lm"].model
         requests = [{"model_id": "lm", "input_data": np.random.default_rng(i).integers(0, 50, (1 + i % 2, 5)),
@@ -255,7 +255,7 @@ def test_generation_batches_group_by_options_and_count_tokens(tmp_path):
 
         def call(i):
             barrier.wait()
-            results[i] = rt.infer(requests[i])
+            results[i] = rt.inference.infer(requests[i])
 
         threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
         for t in threads:

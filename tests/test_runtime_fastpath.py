@@ -19,7 +19,7 @@ SPEC = {"model_id": "m", "model_type": "mlp", "max_batch_size": 8,
 def _runtime(tmp_path, delay_ms):
     rt = Runtime(RuntimeConfig(state_dir=tmp_path, max_queue_delay_ms=delay_ms, metrics_sample_interval_s=3600))
     rt.start()
-    rt.load_model(dict(SPEC))
+    rt.registry.load(dict(SPEC))
     return rt
 
 
@@ -33,7 +33,7 @@ def test_batching_off_runs_one_request_per_forward_on_groups_them(tmp_path, dela
     rt = _runtime(tmp_path, delay_ms)
     try:
         x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
-        out = rt.infer_batch([{"model_id": "m", "input_data": x[i:i + 1]} for i in range(8)])
+        out = rt.inference.infer_batch([{"model_id": "m", "input_data": x[i:i + 1]} for i in range(8)])
         got = np.concatenate([np.asarray(r["output_data"], np.float32) for r in out["results"]])
         np.testing.assert_allclose(got, _expected(rt, x), rtol=1e-5, atol=1e-6)
         assert rt.metrics()["batch_sizes"] == sizes
@@ -53,7 +53,7 @@ def test_concurrent_callers_each_get_their_own_answer(tmp_path, delay_ms):
             for j in range(12):
                 i = k * 12 + j
                 try:
-                    got = np.asarray(rt.infer({"model_id": "m", "input_data": x[i:i + 1]})["output_data"])
+                    got = np.asarray(rt.inference.infer({"model_id": "m", "input_data": x[i:i + 1]})["output_data"])
                     if not np.allclose(got, want[i:i + 1], rtol=1e-5, atol=1e-6):
                         wrong.append(i)
                 except Exception as exc:  # noqa: BLE001 - collected and asserted below
@@ -102,8 +102,8 @@ def test_a_request_run_inline_past_its_deadline_times_out(tmp_path):
     try:
         x = np.ones((1, 16), np.float32)
         with pytest.raises(Exception) as info:
-            rt.infer({"model_id": "m", "input_data": x, "timeout": 1e-9})
+            rt.inference.infer({"model_id": "m", "input_data": x, "timeout": 1e-9})
         assert getattr(info.value, "code", None) == "REQUEST_TIMEOUT"
-        assert rt.infer({"model_id": "m", "input_data": x})["output_data"]  # and it still serves
+        assert rt.inference.infer({"model_id": "m", "input_data": x})["output_data"]  # and it still serves
     finally:
         rt.close()

@@ -26,7 +26,7 @@ def make_runtime(path, **kw):
 def wait_done(rt, request_id, caller=None, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out = rt.get_inference(request_id, caller)
+        out = rt.inference.get(request_id, caller)
         if out["status"] in ("completed", "failed"):
             return out
         time.sleep(0.02)
@@ -36,20 +36,20 @@ def wait_done(rt, request_id, caller=None, timeout=10.0):
 def test_async_inference_completes(tmp_path):
     rt = make_runtime(tmp_path)
     try:
-        rt.load_model(SPEC)
-        expected = rt.infer({"model_id": "mlp", "input_data": X})["output_data"]
-        job = rt.submit_inference({"model_id": "mlp", "input_data": X})
+        rt.registry.load(SPEC)
+        expected = rt.inference.infer({"model_id": "mlp", "input_data": X})["output_data"]
+        job = rt.inference.submit({"model_id": "mlp", "input_data": X})
         assert job["status"] == "queued" and job["request_id"].startswith("req_")
         assert ISO_Z.match(job["estimated_completion"])
         out = wait_done(rt, job["request_id"])
         assert out["status"] == "completed" and out["output_data"] == expected
         assert out["inference_time"] > 0 and ISO_Z.match(out["completion_time"])
         with pytest.raises(NotFound):
-            rt.get_inference("req_0_0")
+            rt.inference.get("req_0_0")
         with pytest.raises(InvalidModelId):
-            rt.submit_inference({"model_id": "nope", "input_data": X})
+            rt.inference.submit({"model_id": "nope", "input_data": X})
         with pytest.raises(InvalidInputData):
-            rt.submit_inference({"model_id": "mlp", "input_data": [[1.0, 2.0]]})
+            rt.inference.submit({"model_id": "mlp", "input_data": [[1.0, 2.0]]})
     finally:
         rt.close()
 
@@ -57,13 +57,13 @@ def test_async_inference_completes(tmp_path):
 def test_estimated_completion_grows_with_the_queue(tmp_path):
     rt = make_runtime(tmp_path, job_workers=0)  # nothing runs: every job stays queued
     try:
-        rt.load_model(SPEC)
+        rt.registry.load(SPEC)
         for _ in range(3):
-            rt.infer({"model_id": "mlp", "input_data": X})  # observed latency, no job has completed yet
+            rt.inference.infer({"model_id": "mlp", "input_data": X})  # observed latency, no job has completed yet
         latency = rt.metrics()["latency"]
         for k in range(12):
             before = time.time()
-            eta = rt.submit_inference({"model_id": "mlp", "input_data": X})["estimated_completion"]
+            eta = rt.inference.submit({"model_id": "mlp", "input_data": X})["estimated_completion"]
             ahead_s = datetime.fromisoformat(eta).timestamp() - before
             assert ahead_s >= (k + 1) * latency - 0.001  # k jobs ahead, one worker's worth each
             assert ahead_s <= (k + 1) * latency + 0.5
@@ -74,10 +74,10 @@ def test_estimated_completion_grows_with_the_queue(tmp_path):
 
 def test_queued_job_survives_restart(tmp_path):
     rt = make_runtime(tmp_path, job_workers=0)
-    rt.load_model(SPEC)
-    expected = rt.infer({"model_id": "mlp", "input_data": X})["output_data"]
-    job = rt.submit_inference({"model_id": "mlp", "input_data": X}, caller=ALICE)
-    queued = rt.get_inference(job["request_id"], ALICE)
+    rt.registry.load(SPEC)
+    expected = rt.inference.infer({"model_id": "mlp", "input_data": X})["output_data"]
+    job = rt.inference.submit({"model_id": "mlp", "input_data": X}, caller=ALICE)
+    queued = rt.inference.get(job["request_id"], ALICE)
     assert queued == {"request_id": job["request_id"], "status": "queued", "output_data": None,
                       "inference_time": None, "completion_time": None}
     rt.close()
@@ -92,8 +92,8 @@ def test_queued_job_survives_restart(tmp_path):
 
 def test_running_jobs_on_restart_rerun_inference_fail_training(tmp_path):
     rt = make_runtime(tmp_path, job_workers=0)
-    rt.load_model(SPEC)
-    job = rt.submit_inference({"model_id": "mlp", "input_data": X})
+    rt.registry.load(SPEC)
+    job = rt.inference.submit({"model_id": "mlp", "input_data": X})
     rt.jobs.submit("train_1", "training", "alice", {"model_id": "mlp"})
     # simulate a server killed while both were running
     rt.store.connect().execute("UPDATE jobs SET status = 'running', started_at = 1")
@@ -105,16 +105,16 @@ def test_running_jobs_on_restart_rerun_inference_fail_training(tmp_path):
         train = rt.jobs.get("train_1")
         assert train["status"] == "failed" and "not resumed" in train["error"]["message"]
         with pytest.raises(NotFound):  # not an inference job
-            rt.get_inference("train_1")
+            rt.inference.get("train_1")
     finally:
         rt.close()
 
 
 def test_job_failure_is_recorded(tmp_path):
     rt = make_runtime(tmp_path, job_workers=0)
-    rt.load_model(SPEC)
-    job = rt.submit_inference({"model_id": "mlp", "input_data": X})
-    rt.unload_model("mlp")  # gone before the job runs
+    rt.registry.load(SPEC)
+    job = rt.inference.submit({"model_id": "mlp", "input_data": X})
+    rt.registry.unload("mlp")  # gone before the job runs
     rt.close()
     rt = make_runtime(tmp_path)
     try:
@@ -128,13 +128,13 @@ def test_job_failure_is_recorded(tmp_path):
 def test_job_ownership(tmp_path):
     rt = make_runtime(tmp_path)
     try:
-        rt.load_model(SPEC)
-        job = rt.submit_inference({"model_id": "mlp", "input_data": X}, caller=ALICE)
+        rt.registry.load(SPEC)
+        job = rt.inference.submit({"model_id": "mlp", "input_data": X}, caller=ALICE)
         wait_done(rt, job["request_id"], ALICE)
         with pytest.raises(Forbidden):
-            rt.get_inference(job["request_id"], BOB)
-        assert rt.get_inference(job["request_id"], ADMIN)["status"] == "completed"
-        assert rt.get_inference(job["request_id"])["status"] == "completed"
+            rt.inference.get(job["request_id"], BOB)
+        assert rt.inference.get(job["request_id"], ADMIN)["status"] == "completed"
+        assert rt.inference.get(job["request_id"])["status"] == "completed"
     finally:
         rt.close()
 
@@ -156,8 +156,8 @@ def test_runner_takes_new_kinds(tmp_path):
 
 def test_close_is_prompt_and_loses_no_job(tmp_path):
     rt = make_runtime(tmp_path, job_workers=2)
-    rt.load_model(SPEC)
-    ids = [rt.submit_inference({"model_id": "mlp", "input_data": X})["request_id"] for _ in range(20)]
+    rt.registry.load(SPEC)
+    ids = [rt.inference.submit({"model_id": "mlp", "input_data": X})["request_id"] for _ in range(20)]
     threads = [*rt._threads, *rt.jobs._threads, *(ex._thread for ex in rt.executors.values())]
     t0 = time.perf_counter()
     rt.close()

@@ -30,40 +30,40 @@ def runtime(tmp_path):
 
 
 def test_load_list_get_unload(runtime):
-    out = runtime.load_model(mlp_spec())
+    out = runtime.registry.load(mlp_spec())
     n_params = 16 * 32 + 32 + 32 * 8 + 8
     assert out["model_id"] == "mlp" and out["memory_allocated"] == 4 * n_params  # float32 bytes, measured
     assert out["load_time"] > 0 and out["message"]
-    [entry] = runtime.list_models()
-    assert entry == runtime.get_model("mlp")
+    [entry] = runtime.registry.list()
+    assert entry == runtime.registry.get("mlp")
     assert entry["status"] == "loaded" and entry["memory_usage"] == 4 * n_params
     assert entry["device"] == "cpu" and entry["virtual_gpu_id"] is None and entry["load_time"].endswith("Z")
-    assert runtime.unload_model("mlp")["model_id"] == "mlp"
-    assert runtime.list_models() == []
+    assert runtime.registry.unload("mlp")["model_id"] == "mlp"
+    assert runtime.registry.list() == []
     with pytest.raises(InvalidModelId):
-        runtime.infer({"model_id": "mlp", "input_data": np.zeros((1, 16), np.float32)})
+        runtime.inference.infer({"model_id": "mlp", "input_data": np.zeros((1, 16), np.float32)})
 
 
 def test_errors(runtime):
-    runtime.load_model(mlp_spec())
+    runtime.registry.load(mlp_spec())
     with pytest.raises(ModelAlreadyLoaded):
-        runtime.load_model(mlp_spec())
+        runtime.registry.load(mlp_spec())
     with pytest.raises(InvalidModelId) as err:
-        runtime.get_model("nope")
+        runtime.registry.get("nope")
     assert err.value.details["available_models"] == ["mlp"]
     with pytest.raises(InvalidModelId) as err:
-        runtime.unload_model("nope")
+        runtime.registry.unload("nope")
     assert err.value.details["available_models"] == ["mlp"]
     with pytest.raises(InvalidInputData, match="hidden_sizes"):
-        runtime.load_model(mlp_spec("bad", hidden=("x",)))
+        runtime.registry.load(mlp_spec("bad", hidden=("x",)))
     with pytest.raises(InvalidInputData, match="16 values"):
-        runtime.infer({"model_id": "mlp", "input_data": np.zeros((1, 5), np.float32)})
+        runtime.inference.infer({"model_id": "mlp", "input_data": np.zeros((1, 5), np.float32)})
     user = Caller("u1", "user")
     with pytest.raises(Forbidden):
-        runtime.load_model(mlp_spec("other"), caller=user)
+        runtime.registry.load(mlp_spec("other"), caller=user)
     with pytest.raises(Forbidden):
-        runtime.unload_model("mlp", caller=user)
-    assert [m["model_id"] for m in runtime.list_models(caller=user)] == ["mlp"]
+        runtime.registry.unload("mlp", caller=user)
+    assert [m["model_id"] for m in runtime.registry.list()] == ["mlp"]
 
 
 def test_model_path_must_lie_under_a_model_root(tmp_path):
@@ -78,18 +78,18 @@ def test_model_path_must_lie_under_a_model_root(tmp_path):
     rt = Runtime(RuntimeConfig(state_dir=tmp_path / "state"))
     rt.start()
     try:
-        rt.load_model(mlp_spec("a", model_path=str(root / "w.safetensors")))
-        rt.load_model(mlp_spec("b", model_path="w.safetensors"))  # relative: from the first root
+        rt.registry.load(mlp_spec("a", model_path=str(root / "w.safetensors")))
+        rt.registry.load(mlp_spec("b", model_path="w.safetensors"))  # relative: from the first root
         x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
         with torch.no_grad():
             expected = seq(torch.from_numpy(x)).numpy()
-        np.testing.assert_allclose(rt.infer({"model_id": "a", "input_data": x})["output_data"], expected,
+        np.testing.assert_allclose(rt.inference.infer({"model_id": "a", "input_data": x})["output_data"], expected,
                                    rtol=1e-6, atol=1e-6)
         for bad in (str(outside), str(root / "link.safetensors"), str(root / ".." / ".." / "outside.safetensors")):
             with pytest.raises(InvalidInputData, match="outside the model roots|may not contain '..'"):
-                rt.load_model(mlp_spec("c", model_path=bad))
+                rt.registry.load(mlp_spec("c", model_path=bad))
         with pytest.raises(InvalidInputData, match="not a file"):
-            rt.load_model(mlp_spec("c", model_path=str(root / "missing.safetensors")))
+            rt.registry.load(mlp_spec("c", model_path=str(root / "missing.safetensors")))
     finally:
         rt.close()
 
@@ -99,10 +99,10 @@ def test_registry_restored_after_restart(tmp_path):
     x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
     rt = Runtime(config)
     rt.start()
-    rt.load_model(mlp_spec("keep", seed=7))
-    rt.load_model(mlp_spec("gone"))
-    rt.unload_model("gone")
-    before = rt.infer({"model_id": "keep", "input_data": x})["output_data"]
+    rt.registry.load(mlp_spec("keep", seed=7))
+    rt.registry.load(mlp_spec("gone"))
+    rt.registry.unload("gone")
+    before = rt.inference.infer({"model_id": "keep", "input_data": x})["output_data"]
     rt.close()
     rt.close()  # idempotent
 
@@ -110,8 +110,8 @@ def test_registry_restored_after_restart(tmp_path):
     rt.start()
     rt.start()  # idempotent
     try:
-        assert [m["model_id"] for m in rt.list_models()] == ["keep"]
-        assert rt.infer({"model_id": "keep", "input_data": x})["output_data"] == before
+        assert [m["model_id"] for m in rt.registry.list()] == ["keep"]
+        assert rt.inference.infer({"model_id": "keep", "input_data": x})["output_data"] == before
     finally:
         rt.close()
 
@@ -119,15 +119,15 @@ def test_registry_restored_after_restart(tmp_path):
 def test_restore_reports_a_model_that_no_longer_fits(tmp_path):
     rt = Runtime(RuntimeConfig(state_dir=tmp_path))
     rt.start()
-    rt.load_model(mlp_spec(hidden=(256,)))
+    rt.registry.load(mlp_spec(hidden=(256,)))
     rt.close()
     rt = Runtime(RuntimeConfig(state_dir=tmp_path, host_memory_capacity=1024))
     rt.start()
     try:
-        [entry] = rt.list_models()
+        [entry] = rt.registry.list()
         assert entry["status"] == "failed" and "requested" in entry["error"]
-        rt.unload_model("mlp")  # forgets it
-        assert rt.list_models() == [] and rt.store.get("models", "mlp") is None
+        rt.registry.unload("mlp")  # forgets it
+        assert rt.registry.list() == [] and rt.store.get("models", "mlp") is None
     finally:
         rt.close()
 
@@ -137,10 +137,10 @@ def test_load_refused_when_it_does_not_fit(tmp_path):
     rt.start()
     try:
         with pytest.raises(InsufficientMemory) as err:
-            rt.load_model(mlp_spec(hidden=(1024,)))  # 4 * (16*1024 + 1024 + 1024*8 + 8) bytes
+            rt.registry.load(mlp_spec(hidden=(1024,)))  # 4 * (16*1024 + 1024 + 1024*8 + 8) bytes
         assert err.value.details["requested"] == 4 * (16 * 1024 + 1024 + 1024 * 8 + 8)
         assert err.value.details["available"] == 100_000
-        assert rt.list_models() == [] and rt.vgpus.reserved_bytes() == 0
+        assert rt.registry.list() == [] and rt.vgpus.reserved_bytes() == 0
     finally:
         rt.close()
 
@@ -155,10 +155,10 @@ def test_load_unload_20_times_returns_memory(runtime):
     x = np.ones((4, 512), np.float32)
 
     def cycle():
-        out = runtime.load_model(spec)
-        runtime.infer({"model_id": "big", "input_data": x})
+        out = runtime.registry.load(spec)
+        runtime.inference.infer({"model_id": "big", "input_data": x})
         module = weakref.ref(runtime.registry.models["big"].model.module)
-        runtime.unload_model("big")
+        runtime.registry.unload("big")
         return out["memory_allocated"], module
 
     size, _ = cycle()  # warm-up: first-use allocations of torch and the worker

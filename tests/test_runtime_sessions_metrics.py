@@ -19,37 +19,37 @@ SPEC = {"model_id": "mlp", "model_type": "mlp", "parameters": {"input_size": 8, 
 def make_runtime(path, **kw):
     rt = Runtime(RuntimeConfig(state_dir=path, **kw))
     rt.start()
-    if not rt.list_models():  # a restart restores it
-        rt.load_model(SPEC)
+    if not rt.registry.list():  # a restart restores it
+        rt.registry.load(SPEC)
     return rt
 
 
 def test_sessions(tmp_path):
     rt = make_runtime(tmp_path)
     try:
-        s = rt.create_session("alice", "mlp", caller=ALICE)
+        s = rt.sessions.create("alice", "mlp", caller=ALICE)
         assert s["session_id"] == "alice_1" and s["user_id"] == "alice" and s["model_id"] == "mlp"
         created = datetime.fromisoformat(s["created_at"])
         assert (datetime.fromisoformat(s["expires_at"]) - created).total_seconds() == pytest.approx(3600, abs=0.01)
-        assert rt.get_session("alice_1", ALICE) == s == rt.get_session("alice_1", ADMIN)
+        assert rt.sessions.get("alice_1", ALICE) == s == rt.sessions.get("alice_1", ADMIN)
         with pytest.raises(Forbidden):
-            rt.get_session("alice_1", BOB)
+            rt.sessions.get("alice_1", BOB)
         with pytest.raises(Forbidden):
-            rt.delete_session("alice_1", BOB)
+            rt.sessions.delete("alice_1", BOB)
         with pytest.raises(Forbidden):
-            rt.create_session("alice", "mlp", caller=BOB)
+            rt.sessions.create("alice", "mlp", caller=BOB)
         with pytest.raises(InvalidModelId):
-            rt.create_session("alice", "nope")
-        assert rt.create_session("bob", "mlp", caller=BOB)["session_id"] == "bob_2"
-        assert rt.delete_session("alice_1", ALICE) == {"session_id": "alice_1", "message": "Session ended successfully"}
+            rt.sessions.create("alice", "nope")
+        assert rt.sessions.create("bob", "mlp", caller=BOB)["session_id"] == "bob_2"
+        assert rt.sessions.delete("alice_1", ALICE) == {"session_id": "alice_1", "message": "Session ended successfully"}
         with pytest.raises(NotFound):
-            rt.get_session("alice_1")
+            rt.sessions.get("alice_1")
     finally:
         rt.close()
     rt = make_runtime(tmp_path)  # the counter is persisted: ids never repeat
     try:
-        assert rt.create_session("alice", "mlp")["session_id"] == "alice_3"
-        assert rt.get_session("bob_2")["user_id"] == "bob"
+        assert rt.sessions.create("alice", "mlp")["session_id"] == "alice_3"
+        assert rt.sessions.get("bob_2")["user_id"] == "bob"
     finally:
         rt.close()
 
@@ -57,12 +57,12 @@ def test_sessions(tmp_path):
 def test_sessions_expire(tmp_path):
     rt = make_runtime(tmp_path, session_ttl_s=0.3, reaper_interval_s=3600)
     try:
-        a = rt.create_session("alice", "mlp")
-        b = rt.create_session("bob", "mlp")
-        assert rt.get_session(a["session_id"])["session_id"] == a["session_id"]
+        a = rt.sessions.create("alice", "mlp")
+        b = rt.sessions.create("bob", "mlp")
+        assert rt.sessions.get(a["session_id"])["session_id"] == a["session_id"]
         time.sleep(0.4)
         with pytest.raises(NotFound):  # expired on read
-            rt.get_session(a["session_id"])
+            rt.sessions.get(a["session_id"])
         assert rt.store.get("sessions", b["session_id"]) is not None
         assert rt.sessions.purge() == 1  # what the reaper runs
         assert rt.store.items("sessions") == []
@@ -73,11 +73,11 @@ def test_sessions_expire(tmp_path):
 def test_request_ids_are_persisted_counters(tmp_path):
     rt = make_runtime(tmp_path)
     x = np.ones((1, 8), np.float32)
-    first = rt.infer({"model_id": "mlp", "input_data": x})["request_id"]
+    first = rt.inference.infer({"model_id": "mlp", "input_data": x})["request_id"]
     rt.close()
     rt = make_runtime(tmp_path)
     try:
-        second = rt.infer({"model_id": "mlp", "input_data": x})["request_id"]
+        second = rt.inference.infer({"model_id": "mlp", "input_data": x})["request_id"]
         _, unix, n = second.split("_")
         assert abs(int(unix) - time.time()) < 5
         # ids come from a persisted counter reserved in blocks (runtime/ids.py): a restart may skip
@@ -98,9 +98,9 @@ def test_metrics_counters(tmp_path):
             rt.record_request(ok, latency)
         x = np.ones((2, 8), np.float32)
         for _ in range(5):
-            rt.infer({"model_id": "mlp", "input_data": x})
+            rt.inference.infer({"model_id": "mlp", "input_data": x})
         with pytest.raises(InvalidModelId):
-            rt.infer({"model_id": "nope", "input_data": x})
+            rt.inference.infer({"model_id": "nope", "input_data": x})
         m = rt.metrics()
         assert (m["total_requests"], m["successful_requests"], m["failed_requests"]) == (3, 2, 1)
         assert m["request_latency_p50"] == 0.02

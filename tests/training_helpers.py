@@ -44,4 +44,4 @@ def rt(tmp_path):
 
 
 def outputs(rt, model_id, x):
-    return np.asarray(rt.infer({"model_id": model_id, "input_data": x})["output_data"])
+    return np.asarray(rt.inference.infer({"model_id": model_id, "input_data": x})["output_data"])

@@ -64,7 +64,7 @@ def one_round(rt, model_id: str, prompts: np.ndarray, new_tokens: int) -> tuple[
     def client(i):
         barrier.wait()
         try:
-            outs[i] = rt.infer({"model_id": model_id, "input_data": prompts[i:i + 1],
+            outs[i] = rt.inference.infer({"model_id": model_id, "input_data": prompts[i:i + 1],
                                 "options": {"max_tokens": new_tokens, "temperature": 0}})
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -100,7 +100,7 @@ def run(args) -> dict:
         try:
             for variant in VARIANTS:
                 s = spec(args, variant, max(batches))
-                loaded = rt.load_model(s)
+                loaded = rt.registry.load(s)
                 for b in batches:
                     one_round(rt, s["model_id"], prompts[:b], args.new_tokens)  # warm-up
                     walls, tokens = [], 0
@@ -115,7 +115,7 @@ def run(args) -> dict:
                     rows.append(row)
                     print(f"{variant:<11} B={b:<3} {row['tokens_per_s']:10.1f} tokens/s  ({wall * 1000:.1f} ms/round, "
                           f"weights {loaded['memory_allocated'] / 2**20:.0f} MiB)", flush=True)
-                rt.unload_model(s["model_id"])
+                rt.registry.unload(s["model_id"])
         finally:
             rt.close()
     agree = []

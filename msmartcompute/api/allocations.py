@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .access import require_self_or_admin
 from .envelope import ok
-from .schemas import ALLOCATION, parse
+from .schemas import Allocation, parse
 
 
 class AllocationsResource:
@@ -11,12 +11,12 @@ class AllocationsResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        body = parse(req, ALLOCATION)
+        body = parse(req, Allocation)
         require_self_or_admin(req.context.caller, body["user_id"], "allocate resources")
-        resp.media = ok(self.runtime.allocate(body, req.context.caller))
+        resp.media = ok(self.runtime.allocations.allocate(body, req.context.caller))
 
     def on_get(self, req, resp):
-        resp.media = ok({"allocations": self.runtime.list_allocations(req.context.caller)})
+        resp.media = ok({"allocations": self.runtime.allocations.list(req.context.caller)})
 
 
 class AllocationResource:
@@ -24,7 +24,7 @@ class AllocationResource:
         self.runtime = runtime
 
     def on_get(self, req, resp, allocation_id):
-        resp.media = ok(self.runtime.get_allocation(allocation_id, req.context.caller))
+        resp.media = ok(self.runtime.allocations.get(allocation_id, req.context.caller))
 
     def on_delete(self, req, resp, allocation_id):
-        resp.media = ok(self.runtime.deallocate(allocation_id, req.context.caller))
+        resp.media = ok(self.runtime.allocations.deallocate(allocation_id, req.context.caller))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..runtime.errors import InvalidInputData
 from .envelope import ok
-from .schemas import BATCH_INFERENCE, INFERENCE, MAX_ELEMENTS, as_matrix, parse
+from .schemas import MAX_ELEMENTS, BatchInference, Inference, as_matrix, parse
 
 
 def fit_rows(rows: list, width: int, path: str) -> list:
@@ -34,8 +34,8 @@ class InferenceResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        request = prepare_request(parse(req, INFERENCE))
-        resp.media = ok(self.runtime.infer(request, req.context.caller))
+        request = prepare_request(parse(req, Inference))
+        resp.media = ok(self.runtime.inference.infer(request))
 
 
 class AsyncInferenceResource:
@@ -43,8 +43,8 @@ class AsyncInferenceResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        request = prepare_request(parse(req, INFERENCE))
-        resp.media = ok(self.runtime.submit_inference(request, req.context.caller))
+        request = prepare_request(parse(req, Inference))
+        resp.media = ok(self.runtime.inference.submit(request, req.context.caller))
 
 
 class InferenceResultResource:
@@ -52,7 +52,7 @@ class InferenceResultResource:
         self.runtime = runtime
 
     def on_get(self, req, resp, request_id):
-        resp.media = ok(self.runtime.get_inference(request_id, req.context.caller))
+        resp.media = ok(self.runtime.inference.get(request_id, req.context.caller))
 
 
 class BatchInferenceResource:
@@ -60,6 +60,6 @@ class BatchInferenceResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        body = parse(req, BATCH_INFERENCE)
+        body = parse(req, BatchInference)
         requests = [prepare_request(r, f"body.requests[{i}]") for i, r in enumerate(body["requests"])]
-        resp.media = ok(self.runtime.infer_batch(requests, req.context.caller))
+        resp.media = ok(self.runtime.inference.infer_batch(requests))

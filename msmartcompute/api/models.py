@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .access import require_admin
 from .envelope import ok
-from .schemas import LOAD_MODEL, OPTIMIZE, as_matrix, parse
+from .schemas import LoadModel, Optimize, as_matrix, parse
 
 
 class ModelsResource:
@@ -11,12 +11,12 @@ class ModelsResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        body = parse(req, LOAD_MODEL)
+        body = parse(req, LoadModel)
         require_admin(req.context.caller, "load models")
-        resp.media = ok(self.runtime.load_model(body, req.context.caller))
+        resp.media = ok(self.runtime.registry.load(body, req.context.caller))
 
     def on_get(self, req, resp):
-        resp.media = ok({"models": self.runtime.list_models(req.context.caller)})
+        resp.media = ok({"models": self.runtime.registry.list()})
 
 
 class ModelResource:
@@ -24,11 +24,11 @@ class ModelResource:
         self.runtime = runtime
 
     def on_get(self, req, resp, model_id):
-        resp.media = ok(self.runtime.get_model(model_id, req.context.caller))
+        resp.media = ok(self.runtime.registry.get(model_id))
 
     def on_delete(self, req, resp, model_id):
         require_admin(req.context.caller, "unload models")
-        resp.media = ok(self.runtime.unload_model(model_id, req.context.caller))
+        resp.media = ok(self.runtime.registry.unload(model_id, req.context.caller))
 
 
 class OptimizeResource:
@@ -36,9 +36,9 @@ class OptimizeResource:
         self.runtime = runtime
 
     def on_post(self, req, resp, model_id):
-        body = parse(req, OPTIMIZE)
+        body = parse(req, Optimize)
         require_admin(req.context.caller, "optimize models")
         request = dict(body)
         if body.get("calibration_data") is not None:
             request["calibration_data"] = as_matrix(body["calibration_data"], "body.calibration_data")
-        resp.media = ok(self.runtime.optimize_model(model_id, request, req.context.caller))
+        resp.media = ok(self.runtime.optimization.optimize(model_id, request, req.context.caller))

@@ -1,6 +1,9 @@
-"""The OpenAPI 3 document, built from the same request schemas that validate bodies
-and from the one code -> status table of api/errors.py."""
+"""The OpenAPI 3 document, built from the same msgspec Structs that decode request bodies
+(schemas.py), with an example for every operation, and from the one code -> status table of
+api/errors.py."""
 from __future__ import annotations
+
+import msgspec
 
 import msmartcompute
 
@@ -45,50 +48,50 @@ _JOB = {"type": "object", "properties": {
 OPERATIONS = [
     ("get", "/health", "Health of the platform (also at /api/v1/health)", None,
      {"status": _STR, "version": _STR, "uptime": _NUM, "gpu_status": _STR, "memory_usage": _NUM}, False),
-    ("post", "/api/v1/models", "Load a model (admin)", schemas.LOAD_MODEL,
+    ("post", "/api/v1/models", "Load a model (admin)", schemas.LoadModel,
      {"model_id": _STR, "message": _STR, "memory_allocated": _INT, "load_time": _NUM}, True),
     ("get", "/api/v1/models", "List loaded models", None, {"models": {"type": "array", "items": _MODEL}}, True),
     ("get", "/api/v1/models/{model_id}", "One loaded model", None, _MODEL["properties"], True),
     ("delete", "/api/v1/models/{model_id}", "Unload a model (admin)", None, {"model_id": _STR, "message": _STR}, True),
-    ("post", "/api/v1/inference", "Synchronous inference", schemas.INFERENCE,
+    ("post", "/api/v1/inference", "Synchronous inference", schemas.Inference,
      {"request_id": _STR, "output_data": _ROWS, "inference_time": _NUM, "tokens_generated": _INT,
       "memory_used": _INT}, True),
-    ("post", "/api/v1/inference/async", "Queue asynchronous inference", schemas.INFERENCE,
+    ("post", "/api/v1/inference/async", "Queue asynchronous inference", schemas.Inference,
      {"request_id": _STR, "status": _STR, "estimated_completion": _TIME}, True),
     ("get", "/api/v1/inference/{request_id}", "Result of an asynchronous inference", None, _INFERENCE_RESULT, True),
-    ("post", "/api/v1/inference/batch", "Several inference requests in one call", schemas.BATCH_INFERENCE,
+    ("post", "/api/v1/inference/batch", "Several inference requests in one call", schemas.BatchInference,
      {"results": {"type": "array", "items": {"type": "object", "properties": {
          "request_id": _STR, "output_data": _ROWS, "inference_time": _NUM, "error": _ERROR_ITEM}}},
       "total_time": _NUM}, True),
     ("post", "/api/v1/models/{model_id}/optimize", "Quantize (int8) or convert to half precision (admin)",
-     schemas.OPTIMIZE,
+     schemas.Optimize,
      {"model_id": _STR, "optimization_type": _STR, "target_precision": _STR, "mode": _STR,
       "original_size": _INT, "optimized_size": _INT, "compression_ratio": _NUM, "accuracy_loss": _NULLABLE_NUM,
       "accuracy_metric": _NULLABLE_STR, "accuracy_note": _NULLABLE_STR, "optimization_time": _NUM,
       "model_updated": {"type": "boolean"}, "reason": _NULLABLE_STR}, True),
-    ("post", "/api/v1/training", "Synchronous training", schemas.TRAINING,
+    ("post", "/api/v1/training", "Synchronous training", schemas.Training,
      {"request_id": _STR, "final_loss": _NUM, "loss_history": {"type": "array", "items": _NUM},
       "training_time": _NUM, "epochs_completed": _INT, "model_updated": {"type": "boolean"}, "seed": _INT}, True),
-    ("post", "/api/v1/training/async", "Queue asynchronous training", schemas.TRAINING,
+    ("post", "/api/v1/training/async", "Queue asynchronous training", schemas.Training,
      {"request_id": _STR, "status": _STR, "estimated_completion": _TIME}, True),
     ("get", "/api/v1/training/{request_id}", "Progress or result of an asynchronous training", None,
      _TRAINING_RESULT, True),
     ("get", "/api/v1/jobs", "The latest async inference and training jobs, newest first (a user sees theirs)",
      None, {"jobs": {"type": "array", "items": _JOB}}, True),
-    ("post", "/api/v1/sessions", "Create a session", schemas.SESSION, _SESSION, True),
+    ("post", "/api/v1/sessions", "Create a session", schemas.Session, _SESSION, True),
     ("get", "/api/v1/sessions/{session_id}", "Read a session", None, _SESSION, True),
     ("delete", "/api/v1/sessions/{session_id}", "End a session", None, {"session_id": _STR, "message": _STR}, True),
     ("get", "/api/v1/metrics", "Current performance metrics (null where unmeasurable)", None,
      {"metrics": {"type": "object", "properties": _METRICS}}, True),
     ("get", "/api/v1/metrics/history", "Historical metrics aggregated by interval", None,
      {"history": {"type": "array", "items": {"type": "object"}}}, True),
-    ("post", "/api/v1/resources", "Allocate compute resources", schemas.ALLOCATION, _ALLOCATION, True),
+    ("post", "/api/v1/resources", "Allocate compute resources", schemas.Allocation, _ALLOCATION, True),
     ("get", "/api/v1/resources", "List allocations (a user sees their own)", None,
      {"allocations": {"type": "array", "items": {"type": "object", "properties": _ALLOCATION}}}, True),
     ("get", "/api/v1/resources/{allocation_id}", "Read an allocation", None, _ALLOCATION, True),
     ("delete", "/api/v1/resources/{allocation_id}", "Free an allocation", None,
      {"allocation_id": _STR, "message": _STR}, True),
-    ("post", "/api/v1/virtualization/gpus", "Create a virtual GPU (admin)", schemas.VGPU, _VGPU, True),
+    ("post", "/api/v1/virtualization/gpus", "Create a virtual GPU (admin)", schemas.VirtualGpu, _VGPU, True),
     ("get", "/api/v1/virtualization/gpus", "List virtual GPUs", None,
      {"virtual_gpus": {"type": "array", "items": {"type": "object", "properties": _VGPU}}}, True),
     ("get", "/api/v1/virtualization/gpus/{virtual_gpu_id}", "Read a virtual GPU", None, _VGPU, True),
@@ -106,27 +109,55 @@ _QUERY = {
 }
 
 
-def _openapi_schema(schema: dict) -> dict:
-    """Our schema subset is JSON Schema; OpenAPI 3.0 wants exclusiveMinimum as a flag.
-    An optional property may be null (schemas.validate reads null as absent)."""
-    out = {}
-    required = set(schema.get("required", ()))
-    for key, value in schema.items():
-        if key == "exclusiveMinimum":
-            out["minimum"], out["exclusiveMinimum"] = value, True
-        elif key == "properties":
-            out[key] = {name: _openapi_schema(sub) if name in required else _nullable(_openapi_schema(sub))
-                        for name, sub in value.items()}
-        elif key == "items":
-            out[key] = _openapi_schema(value)
-        else:
-            out[key] = value
+def _request_schemas() -> dict:
+    """components.schemas for every request body, generated by msgspec from the Structs that
+    decode them, in OpenAPI 3.0 form; `parameters` of POST /models typed per model_type."""
+    bodies = sorted({op[3] for op in OPERATIONS if op[3] is not None} | set(schemas.PARAMETERS.values()),
+                    key=lambda t: t.__name__)
+    _, components = msgspec.json.schema_components(bodies, ref_template="#/components/schemas/{name}")
+    out = {name: _openapi30(schema) for name, schema in components.items()}
+    by_type = {}
+    for model_type, params in schemas.PARAMETERS.items():
+        by_type.setdefault(params.__name__, []).append(model_type)
+    out["LoadModel"]["properties"]["parameters"] = {
+        "anyOf": [{"$ref": f"#/components/schemas/{name}"} for name in by_type], "nullable": True,
+        "description": "typed by model_type: " + "; ".join(f"{', '.join(types)} -> {name}"
+                                                            for name, types in by_type.items())}
     return out
 
 
-def _nullable(schema: dict) -> dict:
-    # OpenAPI 3.0.3: with an enum, null is allowed only when the enum lists it
-    return {**schema, "nullable": True, **({"enum": [*schema["enum"], None]} if "enum" in schema else {})}
+def _openapi30(node):
+    """msgspec writes JSON Schema 2020-12; OpenAPI 3.0 wants `nullable` instead of a null type
+    and exclusiveMinimum as a flag."""
+    if isinstance(node, list):
+        return [_openapi30(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if "anyOf" in node and {"type": "null"} in node["anyOf"]:
+        rest = [n for n in node["anyOf"] if n != {"type": "null"}]
+        extra = {k: v for k, v in node.items() if k not in ("anyOf", "default")}
+        if len(rest) == 1:
+            base = _openapi30(rest[0])
+            if "$ref" in base:
+                return {"allOf": [base], "nullable": True, **extra}
+            # OpenAPI 3.0.3: with an enum, null is allowed only when the enum lists it
+            return {**base, "nullable": True, **extra, **({"enum": [*base["enum"], None]} if "enum" in base else {})}
+        return {"anyOf": _openapi30(rest), "nullable": True, **extra}
+    out = {}
+    for key, value in node.items():
+        if key in ("exclusiveMinimum", "exclusiveMaximum"):
+            out["minimum" if key == "exclusiveMinimum" else "maximum"], out[key] = value, True
+        elif key == "required" and not value:
+            continue
+        elif key == "default" and value is None:
+            continue
+        else:
+            out[key] = _openapi30(value)
+    return out
+
+
+_PATH_EXAMPLES = {"model_id": "classifier", "request_id": "req_1", "session_id": "alice_1",
+                  "allocation_id": "alloc_1", "virtual_gpu_id": "vgpu-a"}
 
 
 def _envelope(fields: dict) -> dict:
@@ -148,14 +179,16 @@ def build_document() -> dict:
             },
         }
         params = [{"name": name.strip("{}"), "in": "path", "required": True,
-                   "schema": {"type": "string", "minLength": 1, "maxLength": 256}}
+                   "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+                   "example": _PATH_EXAMPLES[name.strip("{}")]}
                   for name in path.split("/") if name.startswith("{")]
         params += _QUERY.get(path, [])
         if params:
             op["parameters"] = params
         if request is not None:
-            op["requestBody"] = {"required": True,
-                                 "content": {"application/json": {"schema": _openapi_schema(request)}}}
+            op["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{request.__name__}"},
+                "example": schemas.EXAMPLES[request]}}}
         if not secured:
             op["security"] = []
         paths.setdefault(path, {})[method] = op
@@ -169,7 +202,7 @@ def build_document() -> dict:
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Error": {"type": "object", "required": ["success", "error", "timestamp"], "properties": {
+            "schemas": {**_request_schemas(), "Error": {"type": "object", "required": ["success", "error", "timestamp"], "properties": {
                 "success": {"type": "boolean", "enum": [False]},
                 "error": {"type": "object", "required": ["code", "message", "details"], "properties": {
                     "code": {"type": "string", "enum": error_codes}, "message": _STR,

@@ -1,218 +1,276 @@
-"""Request schemas (a JSON Schema subset) used both to validate bodies and to
-generate the OpenAPI document, so the two cannot drift apart."""
+"""Request bodies as msgspec Structs: they decode and validate each body in one pass (unknown
+fields refused) and generate the OpenAPI document (openapi.py), so the two cannot drift apart.
+`input_data` and its kin then become numpy matrices (as_matrix)."""
 from __future__ import annotations
 
 import re
+from typing import Annotated, Literal
 
+import falcon
+import msgspec
 import numpy as np
+from msgspec import Meta, Struct
 
+from ..models.layers import ACTIVATIONS
 from ..runtime.errors import InvalidInputData
 from ..runtime.ids import ID_PATTERN, MAX_ID_LENGTH
 
 # Limits on what one request may ask for; the body-size limit is in ApiConfig.
 MAX_ROWS = 65_536
 MAX_ELEMENTS = 16_777_216
+MAX_SEED = 2**63 - 1
 
-_ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": ID_PATTERN}
-_MATRIX = {
-    "type": "array", "minItems": 1, "maxItems": MAX_ROWS,
-    "items": {"type": "array", "minItems": 1, "items": {"type": "number"}},
-    "description": "rectangular rows of numbers (float features, or token ids for transformer/encoder)",
+Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
+Path = Annotated[str, Meta(min_length=1, max_length=4096)]
+Seed = Annotated[int, Meta(ge=0, le=MAX_SEED)]
+Matrix = Annotated[list[list[int | float]], Meta(
+    min_length=1, max_length=MAX_ROWS,
+    description="rectangular rows of numbers (float features, or token ids for transformer/encoder)")]
+
+
+def _int(low: int, high: int, description: str | None = None):
+    return Annotated[int, Meta(ge=low, le=high, description=description)]
+
+
+class Body(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A request body: a field it does not define is refused (a typo is never silently ignored);
+    null reads as absent."""
+
+
+# ---- POST /models: `parameters` typed per model_type -------------------------------------------
+Activation = Literal[tuple(ACTIVATIONS)]
+
+
+class MLPParameters(Body):
+    """parameters of an mlp: Linear, act, ..., Linear."""
+    input_size: _int(1, 1 << 24)
+    output_size: _int(1, 1 << 24)
+    hidden_sizes: list[_int(1, 1 << 24)] | None = None
+    activation: Activation | None = None
+
+
+class TransformerParameters(Body):
+    """parameters of a transformer (decoder LM) or an encoder."""
+    vocab_size: _int(1, 1 << 24)
+    hidden_size: _int(1, 1 << 16)
+    num_layers: _int(1, 1024)
+    num_heads: _int(1, 1024)
+    num_kv_heads: _int(1, 1024) | None = None
+    intermediate_size: _int(1, 1 << 20) | None = None
+
+
+class ProgramParameters(Body):
+    """parameters of a torchscript / exported program (model_path is the program file)."""
+    input_size: _int(1, 1 << 24, "values per input row, when the program does not declare it") | None = None
+
+
+PARAMETERS: dict[str, type] = {"mlp": MLPParameters, "transformer": TransformerParameters,
+                               "encoder": TransformerParameters, "torchscript": ProgramParameters,
+                               "exported": ProgramParameters}
+MODEL_TYPES = list(PARAMETERS)
+
+
+class LoadModel(Body):
+    model_id: Id
+    model_type: Literal["transformer", "encoder", "mlp", "torchscript", "exported"]
+    model_path: Path | None = None
+    max_batch_size: _int(1, 1024) | None = None
+    max_sequence_length: _int(1, 65536) | None = None
+    enable_quantization: bool | None = None
+    enable_tensor_cores: bool | None = None
+    enable_mixed_precision: bool | None = None
+    virtual_gpu_id: Id | None = None
+    priority: _int(0, 100, "scheduling priority on a vGPU with the priority policy") | None = None
+    seed: Seed | None = None
+    parameters: Annotated[dict, Meta(description="by model_type: mlp -> MLPParameters; transformer, encoder "
+                                                 "-> TransformerParameters; torchscript, exported -> "
+                                                 "ProgramParameters")] | None = None
+
+
+# ---- inference ----------------------------------------------------------------------------------
+Timeout = Annotated[float, Meta(gt=0, le=3600)]
+
+
+class InferenceOptions(Body):
+    temperature: Annotated[float, Meta(ge=0, le=100)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    max_tokens: _int(1, 4096) | None = None
+    seed: Seed | None = None
+    timeout: Annotated[Timeout, Meta(description="seconds before REQUEST_TIMEOUT (default from the server "
+                                                 "config)")] | None = None
+
+
+class Inference(Body):
+    model_id: Id
+    input_data: Matrix
+    batch_size: _int(1, MAX_ROWS) | None = None
+    sequence_length: _int(1, 1_048_576, "each input_data row is cut to its first sequence_length values or "
+                                        "padded with 0 at the end (rows may then differ in length)") | None = None
+    data_type: Literal["float32", "float16", "bfloat16", "int64", "int32"] | None = None
+    session_id: Annotated[str, Meta(min_length=1, max_length=2 * MAX_ID_LENGTH)] | None = None
+    timeout: Annotated[Timeout, Meta(description="same as options.timeout (kept for clients that send it "
+                                                 "here)")] | None = None
+    options: InferenceOptions | None = None
+
+
+class BatchInference(Body):
+    requests: Annotated[list[Inference], Meta(min_length=1, max_length=256)]
+
+
+# ---- sessions, resources, virtual GPUs ----------------------------------------------------------
+class Session(Body):
+    user_id: Id
+    model_id: Id
+
+
+class Allocation(Body):
+    user_id: Id
+    memory_size: _int(1, 2**50)
+    compute_units: _int(1, 1_000_000)
+    duration: _int(1, 30 * 86400)
+    gpu_id: _int(0, 1024) | None = None
+
+
+class VirtualGpu(Body):
+    virtual_gpu_id: Id
+    memory_size: _int(1, 2**50)
+    compute_units: _int(1, 1_000_000)
+    scheduling_policy: Literal["round_robin", "priority", "fair_share"] | None = None
+    physical_gpu_id: _int(0, 1024) | None = None
+    priority: _int(0, 100) | None = None
+
+
+# ---- training and optimization ------------------------------------------------------------------
+class Hyperparameters(Body):
+    batch_size: _int(1, MAX_ROWS) | None = None
+    gradient_clip_norm: Annotated[float, Meta(gt=0, le=1e6)] | None = None
+    weight_decay: Annotated[float, Meta(ge=0, le=10)] | None = None
+    momentum: Annotated[float, Meta(ge=0, le=1)] | None = None
+
+
+class Training(Body):
+    model_id: Id
+    training_data: Matrix
+    labels: Annotated[list[int | float | list[int | float]], Meta(
+        min_length=1, max_length=MAX_ROWS,
+        description="one row per training row: one-hot / target rows, or class indices (a flat list); for a "
+                    "transformer, target token ids shaped like training_data (omit for next-token)")] | None = None
+    epochs: _int(1, 10_000) | None = None
+    learning_rate: Annotated[float, Meta(gt=0, le=10)] | None = None
+    optimizer: Literal["adam", "adamw", "sgd"] | None = None
+    loss_function: Literal["cross_entropy", "mse"] | None = None
+    seed: Seed | None = None
+    save_path: Path | None = None
+    hyperparameters: Hyperparameters | None = None
+
+
+class OptimizeOptions(Body):
+    preserve_accuracy: bool | None = None
+    max_accuracy_loss: Annotated[float, Meta(ge=0, le=1)] | None = None
+    weight_only: bool | None = None
+    accuracy_metric: Literal["top1_disagreement", "relative_error", "next_token_disagreement"] | None = None
+    compression_ratio: Annotated[float, Meta(
+        gt=0, le=1, description="informational: the ratio reached is measured and returned")] | None = None
+
+
+class Optimize(Body):
+    optimization_type: Literal["quantization", "mixed_precision"]
+    target_precision: Literal["int8", "fp16", "float16", "half", "bf16", "bfloat16"] | None = None
+    calibration_data: Matrix | None = None
+    options: OptimizeOptions | None = None
+
+
+# An example body for every operation that takes one (the OpenAPI document shows them).
+EXAMPLES: dict[type, dict] = {
+    LoadModel: {"model_id": "classifier", "model_type": "mlp", "max_batch_size": 8,
+                "parameters": {"input_size": 4, "hidden_sizes": [16], "output_size": 3}},
+    Inference: {"model_id": "classifier", "input_data": [[0.1, 0.2, 0.3, 0.4]], "options": {"timeout": 5}},
+    BatchInference: {"requests": [{"model_id": "classifier", "input_data": [[0.1, 0.2, 0.3, 0.4]]},
+                                  {"model_id": "classifier", "input_data": [[0.5, 0.6, 0.7, 0.8]]}]},
+    Session: {"user_id": "alice", "model_id": "classifier"},
+    Allocation: {"user_id": "alice", "memory_size": 1048576, "compute_units": 1, "duration": 3600},
+    VirtualGpu: {"virtual_gpu_id": "vgpu-a", "memory_size": 268435456, "compute_units": 1,
+                 "scheduling_policy": "fair_share"},
+    Training: {"model_id": "classifier", "training_data": [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]],
+               "labels": [0, 2], "epochs": 5, "learning_rate": 0.01, "optimizer": "adam",
+               "loss_function": "cross_entropy", "hyperparameters": {"batch_size": 2}},
+    Optimize: {"optimization_type": "quantization", "target_precision": "int8",
+               "calibration_data": [[0.1, 0.2, 0.3, 0.4]], "options": {"preserve_accuracy": True,
+                                                                        "max_accuracy_loss": 0.05}},
 }
 
-MODEL_TYPES = ["transformer", "encoder", "mlp", "torchscript", "exported"]
 
-LOAD_MODEL = {
-    "type": "object",
-    "required": ["model_id", "model_type"],
-    "properties": {
-        "model_id": _ID,
-        "model_type": {"type": "string", "enum": MODEL_TYPES},
-        "model_path": {"type": "string", "minLength": 1, "maxLength": 4096},
-        "max_batch_size": {"type": "integer", "minimum": 1, "maximum": 1024},
-        "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": 65536},
-        "enable_quantization": {"type": "boolean"},
-        "enable_tensor_cores": {"type": "boolean"},
-        "enable_mixed_precision": {"type": "boolean"},
-        "virtual_gpu_id": _ID,
-        "priority": {"type": "integer", "minimum": 0, "maximum": 100,
-                     "description": "scheduling priority on a vGPU with the priority policy"},
-        "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-        "parameters": {"type": "object"},
-    },
-}
-
-INFERENCE_OPTIONS = {
-    "type": "object",
-    "properties": {
-        "temperature": {"type": "number", "minimum": 0, "maximum": 100},
-        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "max_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
-        "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-        "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
-                    "description": "seconds before REQUEST_TIMEOUT (default from the server config)"},
-    },
-}
-
-INFERENCE = {
-    "type": "object",
-    "required": ["model_id", "input_data"],
-    "properties": {
-        "model_id": _ID,
-        "input_data": _MATRIX,
-        "batch_size": {"type": "integer", "minimum": 1, "maximum": MAX_ROWS},
-        "sequence_length": {"type": "integer", "minimum": 1, "maximum": 1_048_576,
-                            "description": "each input_data row is cut to its first sequence_length values or "
-                                           "padded with 0 at the end (rows may then differ in length)"},
-        "data_type": {"type": "string", "enum": ["float32", "float16", "bfloat16", "int64", "int32"]},
-        "session_id": {"type": "string", "minLength": 1, "maxLength": 2 * MAX_ID_LENGTH},
-        "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
-                    "description": "same as options.timeout (kept for clients that send it here)"},
-        "options": INFERENCE_OPTIONS,
-    },
-}
-
-BATCH_INFERENCE = {
-    "type": "object",
-    "required": ["requests"],
-    "properties": {"requests": {"type": "array", "minItems": 1, "maxItems": 256, "items": INFERENCE}},
-}
-
-SESSION = {
-    "type": "object",
-    "required": ["user_id", "model_id"],
-    "properties": {"user_id": _ID, "model_id": _ID},
-}
-
-ALLOCATION = {
-    "type": "object",
-    "required": ["user_id", "memory_size", "compute_units", "duration"],
-    "properties": {
-        "user_id": _ID,
-        "memory_size": {"type": "integer", "minimum": 1, "maximum": 2**50},
-        "compute_units": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
-        "duration": {"type": "integer", "minimum": 1, "maximum": 30 * 86400},
-        "gpu_id": {"type": "integer", "minimum": 0, "maximum": 1024},
-    },
-}
-
-VGPU = {
-    "type": "object",
-    "required": ["virtual_gpu_id", "memory_size", "compute_units"],
-    "properties": {
-        "virtual_gpu_id": _ID,
-        "memory_size": {"type": "integer", "minimum": 1, "maximum": 2**50},
-        "compute_units": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
-        "scheduling_policy": {"type": "string", "enum": ["round_robin", "priority", "fair_share"]},
-        "physical_gpu_id": {"type": "integer", "minimum": 0, "maximum": 1024},
-        "priority": {"type": "integer", "minimum": 0, "maximum": 100},
-    },
-}
-
-_LABELS = {
-    "type": "array", "minItems": 1, "maxItems": MAX_ROWS,
-    "description": "one row per training row: one-hot / target rows, or class indices (a flat list); "
-                   "for a transformer, target token ids shaped like training_data (omit for next-token)",
-}
-
-TRAINING = {
-    "type": "object",
-    "required": ["model_id", "training_data"],
-    "properties": {
-        "model_id": _ID,
-        "training_data": _MATRIX,
-        "labels": _LABELS,
-        "epochs": {"type": "integer", "minimum": 1, "maximum": 10_000},
-        "learning_rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 10},
-        "optimizer": {"type": "string", "enum": ["adam", "adamw", "sgd"]},
-        "loss_function": {"type": "string", "enum": ["cross_entropy", "mse"]},
-        "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-        "save_path": {"type": "string", "minLength": 1, "maxLength": 4096},
-        "hyperparameters": {"type": "object", "properties": {
-            "batch_size": {"type": "integer", "minimum": 1, "maximum": MAX_ROWS},
-            "gradient_clip_norm": {"type": "number", "exclusiveMinimum": 0, "maximum": 1e6},
-            "weight_decay": {"type": "number", "minimum": 0, "maximum": 10},
-            "momentum": {"type": "number", "minimum": 0, "maximum": 1},
-        }},
-    },
-}
-
-OPTIMIZE = {
-    "type": "object",
-    "required": ["optimization_type"],
-    "properties": {
-        "optimization_type": {"type": "string", "enum": ["quantization", "mixed_precision"]},
-        "target_precision": {"type": "string", "enum": ["int8", "fp16", "float16", "half", "bf16", "bfloat16"]},
-        "calibration_data": _MATRIX,
-        "options": {"type": "object", "properties": {
-            "preserve_accuracy": {"type": "boolean"},
-            "max_accuracy_loss": {"type": "number", "minimum": 0, "maximum": 1},
-            "weight_only": {"type": "boolean"},
-            "accuracy_metric": {"type": "string",
-                                "enum": ["top1_disagreement", "relative_error", "next_token_disagreement"]},
-            "compression_ratio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
-                                  "description": "informational: the ratio reached is measured and returned"},
-        }},
-    },
-}
+def parse(req, body_type: type) -> dict:
+    """The request's JSON body decoded into `body_type` (unknown fields refused), as a dict of
+    the fields it sets; the error names the field."""
+    content_type = req.content_type
+    if content_type and not content_type.split(";")[0].strip().lower().endswith(("/json", "+json")):
+        raise falcon.HTTPUnsupportedMediaType(description=f"Content-Type {content_type!r} is not JSON")
+    raw = req.bounded_stream.read()
+    if not raw:
+        raise InvalidInputData("the request body is empty: send a JSON object", {"field": "body"})
+    try:
+        body = msgspec.json.decode(raw, type=body_type)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInputData(f"the request body is not valid JSON: {exc}", {"field": "body"}) from None
+    out = _fields(body)
+    if body_type is LoadModel and body.parameters is not None:
+        validate(PARAMETERS[body.model_type], body.parameters, "body.parameters")
+    return out
 
 
-def parse(req, schema: dict) -> dict:
-    """The request's JSON body, validated against `schema`."""
-    body = req.get_media()
-    validate(schema, body)
-    return body
+def validate(body_type: type, value, path: str = "body"):
+    """A decoded JSON value checked against `body_type`; raises InvalidInputData naming the field."""
+    try:
+        return msgspec.convert(value, body_type)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc, path) from None
 
 
-_TYPES = {
-    "object": dict, "array": list, "string": str, "boolean": bool,
-}
+def _fields(struct) -> dict:
+    """The fields a body sets (null and absent alike left out), nested bodies as dicts."""
+    out = {}
+    for name in struct.__struct_fields__:
+        value = getattr(struct, name)
+        if value is None:
+            continue
+        if isinstance(value, Struct):
+            value = _fields(value)
+        elif isinstance(value, list) and value and isinstance(value[0], Struct):
+            value = [_fields(v) for v in value]
+        out[name] = value
+    return out
 
 
-def validate(schema: dict, value, path: str = "body") -> None:
-    """Raise InvalidInputData naming the first field that breaks `schema`."""
-    kind = schema.get("type")
-    if kind == "integer":
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(path, f"must be an integer, got {_name(value)}", value)
-    elif kind == "number":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(path, f"must be a number, got {_name(value)}", value)
-    elif kind is not None and not isinstance(value, _TYPES[kind]):
-        _fail(path, f"must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {_name(value)}", value)
-    if "enum" in schema and value not in schema["enum"]:
-        _fail(path, f"must be one of {', '.join(map(str, schema['enum']))}", value)
-    if "minimum" in schema and value < schema["minimum"]:
-        _fail(path, f"must be >= {schema['minimum']}", value)
-    if "maximum" in schema and value > schema["maximum"]:
-        _fail(path, f"must be <= {schema['maximum']}", value)
-    if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
-        _fail(path, f"must be > {schema['exclusiveMinimum']}", value)
-    if kind == "string":
-        if len(value) < schema.get("minLength", 0):
-            _fail(path, f"must have at least {schema['minLength']} characters", value)
-        if len(value) > schema.get("maxLength", 1 << 30):
-            _fail(path, f"must have at most {schema['maxLength']} characters", None)
-        if "pattern" in schema and not re.match(schema["pattern"], value):
-            _fail(path, "may contain only letters, digits and . _ : @ - (starting with a letter or digit)", value)
-    elif kind == "array":
-        if len(value) < schema.get("minItems", 0):
-            _fail(path, f"must have at least {schema['minItems']} items", None)
-        if len(value) > schema.get("maxItems", 1 << 62):
-            _fail(path, f"must have at most {schema['maxItems']} items", None)
-        items = schema.get("items")
-        if items is not None and items.get("type") in ("object", "string"):  # numeric matrices: see as_matrix
-            for i, item in enumerate(value):
-                validate(items, item, f"{path}[{i}]")
-    elif kind == "object":
-        for name in schema.get("required", []):
-            if name not in value or value[name] is None:  # null reads as absent
-                _fail(f"{path}.{name}", "is required", None)
-        for name, sub in schema.get("properties", {}).items():
-            if name in value and value[name] is not None and name != "input_data":
-                validate(sub, value[name], f"{path}.{name}")
-            elif name == "input_data" and name in value:
-                validate({k: v for k, v in sub.items() if k != "items"}, value[name], f"{path}.{name}")
+_A = {"int": "an integer", "float": "a number", "int | float": "a number", "str": "a string", "bool": "a boolean",
+      "array": "an array", "object": "an object", "null": "null"}
+
+
+def _invalid(exc: msgspec.ValidationError, root: str = "body") -> InvalidInputData:
+    """msgspec's message as ours: `<field> <problem>` with details.field."""
+    message, _, where = str(exc).partition(" - at `$")
+    path = root + where.rstrip("`")
+    if m := re.fullmatch(r"Object (missing required|contains unknown) field `(.+)`", message):
+        field = f"{path}.{m[2]}"
+        problem = "is required" if m[1] == "missing required" else \
+            "is not a field of this request (check its spelling in the API documentation)"
+        return InvalidInputData(f"{field} {problem}", {"field": field})
+    if m := re.fullmatch(r"Expected `([^`]+)`, got `([^`]+)`", message):
+        problem = "is required" if m[2] == "null" else f"must be {_A.get(m[1], m[1])}, got {_A.get(m[2], m[2])}"
+    elif m := re.fullmatch(r"Expected `[^`]+` (>=|<=|>|<) (\S+)", message):
+        problem = f"must be {m[1]} {m[2].removesuffix('.0')}"
+    elif m := re.fullmatch(r"Expected `(str|array|object)` of length (>=|<=) (\d+)", message):
+        unit = "characters" if m[1] == "str" else "items"
+        problem = f"must have {'at least' if m[2] == '>=' else 'at most'} {m[3]} {unit}"
+    elif message.startswith("Expected `str` matching regex"):
+        problem = "may contain only letters, digits and . _ : @ - (starting with a letter or digit)"
+    elif m := re.fullmatch(r"Invalid enum value (.+)", message):
+        problem = f"has an unknown value {m[1]}"
+    else:
+        problem = message
+    return InvalidInputData(f"{path} {problem}", {"field": path})
 
 
 def as_matrix(value, path: str = "body.input_data") -> np.ndarray:

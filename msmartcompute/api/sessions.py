@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .access import require_self_or_admin
 from .envelope import ok
-from .schemas import SESSION, parse
+from .schemas import Session, parse
 
 
 class SessionsResource:
@@ -11,9 +11,9 @@ class SessionsResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        body = parse(req, SESSION)
+        body = parse(req, Session)
         require_self_or_admin(req.context.caller, body["user_id"], "create sessions")
-        resp.media = ok(self.runtime.create_session(body["user_id"], body["model_id"], req.context.caller))
+        resp.media = ok(self.runtime.sessions.create(body["user_id"], body["model_id"], req.context.caller))
 
 
 class SessionResource:
@@ -21,7 +21,7 @@ class SessionResource:
         self.runtime = runtime
 
     def on_get(self, req, resp, session_id):
-        resp.media = ok(self.runtime.get_session(session_id, req.context.caller))
+        resp.media = ok(self.runtime.sessions.get(session_id, req.context.caller))
 
     def on_delete(self, req, resp, session_id):
-        resp.media = ok(self.runtime.delete_session(session_id, req.context.caller))
+        resp.media = ok(self.runtime.sessions.delete(session_id, req.context.caller))

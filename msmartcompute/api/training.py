@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .envelope import ok
-from .schemas import TRAINING, _fail, as_matrix, parse
+from .schemas import Training, _fail, as_matrix, parse
 
 
 def prepare_training(body: dict) -> dict:
@@ -29,7 +29,7 @@ class TrainingResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        resp.media = ok(self.runtime.train(prepare_training(parse(req, TRAINING)), req.context.caller))
+        resp.media = ok(self.runtime.training.train(prepare_training(parse(req, Training)), req.context.caller))
 
 
 class AsyncTrainingResource:
@@ -37,7 +37,7 @@ class AsyncTrainingResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        resp.media = ok(self.runtime.submit_training(prepare_training(parse(req, TRAINING)), req.context.caller))
+        resp.media = ok(self.runtime.training.submit(prepare_training(parse(req, Training)), req.context.caller))
 
 
 class TrainingResultResource:
@@ -45,5 +45,5 @@ class TrainingResultResource:
         self.runtime = runtime
 
     def on_get(self, req, resp, request_id):
-        resp.media = ok(self.runtime.get_training(request_id, req.context.caller))
+        resp.media = ok(self.runtime.training.get(request_id, req.context.caller))
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .access import require_admin
 from .envelope import ok
-from .schemas import VGPU, parse
+from .schemas import VirtualGpu, parse
 
 
 class VirtualGpusResource:
@@ -11,12 +11,12 @@ class VirtualGpusResource:
         self.runtime = runtime
 
     def on_post(self, req, resp):
-        body = parse(req, VGPU)
+        body = parse(req, VirtualGpu)
         require_admin(req.context.caller, "create virtual GPUs")
-        resp.media = ok(self.runtime.create_vgpu(body, req.context.caller))
+        resp.media = ok(self.runtime.vgpus.create(body, req.context.caller).to_dict())
 
     def on_get(self, req, resp):
-        resp.media = ok({"virtual_gpus": self.runtime.list_vgpus(req.context.caller)})
+        resp.media = ok({"virtual_gpus": self.runtime.vgpus.list()})
 
 
 class VirtualGpuResource:
@@ -24,7 +24,7 @@ class VirtualGpuResource:
         self.runtime = runtime
 
     def on_get(self, req, resp, virtual_gpu_id):
-        resp.media = ok(self.runtime.get_vgpu(virtual_gpu_id, req.context.caller))
+        resp.media = ok(self.runtime.vgpus.get(virtual_gpu_id).to_dict())
 
     def on_delete(self, req, resp, virtual_gpu_id):
         require_admin(req.context.caller, "destroy virtual GPUs")

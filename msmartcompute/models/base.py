@@ -23,12 +23,30 @@ class Output:
 
 
 class ServedModel:
-    """A loaded model. Subclasses set the attributes and implement prepare/run."""
+    """A loaded model. Subclasses set the attributes and implement prepare/run; a family that
+    can be trained or optimized also says how (the runtime never branches on model_type)."""
 
     model_type: str
     module: torch.nn.Module
     device: torch.device
     dtype: torch.dtype
+    trainable = False           # POST /training may fit it
+    optimizable = False         # POST /models/{id}/optimize may convert it
+    language_model = False      # outputs are next-token logits [N, S, V]: trained and measured per token
+
+    def data_rows(self, data) -> torch.Tensor:
+        """Training or calibration rows as a CPU tensor the module takes; raises ValueError."""
+        raise ValueError(f"a {self.model_type} model takes no training or calibration data")
+
+    def outputs(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The differentiable forward of `module` (this model's or a converted copy) on data_rows,
+        float32: what training losses and accuracy checks compare."""
+        return module(x).float()
+
+    @property
+    def output_width(self) -> int:
+        """Values per output row: the width labels must have."""
+        raise NotImplementedError
 
     def tensor_bytes(self) -> int:
         """Measured bytes of every parameter and buffer (int8 weights count 1 byte each)."""
@@ -39,6 +57,13 @@ class ServedModel:
 
     def run(self, batch: list[Prepared]) -> list[Output]:
         raise NotImplementedError
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Out of memory, on any device: CUDA's OutOfMemoryError, Python's MemoryError, or the plain
+    RuntimeError torch raises when a host allocation fails."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def module_bytes(module: torch.nn.Module) -> int:

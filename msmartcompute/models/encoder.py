@@ -40,6 +40,7 @@ class Encoder(nn.Module):
 
 class EncoderModel(ServedModel):
     model_type = "encoder"
+    trainable = optimizable = True
 
     def __init__(self, spec: dict, device: torch.device):
         self.config = TransformerConfig.from_spec(spec)
@@ -52,6 +53,13 @@ class EncoderModel(ServedModel):
         # Any lengths share a batch: run() pads.
         return Prepared(tensor=tokens.to(self.device), options=dict(options or {}),
                         batch_key=("tokens",), rows=tokens.shape[0])
+
+    def data_rows(self, data) -> torch.Tensor:
+        return token_rows(data, self.config.vocab_size, self.config.max_sequence_length)
+
+    @property
+    def output_width(self) -> int:
+        return self.config.hidden_size  # pooled vectors
 
     @torch.inference_mode()
     def run(self, batch: list[Prepared]) -> list[Output]:

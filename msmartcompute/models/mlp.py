@@ -33,6 +33,7 @@ def _hidden_sizes(params: dict) -> list[int]:
 
 class MLPModel(ServedModel):
     model_type = "mlp"
+    trainable = optimizable = True
 
     def __init__(self, spec: dict, device: torch.device):
         params = spec.get("parameters") or {}
@@ -50,6 +51,18 @@ class MLPModel(ServedModel):
         x = float_rows(input_data, self.input_size)  # [rows, input_size]
         return Prepared(tensor=x.to(self.device), options=dict(options or {}),
                         batch_key=("rows", self.input_size), rows=x.shape[0])
+
+    def data_rows(self, data) -> torch.Tensor:
+        return float_rows(data, self.input_size)
+
+    def outputs(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # float rows in the module's own dtype (a half-precision copy takes half input)
+        first = next((t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()), None)
+        return module(x.to(first.dtype if first is not None else torch.float32)).float()
+
+    @property
+    def output_width(self) -> int:
+        return self.output_size
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

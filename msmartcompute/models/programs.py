@@ -17,7 +17,7 @@ import zipfile
 
 import torch
 
-from .base import Output, Prepared, ServedModel, float_rows, to_numpy
+from .base import Output, Prepared, ServedModel, float_rows, is_out_of_memory, to_numpy
 from .checkpoint import describe_kind, file_kind
 from .spec import flag, tensor_cores
 
@@ -183,11 +183,9 @@ class ProgramModel(ServedModel):
         try:
             with tensor_cores(self.tensor_cores, self.device):
                 y = self.module(x)
-        except torch.OutOfMemoryError:
-            raise
         except (RuntimeError, AssertionError) as exc:  # the program rejected this input (shape, guard, ...)
-            if "can't allocate memory" in str(exc):  # the host allocator failed: out of memory, not bad input
-                raise MemoryError(str(exc).splitlines()[-1]) from None
+            if is_out_of_memory(exc):  # out of memory is not bad input: the runtime maps it
+                raise
             raise ValueError(f"the {self.model_type} program failed on input of shape {tuple(x.shape)}: "
                              f"{error_line(exc)}") from None
         if isinstance(y, (tuple, list)) and len(y) == 1:

@@ -277,6 +277,7 @@ class TransformerModel(ServedModel):
     samples from its own generator inside the shared batch."""
 
     model_type = "transformer"
+    trainable = optimizable = language_model = True
 
     def __init__(self, spec: dict, device: torch.device):
         self.config = TransformerConfig.from_spec(spec)
@@ -314,6 +315,13 @@ class TransformerModel(ServedModel):
         options.update(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         return Prepared(tensor=tokens.to(self.device), options=options,
                         batch_key=("generate", temperature, top_p, max_tokens), rows=tokens.shape[0])
+
+    def data_rows(self, data) -> torch.Tensor:
+        return token_rows(data, self.config.vocab_size, self.config.max_sequence_length)
+
+    @property
+    def output_width(self) -> int:
+        return self.config.vocab_size
 
     def _generator(self, seed: int, temperature: float) -> torch.Generator | None:
         if temperature == 0:

@@ -13,8 +13,7 @@ Two thread hand-offs per request were most of the serving overhead at low concur
 benchmarks/README.md); no batch could have formed anyway, since nothing else was waiting. Requests
 that arrive while it runs queue up and the worker batches them as usual.
 
-Errors a run raises map to: torch.OutOfMemoryError / MemoryError / the CPU allocator's
-"can't allocate memory" -> INSUFFICIENT_MEMORY, ValueError -> INVALID_INPUT_DATA, anything else
+Errors a run raises map to: out of memory (models.base.is_out_of_memory) -> INSUFFICIENT_MEMORY, ValueError -> INVALID_INPUT_DATA, anything else
 -> INTERNAL_ERROR whose message is the exception's last line only (a TorchScript error carries
 the program's traceback: it goes to the log, never to the client); each fails its request alone. A full queue (RuntimeConfig.max_queue_size) refuses at once with QUEUE_FULL; a request
 not done by its deadline fails with REQUEST_TIMEOUT (its slot in the queue is skipped).
@@ -30,7 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InsufficientMemory, InternalError, InvalidInputData, MSCError, QueueFull, RequestTimeout
+from ..models.base import is_out_of_memory
+from .errors import InternalError, InvalidInputData, MSCError, QueueFull, RequestTimeout, insufficient_memory, last_line
 from .vgpu import DeviceScheduler
 
 log = logging.getLogger("msmartcompute.runtime.batching")
@@ -55,26 +55,15 @@ class Result:
     done_at: float = field(default_factory=time.monotonic)  # past the deadline: REQUEST_TIMEOUT
 
 
-def _last_line(exc: BaseException, limit: int = 300) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:limit]
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    # On the host torch raises a plain RuntimeError when an allocation fails.
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
-
-
 def map_run_error(exc: BaseException) -> MSCError:
     if isinstance(exc, MSCError):
         return exc
     if is_out_of_memory(exc):
-        return InsufficientMemory(f"out of memory while running: {_last_line(exc)}", {"during": "inference"})
+        return insufficient_memory(exc, "inference")
     if isinstance(exc, ValueError):
         return InvalidInputData(str(exc))
     log.warning("inference failed: %s", exc)  # the full text (a program's traceback) stays in the log
-    return InternalError(f"inference failed: {type(exc).__name__}: {_last_line(exc)}")
+    return InternalError(f"inference failed: {type(exc).__name__}: {last_line(exc)}")
 
 
 class ModelQueue:

@@ -29,6 +29,19 @@ class InsufficientMemory(MSCError):
     code = "INSUFFICIENT_MEMORY"
 
 
+def last_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's last non-empty line: what a client may see of it (a TorchScript error
+    carries the program's traceback, which goes to the log only)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:limit]
+
+
+def insufficient_memory(exc: BaseException, during: str, **details) -> InsufficientMemory:
+    """The one mapping of an out-of-memory failure (models.base.is_out_of_memory) to the API's
+    INSUFFICIENT_MEMORY, for every stage: loading, inference, training, optimization."""
+    return InsufficientMemory(f"out of memory while {during}: {last_line(exc)}", {"during": during, **details})
+
+
 class InvalidInputData(MSCError):
     code = "INVALID_INPUT_DATA"
 

@@ -25,15 +25,15 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..models.base import module_bytes, token_rows
+from ..models.base import is_out_of_memory, module_bytes
 from ..models.layers import QuantizedLinear
-from .errors import InvalidInputData
-from .training import module_outputs
+from .access import require_admin
+from .caller import Caller
+from .errors import InvalidInputData, insufficient_memory
 
 TYPES = ("quantization", "mixed_precision")
 PRECISIONS = {"int8": "int8", "fp16": "fp16", "float16": "fp16", "half": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
 METRICS = ("top1_disagreement", "relative_error", "next_token_disagreement")
-OPTIMIZABLE = ("mlp", "encoder", "transformer")
 
 
 class W8A8Linear(QuantizedLinear):
@@ -54,7 +54,7 @@ def _is_quantized(module: nn.Module) -> bool:
 def parse_step(request: dict, model) -> dict:
     """The conversion a request asks for, resolved for this model's device:
     {"optimization_type", "target_precision", "mode"}. Raises InvalidInputData."""
-    if model.model_type not in OPTIMIZABLE:
+    if not model.optimizable:
         raise InvalidInputData(f"a {model.model_type} model cannot be optimized: it is a fixed program, "
                                "served as is", {"field": "model_id", "model_type": model.model_type})
     kind = request.get("optimization_type")
@@ -116,22 +116,20 @@ def calibration(request: dict, model) -> torch.Tensor | None:
     if data is None:
         return None
     try:
-        if model.model_type == "mlp":
-            return model.prepare(data, {}).tensor
-        return token_rows(data, model.config.vocab_size, model.config.max_sequence_length).to(model.device)
+        return model.data_rows(data).to(model.device)
     except ValueError as exc:
         raise _bad("calibration_data", f"does not fit the model: {exc}") from None
 
 
 def default_metric(model, task: str | None) -> str:
-    if model.model_type == "transformer":
+    if model.language_model:
         return "next_token_disagreement"
     return "top1_disagreement" if task == "classification" else "relative_error"
 
 
 @torch.inference_mode()
-def accuracy_loss(model_type: str, old: nn.Module, new: nn.Module, x: torch.Tensor, metric: str) -> float:
-    a, b = module_outputs(model_type, old, x), module_outputs(model_type, new, x)
+def accuracy_loss(model, old: nn.Module, new: nn.Module, x: torch.Tensor, metric: str) -> float:
+    a, b = model.outputs(old, x), model.outputs(new, x)
     if metric == "relative_error":
         return float(torch.linalg.vector_norm(b - a) / torch.linalg.vector_norm(a).clamp_min(1e-12))
     return float((a.argmax(-1) != b.argmax(-1)).float().mean())
@@ -151,8 +149,8 @@ def optimize(model, request: dict, task: str | None) -> tuple[dict, nn.Module, t
     metric = options.get("accuracy_metric") or default_metric(model, task)
     if metric not in METRICS:
         raise _bad("options.accuracy_metric", f"must be one of {', '.join(METRICS)}, got {metric!r}")
-    if metric == "next_token_disagreement" and model.model_type != "transformer":
-        raise _bad("options.accuracy_metric", "next_token_disagreement applies to transformer models only")
+    if metric == "next_token_disagreement" and not model.language_model:
+        raise _bad("options.accuracy_metric", "next_token_disagreement applies to language models (transformer) only")
     x = calibration(request, model)
     if preserve and x is None:
         raise _bad("calibration_data", "is required with options.preserve_accuracy (the loss must be measured)")
@@ -172,7 +170,7 @@ def optimize(model, request: dict, task: str | None) -> tuple[dict, nn.Module, t
     if x is None:
         fields["accuracy_note"] = "no calibration_data was given, so the accuracy loss was not measured"
     else:
-        fields["accuracy_loss"] = accuracy_loss(model.model_type, old, new, x, metric)
+        fields["accuracy_loss"] = accuracy_loss(model, old, new, x, metric)
         fields["accuracy_metric"] = metric
         fields["optimization_time"] = time.perf_counter() - t0
         if preserve and fields["accuracy_loss"] > max_loss:
@@ -181,3 +179,32 @@ def optimize(model, request: dict, task: str | None) -> tuple[dict, nn.Module, t
                                 f"max_accuracy_loss {max_loss}; the model was left unchanged")
     return fields, new, dtype
 
+
+
+class Optimization:
+    """The optimize service: POST /models/{model_id}/optimize. Quantize (int8) or convert to
+    half precision, measured; the converted copy is swapped in when model_updated, and the step
+    is recorded in the spec so a restart replays it."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    def optimize(self, model_id: str, request: dict, caller: Caller | None = None) -> dict:
+        """{model_id, optimization_type, target_precision, mode, original_size, optimized_size,
+        compression_ratio, accuracy_loss, accuracy_metric, accuracy_note, optimization_time,
+        model_updated, reason}."""
+        require_admin(caller, "optimize a model")
+        self.registry.entry(model_id)
+        with self.registry.exclusive(model_id):
+            entry = self.registry.entry(model_id)
+            try:
+                fields, module, dtype = optimize(entry.model, request, entry.spec.get("trained_task"))
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    raise insufficient_memory(exc, "optimizing") from None
+                raise
+            step = fields.pop("step")
+            if fields["model_updated"]:
+                self.registry.swap(entry, module, dtype,
+                                   {"optimizations": [*(entry.spec.get("optimizations") or []), step]})
+        return {"model_id": model_id, **fields}

@@ -32,12 +32,12 @@ from typing import Callable
 import torch
 
 from .. import models
-from ..models.base import module_bytes
+from ..models.base import is_out_of_memory, module_bytes
 from . import clock, optimize
 from .access import require_admin
 from .batching import Executor, ModelQueue
 from .caller import Caller
-from .errors import InsufficientMemory, InvalidInputData, InvalidModelId, ModelAlreadyLoaded, MSCError
+from .errors import InvalidInputData, InvalidModelId, ModelAlreadyLoaded, MSCError, insufficient_memory
 from .store import Store
 from .vgpu import VGPUManager
 
@@ -111,6 +111,14 @@ class Registry:
         self.models: dict[str, LoadedModel] = {}
         self.failed: dict[str, str] = {}  # persisted models that could not be restored -> why
         self._lock = threading.RLock()  # one load at a time: the CUDA allocator delta is per process
+        self._exclusive: dict[str, threading.Lock] = {}
+        self._exclusive_lock = threading.Lock()
+
+    def exclusive(self, model_id: str) -> threading.Lock:
+        """The lock held by work that replaces a model's weights (training, optimization): one
+        at a time per model, later ones wait."""
+        with self._exclusive_lock:
+            return self._exclusive.setdefault(model_id, threading.Lock())
 
     # ---- queries ------------------------------------------------------------------------------
     def entry(self, model_id) -> LoadedModel:
@@ -119,6 +127,9 @@ class Registry:
             raise InvalidModelId(f"model {model_id!r} is not loaded",
                                  {"model_id": model_id, "available_models": sorted(self.models)})
         return entry
+
+    def get(self, model_id) -> dict:
+        return self.entry(model_id).public()
 
     def list(self) -> list[dict]:
         out = [e.public() for e in list(self.models.values())]
@@ -243,11 +254,12 @@ class Registry:
                         raise ValueError(f"optimizations holds an unknown step {step!r}")
                     model.module, model.dtype = optimize.convert(model, step)
                 grown = torch.cuda.memory_allocated(torch_device) - before if cuda else 0
-        except (torch.OutOfMemoryError, MemoryError) as exc:
-            release_memory()
-            raise InsufficientMemory(f"out of memory while loading {model_id!r}: {exc}",
-                                     {"model_id": model_id}) from None
-        except (ValueError, OSError) as exc:
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                release_memory()
+                raise insufficient_memory(exc, "loading", model_id=model_id) from None
+            if not isinstance(exc, (ValueError, OSError)):
+                raise
             raise InvalidInputData(f"cannot load model {model_id!r}: {exc}", {"model_id": model_id}) from None
         # a request's input freed meanwhile can only lower the delta; never report below the tensors
         return model, max(grown, model.tensor_bytes())

@@ -4,6 +4,7 @@ every read. Ids are `<user_id>_<n>`; only the owner or an admin may read or end 
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 from . import clock, ids
 from .access import require_owner
@@ -13,12 +14,14 @@ from .store import Store
 
 
 class Sessions:
-    def __init__(self, store: Store, ttl_s: float):
+    def __init__(self, store: Store, ttl_s: float, model_entry: Callable[[str], object]):
         self.store = store
         self.ttl_s = ttl_s
+        self.model_entry = model_entry  # Registry.entry: raises INVALID_MODEL_ID for an unknown model
         self._lock = threading.Lock()
 
     def create(self, user_id: str, model_id: str, caller: Caller | None = None) -> dict:
+        self.model_entry(model_id)
         if not isinstance(user_id, str) or not user_id:
             raise InvalidInputData("user_id is required", {"field": "user_id"})
         require_owner(caller, user_id, f"a session for user {user_id!r}")

@@ -1,5 +1,7 @@
 """Training a loaded model on a request's data: POST /training (sync and async).
 
+The Training service (at the end) runs requests and jobs; the functions above it are the math.
+
 parse() checks a request against the model and turns it into a Plan (tensors + settings);
 every mistake a caller can make is an InvalidInputData naming the field. fit() trains a
 DEEP COPY of the served module (float32 master weights, cast back to the served dtype at
@@ -25,9 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.base import token_rows
+from ..models.base import is_out_of_memory
 from ..models.layers import QuantizedLinear
-from .errors import InvalidInputData
+from . import clock, ids
+from .access import require_admin, require_owner
+from .caller import Caller
+from .errors import InternalError, InvalidInputData, NotFound, insufficient_memory
 
 MAX_EPOCHS = 10_000
 MAX_ROWS = 65_536
@@ -35,7 +40,6 @@ MAX_ELEMENTS = 16_777_216
 MAX_STEPS = 10_000_000          # epochs x batches: a bound on one request's work
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LOSSES = ("cross_entropy", "mse")
-TRAINABLE = ("mlp", "encoder", "transformer")
 
 
 class TrainingDiverged(InvalidInputData):
@@ -92,10 +96,9 @@ def _matrix(value, name: str) -> np.ndarray:
 
 
 def check_trainable(model) -> None:
-    if model.model_type not in TRAINABLE:
-        raise InvalidInputData(f"a {model.model_type} model cannot be trained: it is a fixed program; "
-                               f"train one of {', '.join(TRAINABLE)}", {"field": "model_id",
-                                                                        "model_type": model.model_type})
+    if not model.trainable:
+        raise InvalidInputData(f"a {model.model_type} model cannot be trained: it is a fixed program, "
+                               "served as is", {"field": "model_id", "model_type": model.model_type})
     if any(isinstance(m, QuantizedLinear) for m in model.module.modules()):
         raise InvalidInputData("this model is int8-quantized and cannot be trained: load it without "
                                "enable_quantization (or before optimizing), train, then quantize",
@@ -131,10 +134,7 @@ def parse(request: dict, model) -> Plan:
     if data.shape[0] > MAX_ROWS:
         raise _bad("training_data", f"has {data.shape[0]} rows, more than the limit of {MAX_ROWS}")
     try:  # the model's own input rules (width, token range, sequence length)
-        if model.model_type == "mlp":
-            x = model.prepare(data, {}).tensor.cpu()
-        else:
-            x = token_rows(data, model.config.vocab_size, model.config.max_sequence_length)
+        x = model.data_rows(data)
     except ValueError as exc:
         raise _bad("training_data", f"does not fit the model: {exc}") from None
     n = x.shape[0]
@@ -144,7 +144,7 @@ def parse(request: dict, model) -> Plan:
 
     labels = request.get("labels")
     y, task = None, "regression"
-    if model.model_type == "transformer":
+    if model.language_model:
         if loss != "cross_entropy":
             raise _bad("loss_function", "must be cross_entropy for a transformer (next-token prediction)")
         if labels is None:
@@ -159,7 +159,7 @@ def parse(request: dict, model) -> Plan:
             if lab.dtype.kind == "f" and (lab != np.round(lab)).any():
                 raise _bad("labels", "must be integer token ids")
             y = torch.from_numpy(np.ascontiguousarray(lab, dtype=np.int64))
-            vocab = model.config.vocab_size
+            vocab = model.output_width
             if int(y.min()) < 0 or int(y.max()) >= vocab:
                 raise _bad("labels", f"token ids must lie in [0, {vocab})")
         task = "language_model"
@@ -169,7 +169,7 @@ def parse(request: dict, model) -> Plan:
         lab = _matrix(labels, "labels")
         if lab.shape[0] != n:
             raise _bad("labels", f"has {lab.shape[0]} rows but training_data has {n}", rows=n)
-        out_width = _output_width(model)
+        out_width = model.output_width
         if loss == "mse":
             if lab.ndim == 1:
                 lab = lab[:, None]
@@ -201,22 +201,6 @@ def parse(request: dict, model) -> Plan:
                 batch_size=batch_size, gradient_clip_norm=None if clip is None else float(clip),
                 weight_decay=float(weight_decay), momentum=float(momentum), seed=seed, save_path=save_path,
                 task=task)
-
-
-def _output_width(model) -> int:
-    if model.model_type == "mlp":
-        return model.output_size
-    return model.config.hidden_size  # encoder: pooled vectors
-
-
-def module_outputs(model_type: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The differentiable forward used for training and accuracy checks: mlp [N, out],
-    encoder pooled [N, C], transformer logits [N, S, V]; float32."""
-    if model_type == "mlp":
-        first = next((t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()), None)
-        dtype = first.dtype if first is not None else torch.float32
-        return module(x.to(dtype)).float()
-    return module(x).float()
 
 
 def _loss(plan: Plan, out: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor | None) -> torch.Tensor:
@@ -271,7 +255,7 @@ def fit(model, plan: Plan, progress: Callable[[int, float, list[float]], None] |
                     raise InterruptedError("the server is shutting down")
                 idx = order[start:start + plan.batch_size]
                 xb, yb = x[idx], None if y is None else y[idx]
-                loss = _loss(plan, module_outputs(model.model_type, module, xb), xb, yb)
+                loss = _loss(plan, model.outputs(module, xb), xb, yb)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise TrainingDiverged(
@@ -297,3 +281,114 @@ def fit(model, plan: Plan, progress: Callable[[int, float, list[float]], None] |
     old, new = served.state_dict(), module.state_dict()
     updated = any(not torch.equal(old[k], new[k]) for k in old)
     return Outcome(module, history, time.perf_counter() - t0, updated)
+
+
+class Training:
+    """The training service: POST /training (sync), /training/async, GET /training/{id}.
+
+    Training works on a deep copy and swaps it in at the end (Registry.swap), so inference on
+    the model goes on during training and never sees half-updated weights. One training or
+    optimization per model at a time (Registry.exclusive; later ones wait). Jobs cut short by a
+    shutdown fail with the reason and are not resumed (rerun_on_restart=False)."""
+
+    def __init__(self, store, registry, jobs, job_workers: int, stopping: Callable[[], bool]):
+        self.store, self.registry, self.jobs = store, registry, jobs
+        self.job_workers = job_workers
+        self.stopping = stopping
+        jobs.register("training", self._job, rerun_on_restart=False)
+
+    def train(self, request: dict, caller: Caller | None = None) -> dict:
+        """Train synchronously: {request_id, final_loss, loss_history, training_time,
+        epochs_completed, model_updated, seed}."""
+        return self._train(request, ids.request_id(self.store), caller)
+
+    def submit(self, request: dict, caller: Caller | None = None) -> dict:
+        """Queue a training job (validated now). estimated_completion: now + (jobs ahead / job
+        workers + 1) x the mean duration of recent training jobs (now when there is none yet)."""
+        entry = self.registry.entry(request.get("model_id"))
+        plan = parse(request, entry.model)
+        if plan.save_path is not None:
+            require_admin(caller, "save trained weights (save_path)")
+            self.registry.resolve_save_path(plan.save_path)
+        rid = ids.request_id(self.store)
+        stored = dict(request, request_id=rid, caller=None if caller is None else [caller.user_id, caller.role])
+        for key in ("training_data", "labels"):
+            if stored.get(key) is not None:
+                stored[key] = np.asarray(stored[key]).tolist()
+        owner = caller.user_id if caller else request.get("user_id")
+        self.jobs.submit(rid, "training", owner, stored)
+        self.jobs.set_progress(rid, {"epochs_completed": 0, "current_loss": None, "loss_history": [],
+                                     "epochs": plan.epochs})
+        ahead = self.jobs.queued_ahead(rid)
+        per_job = self.jobs.mean_duration("training") or 0.0
+        eta = clock.now() + (ahead // max(1, self.job_workers) + 1) * per_job
+        return {"request_id": rid, "status": "queued", "estimated_completion": clock.iso(eta)}
+
+    def get(self, request_id: str, caller: Caller | None = None) -> dict:
+        """{request_id, status, final_loss, loss_history, training_time, completion_time,
+        epochs_completed, current_loss, model_updated}; while running the progress so far;
+        failed adds "error": {code, message}."""
+        job = self.jobs.get(request_id)
+        if job is None or job["kind"] != "training":
+            raise NotFound(f"training request {request_id!r} not found")
+        require_owner(caller, job["owner"], f"request {request_id}")
+        result, progress = job["result"] or {}, job.get("progress") or {}
+        history = result.get("loss_history", progress.get("loss_history") or [])
+        out = {"request_id": request_id, "status": job["status"], "final_loss": result.get("final_loss"),
+               "loss_history": history, "training_time": result.get("training_time"),
+               "completion_time": clock.iso(job["completed_at"]) if job["status"] == "completed" else None,
+               "epochs": progress.get("epochs", job["request"].get("epochs", 1)),
+               "epochs_completed": result.get("epochs_completed", progress.get("epochs_completed", 0)),
+               "current_loss": history[-1] if history else None,
+               "model_updated": result.get("model_updated")}
+        if job["status"] == "failed":
+            out["error"] = {k: job["error"][k] for k in ("code", "message")}
+        return out
+
+    def _train(self, request: dict, request_id: str, caller: Caller | None, progress=None) -> dict:
+        model_id = request.get("model_id")
+        self.registry.entry(model_id)
+        with self.registry.exclusive(model_id):
+            entry = self.registry.entry(model_id)
+            plan = parse(request, entry.model)
+            save_path = None
+            if plan.save_path is not None:
+                require_admin(caller, "save trained weights (save_path)")
+                save_path = self.registry.resolve_save_path(plan.save_path)
+            try:
+                outcome = fit(entry.model, plan, progress, self.stopping)
+            except InterruptedError:
+                raise InternalError("the server stopped while this training job was running; training jobs "
+                                    "are not resumed", {"request_id": request_id}) from None
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    raise insufficient_memory(exc, "training") from None
+                raise
+            changes = {"trained_task": plan.task}
+            if save_path is not None:
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().cpu().contiguous() for k, v in outcome.module.state_dict().items()},
+                          save_path)
+                changes["model_path"] = save_path
+            if outcome.model_updated or save_path is not None:
+                self.registry.swap(entry, outcome.module, entry.model.dtype, changes)
+        history = outcome.loss_history
+        return {"request_id": request_id, "final_loss": history[-1], "loss_history": history,
+                "training_time": outcome.training_time, "epochs_completed": len(history),
+                "model_updated": outcome.model_updated, "seed": plan.seed}
+
+    def _job(self, stored: dict) -> dict:
+        rid = stored["request_id"]
+        caller = Caller(*stored["caller"]) if stored.get("caller") else None
+        last = [0.0]
+
+        def progress(epochs_completed: int, loss: float, history: list[float]) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 0.1 or epochs_completed == stored.get("epochs", 1):
+                last[0] = now
+                self.jobs.set_progress(rid, {"epochs_completed": epochs_completed, "current_loss": loss,
+                                             "loss_history": list(history), "epochs": stored.get("epochs", 1)})
+
+        out = self._train(stored, rid, caller, progress)
+        return {k: v for k, v in out.items() if k != "request_id"}

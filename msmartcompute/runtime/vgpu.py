@@ -235,6 +235,9 @@ class VGPUManager:
             raise NotFound(f"virtual GPU {vgpu_id!r} not found", {"available_vgpus": sorted(self.vgpus)})
         return v
 
+    def list(self) -> list[dict]:
+        return [v.to_dict() for v in list(self.vgpus.values())]
+
     def create(self, request: dict, caller: Caller | None = None, *, persist: bool = True) -> VirtualGPU:
         require_admin(caller, "create a virtual GPU")
         with self._lock:

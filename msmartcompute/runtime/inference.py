@@ -1,0 +1,152 @@
+"""The inference service: POST /inference (sync, batch, async) and GET /inference/{id}.
+
+A request goes through its model's batch queue (batching.py); `inference_time` is seconds end
+to end (queue wait + run). `memory_used`: on CUDA the allocator's peak growth during the run
+that served it; on the host the bytes of this request's input and output tensors. Async
+requests are persisted jobs (jobs.py) that take the same path from a worker thread and are
+run again after a restart."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import numpy as np
+
+from . import clock, ids
+from .access import require_owner
+from .batching import Executor, Pending, Result
+from .caller import Caller
+from .errors import InvalidInputData, MSCError, NotFound, RequestTimeout
+from .jobs import JobRunner, error_dict
+from .metrics import Metrics
+from .registry import Registry
+from .store import Store
+
+
+class Inference:
+    def __init__(self, store: Store, registry: Registry, jobs: JobRunner, meter: Metrics,
+                 request_timeout_s: float, job_workers: int):
+        self.store, self.registry, self.jobs, self.meter = store, registry, jobs, meter
+        self.request_timeout_s = request_timeout_s
+        self.job_workers = job_workers
+        jobs.register("inference", self._job, rerun_on_restart=True)
+
+    def infer(self, request: dict) -> dict:
+        """Run one request through its model's batch queue."""
+        return self._infer(request, ids.request_id(self.store))
+
+    def infer_batch(self, requests: list[dict]) -> dict:
+        """All requests are queued before any is awaited, so they can share batches."""
+        t0 = time.perf_counter()
+        queued = []
+        for request in requests:
+            rid = ids.request_id(self.store)
+            try:
+                queued.append((rid, *self._enqueue(request, rid), None))
+            except MSCError as exc:
+                self.meter.record_inference(False, 0.0)
+                queued.append((rid, None, None, exc))
+        results = []
+        for rid, executor, pending, exc in queued:
+            if exc is None:
+                try:
+                    out = self._finish(executor, pending, t0)
+                    results.append({k: out[k] for k in ("request_id", "output_data", "inference_time")})
+                    continue
+                except MSCError as e:
+                    exc = e
+            results.append({"request_id": rid, "error": error_dict(exc)})
+        return {"results": results, "total_time": time.perf_counter() - t0}
+
+    def submit(self, request: dict, caller: Caller | None = None) -> dict:
+        """Queue an async inference job (validated now: model and input). estimated_completion:
+        now + (jobs ahead / job workers + 1) x the mean duration of recent inference jobs (else
+        the recent inference latency)."""
+        entry = self.registry.entry(request.get("model_id"))
+        try:
+            entry.model.prepare(request.get("input_data"), request.get("options") or {})
+        except ValueError as exc:
+            raise InvalidInputData(str(exc), {"field": "input_data"}) from None
+        rid = ids.request_id(self.store)
+        data = np.asarray(request["input_data"])
+        stored = {k: v for k, v in request.items() if k != "input_data"}
+        stored.update(input_data=data.tolist(), input_dtype=data.dtype.name, request_id=rid)
+        owner = caller.user_id if caller else request.get("user_id")
+        self.jobs.submit(rid, "inference", owner, stored)
+        ahead = self.jobs.queued_ahead(rid)
+        per_job = self.jobs.mean_duration("inference") or self.meter.recent_latency() or 0.0
+        eta = clock.now() + (ahead // max(1, self.job_workers) + 1) * per_job
+        return {"request_id": rid, "status": "queued", "estimated_completion": clock.iso(eta)}
+
+    def get(self, request_id: str, caller: Caller | None = None) -> dict:
+        job = self.jobs.get(request_id)
+        if job is None or job["kind"] != "inference":
+            raise NotFound(f"inference request {request_id!r} not found")
+        require_owner(caller, job["owner"], f"request {request_id}")
+        result = job["result"] or {}
+        out = {"request_id": request_id, "status": job["status"], "output_data": result.get("output_data"),
+               "inference_time": result.get("inference_time"),
+               "completion_time": clock.iso(job["completed_at"]) if job["status"] == "completed" else None}
+        if job["status"] == "failed":
+            out["error"] = {k: job["error"][k] for k in ("code", "message")}
+        return out
+
+    # ---- the path of one request ------------------------------------------------------------
+    def _job(self, stored: dict) -> dict:
+        request = dict(stored)
+        request["input_data"] = np.asarray(stored["input_data"], dtype=stored.get("input_dtype"))
+        out = self._infer(request, stored["request_id"])
+        return {k: out[k] for k in ("output_data", "inference_time", "tokens_generated", "memory_used")}
+
+    def _infer(self, request: dict, request_id: str) -> dict:
+        t0 = time.perf_counter()
+        try:
+            executor, pending = self._enqueue(request, request_id, may_run_inline=True)
+        except MSCError:
+            self.meter.record_inference(False, time.perf_counter() - t0)
+            raise
+        return self._finish(executor, pending, t0)
+
+    def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False) -> tuple[Executor, Pending]:
+        entry = self.registry.entry(request.get("model_id"))
+        model, executor = entry.model, entry.executor
+        if "input_data" not in request:
+            raise InvalidInputData("input_data is required", {"field": "input_data"})
+        try:
+            prepared = model.prepare(request["input_data"], request.get("options") or {})
+        except ValueError as exc:
+            raise InvalidInputData(str(exc), {"field": "input_data"}) from None
+        # options.timeout is the documented field; a top-level "timeout" is accepted too
+        timeout = (request.get("options") or {}).get("timeout", request.get("timeout", self.request_timeout_s))
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise InvalidInputData("timeout must be a positive number of seconds", {"field": "timeout"})
+        pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout))
+        queue = executor.submit(entry.model_id, pending, may_run_inline)
+        if queue is not None:  # the executor was idle: run it on this thread (see batching.py)
+            executor.run_inline(queue, pending)
+        return executor, pending
+
+    def _wait(self, executor: Executor, pending: Pending) -> Result:
+        try:
+            res = pending.future.result(timeout=max(0.0, pending.deadline - time.monotonic()))
+        except FutureTimeout:
+            executor.abandon(pending)
+            res = None
+        if res is None or res.done_at > pending.deadline:  # an inline run can end past it
+            raise RequestTimeout(f"request {pending.request_id} did not complete in time",
+                                 {"request_id": pending.request_id}) from None
+        return res
+
+    def _finish(self, executor: Executor, pending: Pending, t0: float) -> dict:
+        try:
+            res = self._wait(executor, pending)
+        except MSCError:
+            self.meter.record_inference(False, time.perf_counter() - t0)
+            raise
+        elapsed = time.perf_counter() - t0
+        self.meter.record_inference(True, elapsed, res.output.tokens_generated)
+        data = res.output.output_data
+        return {"request_id": pending.request_id,
+                "output_data": data.tolist() if isinstance(data, np.ndarray) else data,
+                "inference_time": elapsed, "tokens_generated": int(res.output.tokens_generated),
+                "memory_used": int(res.memory_used)}
