@@ -18,11 +18,14 @@ import math
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from msmartcompute.bench import cuda_time_ms
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from the checkout
+from benchmarks.gpu.report import write_json  # noqa: E402
+from msmartcompute.bench import cuda_time_ms  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -120,21 +123,6 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     impls = {name: implementation(name) for name in args.impls}
     results = []
-    for case in all_cases:
-        for name, impl in impls.items():
-            row = dict(case, impl=name, dtype=args.dtype)
-            if isinstance(impl, str):
-                row["skipped"] = impl
-            else:
-                try:
-                    row.update(measure(impl, case, dtype, args))
-                except Exception as exc:  # an SDPA backend refusing a shape, out of memory, ...
-                    row["skipped"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                torch.cuda.empty_cache()
-            results.append(row)
-            shown = f"{row['tflops']:7.1f} TFLOP/s {row['median_ms']:8.3f} ms" if "tflops" in row else row["skipped"]
-            print(f"d={case['head_dim']:<3} s={case['seqlen']:<6} b={case['batch']:<3} "
-                  f"{'causal' if case['causal'] else 'full  '} {case['mode']:<7} {name:<15} {shown}", flush=True)
     report = {
         "card": torch.cuda.get_device_name(),
         "capability": ".".join(map(str, torch.cuda.get_device_capability())),
@@ -153,9 +141,23 @@ def main(argv=None):
         report["triton"] = triton.__version__
     except ImportError:
         pass
+    for case in all_cases:
+        for name, impl in impls.items():
+            row = dict(case, impl=name, dtype=args.dtype)
+            if isinstance(impl, str):
+                row["skipped"] = impl
+            else:
+                try:
+                    row.update(measure(impl, case, dtype, args))
+                except Exception as exc:  # an SDPA backend refusing a shape, out of memory, ...
+                    row["skipped"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                torch.cuda.empty_cache()
+            results.append(row)
+            write_json(args.out, report)
+            shown = f"{row['tflops']:7.1f} TFLOP/s {row['median_ms']:8.3f} ms" if "tflops" in row else row["skipped"]
+            print(f"d={case['head_dim']:<3} s={case['seqlen']:<6} b={case['batch']:<3} "
+                  f"{'causal' if case['causal'] else 'full  '} {case['mode']:<7} {name:<15} {shown}", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
         print(f"wrote {args.out}")
     return 0
 

@@ -13,14 +13,17 @@ and writes every row plus the card, torch and CUDA versions as JSON to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from msmartcompute.bench import cuda_time_ms
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from the checkout
+from benchmarks.gpu.report import write_json  # noqa: E402
+from msmartcompute.bench import cuda_time_ms  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -37,15 +40,16 @@ def parse_args(argv=None):
 
 
 
-def measure(rows, args, name, impl, fn, work, unit, shape):
-    """Times fn and appends a row; a failing implementation is recorded with its error."""
+def measure(report, args, name, impl, fn, work, unit, shape):
+    """Times fn and appends a row (the JSON is rewritten); a failing implementation is recorded with its error."""
     row = {"op": name, "impl": impl, "M": shape[0], "K": shape[1], "N": shape[2], "unit": unit}
     try:
         ms, _ = cuda_time_ms(fn, args.warmup, args.reps)
         row.update(ms=ms, rate=work / (ms * 1e-3) / 1e12 if unit in ("TFLOP/s", "TOPS") else work / (ms * 1e-3) / 1e9)
     except Exception as exc:  # e.g. torch._int_mm's shape limits
         row.update(ms=None, rate=None, error=f"{type(exc).__name__}: {exc}"[:300])
-    rows.append(row)
+    report["results"].append(row)
+    write_json(args.out, report)
     rate = f"{row['rate']:.2f} {unit}" if row["rate"] is not None else row["error"]
     print(f"{name:16s} {impl:22s} M={shape[0]:5d} K={shape[1]:5d} N={shape[2]:5d}  {rate}", flush=True)
 
@@ -54,7 +58,16 @@ def run(args) -> dict:
     from msmartcompute import ops
 
     backends = [b for b in args.backends.split(",") if b]
-    rows = []
+    report = {
+        "card": torch.cuda.get_device_name(),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "args": vars(args),
+        "results": [],
+    }
     for m in (int(v) for v in args.m.split(",")):
         k = n = m if args.square else args.hidden
         shape = (m, k, n)
@@ -66,45 +79,37 @@ def run(args) -> dict:
         w_q, w_scale = ops.quantize_int8(w)
 
         for b in backends:
-            measure(rows, args, "int8_matmul", b,
+            measure(report, args, "int8_matmul", b,
                     lambda b=b: ops.int8_matmul(x_q, w_q, x_scale, w_scale, bias, torch.bfloat16, backend=b),
                     flops, "TOPS", shape)
-        measure(rows, args, "int8_matmul", "torch._int_mm", lambda: torch._int_mm(x_q, w_q.t()), flops, "TOPS", shape)
+        measure(report, args, "int8_matmul", "torch._int_mm", lambda: torch._int_mm(x_q, w_q.t()), flops, "TOPS", shape)
 
         for mode in ("w8a8", "w8a16"):
             for b in backends:
-                measure(rows, args, f"int8_linear_{mode}", b,
+                measure(report, args, f"int8_linear_{mode}", b,
                         lambda b=b, mode=mode: ops.int8_linear(x, w_q, w_scale, bias, mode, backend=b),
                         flops, "TFLOP/s", shape)
-        measure(rows, args, "linear_bf16", "F.linear (cuBLAS)", lambda: F.linear(x, w, bias), flops, "TFLOP/s", shape)
+        measure(report, args, "linear_bf16", "F.linear (cuBLAS)", lambda: F.linear(x, w, bias), flops, "TFLOP/s", shape)
 
         for dtype in (torch.bfloat16, torch.float16):
             a, wt, bt = x.to(dtype), w.to(dtype), bias.to(dtype)
             tag = str(dtype)[6:]
             for b in backends:
-                measure(rows, args, f"mixed_gemm_{tag}", b,
+                measure(report, args, f"mixed_gemm_{tag}", b,
                         lambda b=b, a=a, wt=wt, bt=bt: ops.mixed_gemm(a, wt, bt, "gelu", backend=b),
                         flops, "TFLOP/s", shape)
-            measure(rows, args, f"mixed_gemm_{tag}", "torch.matmul (no epilogue)",
+            measure(report, args, f"mixed_gemm_{tag}", "torch.matmul (no epilogue)",
                     lambda a=a, wt=wt: torch.matmul(a, wt.t()), flops, "TFLOP/s", shape)
-            measure(rows, args, f"mixed_gemm_{tag}", "F.linear+F.gelu (unfused)",
+            measure(report, args, f"mixed_gemm_{tag}", "F.linear+F.gelu (unfused)",
                     lambda a=a, wt=wt, bt=bt: F.gelu(F.linear(a, wt, bt)), flops, "TFLOP/s", shape)
 
         moved = x.numel() * x.element_size() + x.numel() + m * 4  # read bf16, write int8 + scales
         for b in backends:
-            measure(rows, args, "quantize_int8", b, lambda b=b: ops.quantize_int8(x, backend=b), moved, "GB/s", shape)
+            measure(report, args, "quantize_int8", b, lambda b=b: ops.quantize_int8(x, backend=b), moved, "GB/s", shape)
         copy_dst = torch.empty_like(x)
-        measure(rows, args, "quantize_int8", "d2d copy (bound)", lambda: copy_dst.copy_(x),
+        measure(report, args, "quantize_int8", "d2d copy (bound)", lambda: copy_dst.copy_(x),
                 2 * x.numel() * x.element_size(), "GB/s", shape)
-    return {
-        "card": torch.cuda.get_device_name(),
-        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "args": vars(args),
-        "results": rows,
-    }
+    return report
 
 
 def main(argv=None) -> int:
@@ -113,8 +118,6 @@ def main(argv=None) -> int:
         print("bench_gemm: needs a CUDA device", file=sys.stderr)
         return 2
     result = run(args)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
     print(f"wrote {args.out} ({result['card']})")
     return 0
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import sys
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from the checkout
+from benchmarks.gpu.report import write_json  # noqa: E402
 
 VARIANTS = {"bf16": {"enable_mixed_precision": True},
             "int8_w8a16": {"enable_mixed_precision": True, "enable_quantization": True}}
@@ -113,6 +113,8 @@ def run(args) -> dict:
                            "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
                            "memory_allocated": loaded["memory_allocated"]}
                     rows.append(row)
+                    write_json(args.out, {"suite": "gpu-serving", "settings": vars(args), "rows": rows,
+                                          "complete": False})
                     print(f"{variant:<11} B={b:<3} {row['tokens_per_s']:10.1f} tokens/s  ({wall * 1000:.1f} ms/round, "
                           f"weights {loaded['memory_allocated'] / 2**20:.0f} MiB)", flush=True)
                 rt.registry.unload(s["model_id"])
@@ -139,9 +141,8 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    result = run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, run(args))
     print(f"wrote {args.out}")
     return 0
 
