@@ -3,10 +3,12 @@ shell (the `make serve` line becomes the same server command on a free port), it
 blocks in that shell's environment, in order."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from live_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,6 +20,7 @@ def walkthrough_blocks() -> list[tuple[str, str]]:
     return re.findall(r"```(bash|python)\n(.*?)```", section, re.S)
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the walk-through uses curl")
 def test_readme_walkthrough_runs_as_pasted(tmp_path):
     blocks = walkthrough_blocks()
     assert [lang for lang, _ in blocks].count("bash") >= 4 and any(lang == "python" for lang, _ in blocks)
