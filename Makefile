@@ -31,8 +31,9 @@ $(DEPS_STAMP): $(PY) pyproject.toml
 build: $(DEPS_STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
+# The supervisor, one engine process and WORKERS front processes (default: one per core, at least 2).
 serve: build
-	$(PY) -m msmartcompute.cli serve --host $(HOST) --port $(PORT) --state-dir $(STATE_DIR)
+	$(PY) -m msmartcompute.cli serve --host $(HOST) --port $(PORT) --state-dir $(STATE_DIR) $(if $(WORKERS),--workers $(WORKERS))
 
 test: build
 	$(PY) -m pytest -q tests benchmarks --benchmark-disable $(PYTEST_ARGS)

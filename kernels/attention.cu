@@ -1,39 +1,35 @@
-// Fused attention forward on tensor cores (FlashAttention-2 style), fp16/bf16.
+// Attention on tensor cores, FlashAttention-2 style, fp16/bf16 with fp32 accumulation: dense
+// (any strides), variable-length (cu_seqlens) and paged-KV (block table) inputs share one kernel.
 //
-// Grouped-query packing: q [B, H, Sq, D] with H = Hkv * G is, per kv head, one contiguous
-// [G * Sq, D] matrix of "rows" (row r is query r % Sq of head r / Sq), and every row of it
-// reads the same K/V. A block takes 16 * WARPS rows of one kv head (each warp 16 rows, kept
-// in shared memory), streams K/V tiles of BN keys through shared memory, and keeps the
-// online-softmax state in registers: S = Q K^T and O += P V on mma.sync m16n8k16 with fp32
-// accumulation, exp2 with log2(e) folded into the scale, causal tiles past the last visible
-// key skipped. P never leaves registers: the S accumulator layout of two 8-key tiles is the
-// A-operand layout of one 16-key step.
+// Shared memory holds Q/K/V tiles row-major as [rows][D] with an XOR swizzle of the 16-byte chunks
+// (attention_layout.h), filled by cp.async with zero fill and read into mma.sync m16n8k16 fragments
+// by ldmatrix (K as the B operand of S = Q K^T) and ldmatrix.trans (V as the B operand of O = P V):
+// no transposed copies, no bank conflicts. K/V tiles are double-buffered: the copy of tile n + 1
+// runs while tile n is multiplied. P never leaves registers (the accumulator layout of two 8-key
+// tiles is the A layout of one 16-key step); the online softmax runs in base 2 with log2(e) folded
+// into the scale; causal tiles past a block's last visible key are never loaded.
 //
-// Prefill: WARPS = 4, one block per 64 rows. Decode (Sq <= 16): WARPS = 1 and the key range is
-// split across blocks (grid.z); each split writes an fp32 partial O and its log-sum-exp, and
-// attention_combine_kernel merges them by log-sum-exp.
+// Grouped-query packing: the G = H / Hkv query heads of one kv head are the rows of one [G * Sq, D]
+// matrix (row r is position r % Sq of head r / Sq), all reading the same K/V tiles.
+// Prefill (Sq > 16): a block is 4 warps x 16 rows; each warp multiplies its rows with every key of
+// the tile. Decode (Sq <= 16): a block is 16 rows and its warps split every key tile between them
+// (16 keys each), merged in shared memory at the end, and the key range is split across blocks
+// (grid.z) when the grid would not fill the GPU; attention_combine_kernel merges those by lse.
 #include <algorithm>
 #include <cmath>
 
+#include "attention_layout.h"
 #include "common.cuh"
+#include "gemm_common.cuh"
 #include "launchers.h"
 
 namespace msmartcompute::cuda {
 namespace {
 
-constexpr int kPad = 8;  // halves of padding per shared row: 16 bytes, so rows g = 0..7 hit distinct banks
+namespace lay = layout;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kDecodeMaxSq = 16;
-
-template <int D>
-struct TileConfig {
-  static constexpr int kBlockN = D <= 128 ? 64 : 32;  // keys per streamed tile
-};
-
-template <int WARPS, int D>
-constexpr size_t smem_bytes() {
-  constexpr int BN = TileConfig<D>::kBlockN;
-  return sizeof(uint16_t) * (16 * WARPS * (D + kPad) + BN * (D + kPad) + D * (BN + kPad));
-}
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -48,9 +44,7 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
-// c[16x8] += a[16x16] b[16x8]; fragments as in the PTX ISA for m16n8k16 (g = lane / 4, t = lane % 4):
-// a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..); b0 (k 2t..2t+1, n g),
-// b1 (k 2t+8.., n g); c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1).
+// c[16x8] += a[16x16] b[16x8], fragments as lay::mma_a / mma_b / mma_c.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 template <>
@@ -71,103 +65,204 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t load_pair(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint16_t* p) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* p) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
 
-// One block: rows [r0, r0 + 16 * WARPS) of kv head blockIdx.y, keys of split blockIdx.z.
-template <typename T, int D, int WARPS>
-__global__ __launch_bounds__(WARPS * 32) void attention_fwd_kernel(const T* __restrict__ q,      // [B * Hkv, R, D], R = G * Sq
-                         const T* __restrict__ k,      // [B * Hkv, Sk, D]
-                         const T* __restrict__ v,      // [B * Hkv, Sk, D]
-                         T* __restrict__ out,          // [B * Hkv, R, D]
-                         float* __restrict__ lse,      // [B * Hkv, R]
-                         float* __restrict__ part_o,   // [splits, B * Hkv, R, D] or null (no split)
-                         float* __restrict__ part_lse, // [splits, B * Hkv, R]
-                         int R, int Sq, int Sk, int keys_per_split, bool causal, float scale_log2) {
-  constexpr int BM = 16 * WARPS, BN = TileConfig<D>::kBlockN;
-  constexpr int LDQ = D + kPad, LDK = D + kPad, LDV = BN + kPad;
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  extern __shared__ __align__(16) uint16_t smem[];
-  uint16_t* sQ = smem;              // [BM][LDQ]
-  uint16_t* sK = sQ + BM * LDQ;     // [BN][LDK]
-  uint16_t* sVt = sK + BN * LDK;    // [D][LDV]: V transposed, so B fragments of P V are 32-bit loads
+// c[16][8 NT] += A[16][D] B[8 NT][D]^T: A rows a_row0.. of swizzled tile sA, B rows b_row0.. of sB.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void mma_a_bt(float (&c)[NT][4], const uint16_t* sA, int a_row0, const uint16_t* sB,
+                                         int b_row0) {
+  static_assert(NT % 2 == 0, "ldmatrix.x4 loads the B fragments of two 8-wide n-tiles");
+  const int lane = threadIdx.x % 32;
+  const lay::Coord la = lay::ldsm_a(lane), lb = lay::ldsm_b(lane);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ldsm_x4(a, sA + lay::swizzled_offset(a_row0 + la.row, kk * 16 + la.col, D));
+#pragma unroll
+    for (int jj = 0; jj < NT / 2; ++jj) {
+      uint32_t b[4];
+      ldsm_x4(b, sB + lay::swizzled_offset(b_row0 + jj * 16 + lb.row, kk * 16 + lb.col, D));
+      mma_16816<T>(c[2 * jj], a, b[0], b[1]);
+      mma_16816<T>(c[2 * jj + 1], a, b[2], b[3]);
+    }
+  }
+}
 
+// acc[16][D] += X[16][8 NT] B[8 NT][D]: X as accumulator tiles (rounded to T here), B rows b_row0..
+// of swizzled tile sB, read transposed by ldmatrix.trans.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void mma_x_b(float (&acc)[D / 8][4], const float (&x)[NT][4], const uint16_t* sB,
+                                        int b_row0) {
+  const int lane = threadIdx.x % 32;
+  const lay::Coord lt = lay::ldsm_b_trans(lane);
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    uint32_t a[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float* c = x[2 * kk + lay::a_reg_c_tile(r)];
+      a[r] = pack2<T>(c[lay::a_reg_c_first(r)], c[lay::a_reg_c_first(r) + 1]);
+    }
+#pragma unroll
+    for (int ii = 0; ii < D / 16; ++ii) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, sB + lay::swizzled_offset(b_row0 + kk * 16 + lt.row, ii * 16 + lt.col, D));
+      mma_16816<T>(acc[2 * ii], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * ii + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Rows [0, rows) of a swizzled [rows][D] tile by cp.async; row_ptr(i) is row i's global address, or
+// null for a row past the data (zero-filled: it adds nothing to any product).
+template <int D, int THREADS, typename RowPtr>
+__device__ __forceinline__ void load_tile_async(uint16_t* tile, int rows, const void* any_global, RowPtr row_ptr) {
+  constexpr int kChunks = D / 8;
+  for (int c = threadIdx.x; c < rows * kChunks; c += THREADS) {
+    const int row = c / kChunks, col = (c % kChunks) * 8;
+    const uint16_t* src = row_ptr(row);
+    cp_async_16(tile + lay::swizzled_offset(row, col, D), src ? src + col : any_global, src ? 16 : 0);
+  }
+}
+
+// Where one (batch, kv head) of a call lives: its sequence lengths, and the global address of its
+// packed query rows and of its keys, whichever of dense / varlen / paged the call is.
+struct Sequence {
+  const AttentionParams& p;
+  int64_t b, hkv;
+  int G, Sq, Sk;              // this sequence's lengths
+  int64_t q_start, k_start;   // varlen offsets (0 otherwise)
+
+  __device__ __forceinline__ Sequence(const AttentionParams& params, int64_t head_index)
+      : p(params), b(head_index / params.Hkv), hkv(head_index % params.Hkv), G(static_cast<int>(params.H / params.Hkv)) {
+    q_start = p.cu_seqlens_q ? p.cu_seqlens_q[b] : 0;
+    Sq = p.cu_seqlens_q ? p.cu_seqlens_q[b + 1] - static_cast<int>(q_start) : static_cast<int>(p.max_seqlen_q);
+    k_start = p.cu_seqlens_k ? p.cu_seqlens_k[b] : 0;
+    // Paged: never past the block table's row (max_seqlen_k = its blocks * block_size).
+    Sk = p.cu_seqlens_k ? p.cu_seqlens_k[b + 1] - static_cast<int>(k_start)
+                        : (p.seq_lens_k ? max(0, min(p.seq_lens_k[b], static_cast<int>(p.max_seqlen_k)))
+                                        : static_cast<int>(p.max_seqlen_k));
+  }
+  __device__ __forceinline__ int rows() const { return G * Sq; }
+  // Element offset of packed row r (r < rows()) in a [batch][head][row] operand with q's indexing.
+  __device__ __forceinline__ int64_t row_offset(const StridedRows& t, int r) const {
+    const int64_t h = hkv * G + lay::packed_head(r, Sq);
+    return b * t.batch_stride + h * t.head_stride + (q_start + lay::packed_pos(r, Sq)) * t.row_stride;
+  }
+  // Element offset of key n (n < Sk) in K or V.
+  __device__ __forceinline__ int64_t key_offset(const StridedRows& t, int n) const {
+    if (p.block_table != nullptr) {
+      const int64_t block = p.block_table[b * p.block_table_stride + n / p.block_size];
+      return block * t.batch_stride + hkv * t.head_stride + (n % p.block_size) * t.row_stride;
+    }
+    return b * t.batch_stride + hkv * t.head_stride + (k_start + n) * t.row_stride;
+  }
+  // The last key packed row r sees (keys j <= limit), or -1 for none.
+  __device__ __forceinline__ int key_limit(int r, bool causal) const {
+    return causal ? min(Sk - 1, lay::packed_pos(r, Sq) + Sk - Sq) : Sk - 1;
+  }
+};
+
+__device__ __forceinline__ const uint16_t* half_ptr(const StridedRows& t) {
+  return static_cast<const uint16_t*>(t.data);
+}
+
+template <int D>
+struct FwdConfig {
+  static constexpr int kPrefillWarps = 4;
+  static constexpr int kDecodeWarps = D <= 128 ? 4 : 2;  // D 256: two warps keep K/V stages under 99 KB
+  static constexpr int kPrefillKeys = D <= 128 ? 64 : 32;
+};
+
+template <int D, int WARPS, bool KEY_SPLIT>
+struct FwdTile {
+  static constexpr int kRows = KEY_SPLIT ? 16 : 16 * WARPS;                       // query rows per block
+  static constexpr int kKeys = KEY_SPLIT ? 16 * WARPS : FwdConfig<D>::kPrefillKeys;  // keys per stage
+  static constexpr int kWarpKeys = KEY_SPLIT ? 16 : kKeys;                       // keys one warp multiplies
+  static constexpr size_t kSmem = sizeof(uint16_t) * (kRows * D + 4 * kKeys * D);  // Q + 2 stages of K, V
+};
+
+// One block: packed rows [blockIdx.x * BM, + BM) of (batch, kv head) blockIdx.y, keys of split blockIdx.z.
+template <typename T, int D, int WARPS, bool KEY_SPLIT>
+__global__ __launch_bounds__(WARPS * 32) void attention_fwd_kernel(const __grid_constant__ AttentionParams p,
+                                                                   float* __restrict__ part_o,    // [splits, B*Hkv*R, D] or null
+                                                                   float* __restrict__ part_lse,  // [splits, B*Hkv*R]
+                                                                   int keys_per_split) {
+  using Tile = FwdTile<D, WARPS, KEY_SPLIT>;
+  constexpr int BM = Tile::kRows, BN = Tile::kKeys, NT = Tile::kWarpKeys / 8, THREADS = WARPS * 32;
+  extern __shared__ __align__(128) uint16_t smem[];
+  uint16_t* sQ = smem;              // [BM][D]
+  uint16_t* sK = sQ + BM * D;       // [2][BN][D]
+  uint16_t* sV = sK + 2 * BN * D;   // [2][BN][D]
+
+  const Sequence seq(p, blockIdx.y);
+  const int R = seq.rows(), r0 = blockIdx.x * BM;
+  if (r0 >= R) return;  // varlen: this sequence has fewer rows than the longest
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int64_t head = blockIdx.y;  // b * Hkv + kv head
-  const int r0 = blockIdx.x * BM;
-  const int split = blockIdx.z;
-  const uint16_t* qh = reinterpret_cast<const uint16_t*>(q) + head * R * D;
-  const uint16_t* kh = reinterpret_cast<const uint16_t*>(k) + head * Sk * D;
-  const uint16_t* vh = reinterpret_cast<const uint16_t*>(v) + head * Sk * D;
-  const int offset = Sk - Sq;  // causal: query position i sees keys j <= i + offset
+  const int warp_row0 = KEY_SPLIT ? 0 : warp * 16, warp_key0 = KEY_SPLIT ? warp * 16 : 0;
 
   // Keys this block needs: its split's range, cut at the last key any of its rows sees.
-  int kv_begin = split * keys_per_split;
-  int kv_end = min(Sk, kv_begin + keys_per_split);
-  if (causal) {
-    const int r_last = min(R, r0 + BM) - 1;
-    const int max_pos = (r0 / Sq == r_last / Sq) ? r_last % Sq : Sq - 1;
-    kv_end = min(kv_end, max_pos + offset + 1);
-  }
+  const int kv_begin = blockIdx.z * keys_per_split;
+  int kv_end = min(seq.Sk, kv_begin + keys_per_split);
+  if (p.causal) kv_end = min(kv_end, lay::causal_key_end(r0, min(R, r0 + BM), seq.Sq, seq.Sk));
 
-  for (int c = tid; c < BM * kChunks; c += WARPS * 32) {
-    const int row = c / kChunks, col = (c % kChunks) * 8;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (r0 + row < R) val = *reinterpret_cast<const uint4*>(qh + int64_t(r0 + row) * D + col);
-    *reinterpret_cast<uint4*>(sQ + row * LDQ + col) = val;
-  }
+  const uint16_t *qg = half_ptr(p.q), *kg = half_ptr(p.k), *vg = half_ptr(p.v);
+  load_tile_async<D, THREADS>(sQ, BM, qg, [&](int i) {
+    return r0 + i < R ? qg + seq.row_offset(p.q, r0 + i) : nullptr;
+  });
+  auto load_kv = [&](int n0, int stage) {
+    load_tile_async<D, THREADS>(sK + stage * BN * D, BN, kg, [&](int i) {
+      return n0 + i < kv_end ? kg + seq.key_offset(p.k, n0 + i) : nullptr;
+    });
+    load_tile_async<D, THREADS>(sV + stage * BN * D, BN, vg, [&](int i) {
+      return n0 + i < kv_end ? vg + seq.key_offset(p.v, n0 + i) : nullptr;
+    });
+  };
+  if (kv_begin < kv_end) load_kv(kv_begin, 0);
+  cp_async_commit();
 
-  // Each thread's rows (packed indices) and their query positions, for the causal mask.
-  const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;
-  const int pos_a = row_a % Sq, pos_b = row_b % Sq;
+  // This thread's two rows (accumulator rows g and g + 8 of its warp) and the last key each sees.
+  const int row_a = r0 + warp_row0 + g, row_b = row_a + 8;
+  const int limit_a = row_a < R ? seq.key_limit(row_a, p.causal) : -1;
+  const int limit_b = row_b < R ? seq.key_limit(row_b, p.causal) : -1;
+  const float scale_log2 = p.scale * kLog2e;
   float acc[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;  // l: this thread's partial row sums
 
-  for (int n0 = kv_begin; n0 < kv_end; n0 += BN) {
-    __syncthreads();  // previous tile fully consumed (and sQ written, on the first pass)
-    for (int c = tid; c < BN * kChunks; c += WARPS * 32) {
-      const int row = c / kChunks, col = (c % kChunks) * 8;
-      uint4 kval = make_uint4(0, 0, 0, 0), vval = make_uint4(0, 0, 0, 0);
-      if (n0 + row < kv_end) {
-        kval = *reinterpret_cast<const uint4*>(kh + int64_t(n0 + row) * D + col);
-        vval = *reinterpret_cast<const uint4*>(vh + int64_t(n0 + row) * D + col);
-      }
-      *reinterpret_cast<uint4*>(sK + row * LDK + col) = kval;
-      const uint16_t* ve = reinterpret_cast<const uint16_t*>(&vval);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) sVt[(col + e) * LDV + row] = ve[e];
-    }
+  for (int n0 = kv_begin, stage = 0; n0 < kv_end; n0 += BN, stage ^= 1) {
+    if (n0 + BN < kv_end) load_kv(n0 + BN, stage ^ 1);  // the next tile flies while this one is used
+    cp_async_commit();
+    cp_async_wait<1>();
     __syncthreads();
+    const uint16_t* sKs = sK + stage * BN * D;
+    const uint16_t* sVs = sV + stage * BN * D;
 
-    // S = Q K^T for this warp's 16 rows: [16][BN] as BN / 8 accumulator tiles.
-    float s[BN / 8][4];
+    float s[NT][4];
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-    const uint16_t* qw = sQ + (warp * 16) * LDQ;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = load_pair(qw + g * LDQ + kk * 16 + 2 * t);
-      a[1] = load_pair(qw + (g + 8) * LDQ + kk * 16 + 2 * t);
-      a[2] = load_pair(qw + g * LDQ + kk * 16 + 2 * t + 8);
-      a[3] = load_pair(qw + (g + 8) * LDQ + kk * 16 + 2 * t + 8);
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        const uint16_t* kr = sK + (j * 8 + g) * LDK + kk * 16 + 2 * t;
-        mma_16816<T>(s[j], a, load_pair(kr), load_pair(kr + 8));
-      }
-    }
+    for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    mma_a_bt<T, D, NT>(s, sQ, warp_row0, sKs, warp_key0);
 
-    // Scale (base 2), mask, and the online softmax update of rows a (g) and b (g + 8).
+    // Scale (base 2), mask, and the online softmax update of rows a and b.
     float mx_a = -INFINITY, mx_b = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
+    for (int j = 0; j < NT; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int col = n0 + j * 8 + 2 * t + (e & 1);
-        const int pos = e < 2 ? pos_a : pos_b;
-        const bool hidden = col >= kv_end || (causal && col > pos + offset);
+        const int key = n0 + warp_key0 + j * 8 + lay::mma_c(lane, e).col;
+        const bool hidden = key >= kv_end || key > (e < 2 ? limit_a : limit_b);
         s[j][e] = hidden ? -INFINITY : s[j][e] * scale_log2;
       }
       mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
@@ -195,7 +290,7 @@ __global__ __launch_bounds__(WARPS * 32) void attention_fwd_kernel(const T* __re
       acc[i][3] *= alpha_b;
     }
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
+    for (int j = 0; j < NT; ++j) {
       s[j][0] = exp2f(s[j][0] - base_a);
       s[j][1] = exp2f(s[j][1] - base_a);
       s[j][2] = exp2f(s[j][2] - base_b);
@@ -203,508 +298,504 @@ __global__ __launch_bounds__(WARPS * 32) void attention_fwd_kernel(const T* __re
       l_a += s[j][0] + s[j][1];
       l_b += s[j][2] + s[j][3];
     }
-
-    // O += P V: P's accumulator tiles 2kk, 2kk+1 are the A fragment of key step kk.
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        const uint16_t* vr = sVt + (i * 8 + g) * LDV + kk * 16 + 2 * t;
-        mma_16816<T>(acc[i], a, load_pair(vr), load_pair(vr + 8));
-      }
-    }
+    mma_x_b<T, D, NT>(acc, s, sVs, warp_key0);  // O += P V
+    __syncthreads();  // this stage is read by every warp before the next iteration refills it
   }
+  cp_async_wait<0>();
 
 #pragma unroll
   for (int o = 1; o <= 2; o <<= 1) {
     l_a += __shfl_xor_sync(0xffffffffu, l_a, o);
     l_b += __shfl_xor_sync(0xffffffffu, l_b, o);
   }
+
+  if constexpr (KEY_SPLIT) {
+    // Every warp holds a softmax of the same 16 rows over its own keys: merge them into warp 0,
+    // each scaled by exp2(m_w - m) (the K/V stages are free now: the loop ended on a barrier).
+    float* sO = reinterpret_cast<float*>(sK);  // [WARPS][16][D]
+    float* sM = sO + WARPS * 16 * D;           // [WARPS][16]
+    float* sL = sM + WARPS * 16;               // [WARPS][16]
+    static_assert(sizeof(float) * (WARPS * 16 * (D + 2)) <= sizeof(uint16_t) * 4 * BN * D, "merge fits in K/V");
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const lay::Coord c = lay::mma_c(lane, e);
+        sO[(warp * 16 + c.row) * D + i * 8 + c.col] = acc[i][e];
+      }
+    if (t == 0) {
+      sM[warp * 16 + g] = m_a;
+      sM[warp * 16 + g + 8] = m_b;
+      sL[warp * 16 + g] = l_a;
+      sL[warp * 16 + g + 8] = l_b;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    float mw_a = -INFINITY, mw_b = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      mw_a = fmaxf(mw_a, sM[w * 16 + g]);
+      mw_b = fmaxf(mw_b, sM[w * 16 + g + 8]);
+    }
+    const float base_a = mw_a == -INFINITY ? 0.f : mw_a, base_b = mw_b == -INFINITY ? 0.f : mw_b;
+    float wa[WARPS], wb[WARPS];
+    l_a = l_b = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      wa[w] = exp2f(sM[w * 16 + g] - base_a);
+      wb[w] = exp2f(sM[w * 16 + g + 8] - base_b);
+      l_a += wa[w] * sL[w * 16 + g];
+      l_b += wb[w] * sL[w * 16 + g + 8];
+    }
+    m_a = mw_a;
+    m_b = mw_b;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const lay::Coord c = lay::mma_c(lane, e);
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) sum += (e < 2 ? wa[w] : wb[w]) * sO[(w * 16 + c.row) * D + i * 8 + c.col];
+        acc[i][e] = sum;
+      }
+  }
+
   // A row with no key in this split (l = 0) gets O = 0 and lse = -inf: no weight when combined.
   const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
-  constexpr float kLn2 = 0.6931471805599453f;
   const float lse_a = l_a > 0.f ? (m_a + log2f(l_a)) * kLn2 : -INFINITY;
   const float lse_b = l_b > 0.f ? (m_b + log2f(l_b)) * kLn2 : -INFINITY;
-  const int64_t rows_before = head * R;
   if (part_o == nullptr) {
+    T* og = static_cast<T*>(p.out.data);
+    float* lg = static_cast<float*>(p.lse.data);
+    const int64_t out_a = row_a < R ? seq.row_offset(p.out, row_a) : 0;
+    const int64_t out_b = row_b < R ? seq.row_offset(p.out, row_b) : 0;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
       const int col = i * 8 + 2 * t;
-      if (row_a < R)
-        *reinterpret_cast<uint32_t*>(out + (rows_before + row_a) * D + col) =
-            pack2<T>(acc[i][0] * inv_a, acc[i][1] * inv_a);
-      if (row_b < R)
-        *reinterpret_cast<uint32_t*>(out + (rows_before + row_b) * D + col) =
-            pack2<T>(acc[i][2] * inv_b, acc[i][3] * inv_b);
+      if (row_a < R) *reinterpret_cast<uint32_t*>(og + out_a + col) = pack2<T>(acc[i][0] * inv_a, acc[i][1] * inv_a);
+      if (row_b < R) *reinterpret_cast<uint32_t*>(og + out_b + col) = pack2<T>(acc[i][2] * inv_b, acc[i][3] * inv_b);
     }
-    if (t == 0 && row_a < R) lse[rows_before + row_a] = lse_a;
-    if (t == 0 && row_b < R) lse[rows_before + row_b] = lse_b;
+    if (t == 0 && row_a < R) lg[seq.row_offset(p.lse, row_a)] = lse_a;
+    if (t == 0 && row_b < R) lg[seq.row_offset(p.lse, row_b)] = lse_b;
   } else {
-    const int64_t split_rows = int64_t(split) * gridDim.y * R + rows_before;
+    // Splits only run with one length for every sequence: flat row (b * Hkv + hkv) * R + r.
+    const int64_t split_rows = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * R;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
       const int col = i * 8 + 2 * t;
       if (row_a < R)
-        *reinterpret_cast<float2*>(part_o + (split_rows + row_a) * D + col) =
-            make_float2(acc[i][0] * inv_a, acc[i][1] * inv_a);
+        *reinterpret_cast<float2*>(part_o + (split_rows + row_a) * D + col) = make_float2(acc[i][0] * inv_a, acc[i][1] * inv_a);
       if (row_b < R)
-        *reinterpret_cast<float2*>(part_o + (split_rows + row_b) * D + col) =
-            make_float2(acc[i][2] * inv_b, acc[i][3] * inv_b);
+        *reinterpret_cast<float2*>(part_o + (split_rows + row_b) * D + col) = make_float2(acc[i][2] * inv_b, acc[i][3] * inv_b);
     }
     if (t == 0 && row_a < R) part_lse[split_rows + row_a] = lse_a;
     if (t == 0 && row_b < R) part_lse[split_rows + row_b] = lse_b;
   }
 }
 
-// out[row] = sum_s exp(lse_s - lse) * O_s with lse = log sum_s exp(lse_s): one block per row.
+// out = sum_s exp(lse_s - lse) O_s with lse = log sum_s exp(lse_s): one block per flat row
+// (b * Hkv + hkv) * R + r; a row no split saw (lse_s all -inf) gets out = 0, lse = -inf.
 template <typename T>
-__global__ void attention_combine_kernel(const float* __restrict__ part_o,    // [splits, rows, D]
-                                         const float* __restrict__ part_lse,  // [splits, rows]
-                                         T* __restrict__ out,                 // [rows, D]
-                                         float* __restrict__ lse,             // [rows]
-                                         int splits, int64_t rows, int D) {
-  const int64_t row = blockIdx.x;
+__global__ void attention_combine_kernel(const __grid_constant__ AttentionParams p, const float* __restrict__ part_o,
+                                         const float* __restrict__ part_lse, int splits) {
+  const int D = static_cast<int>(p.D);
+  const int R = static_cast<int>(p.H / p.Hkv * p.max_seqlen_q);
+  const int64_t flat = blockIdx.x, rows = gridDim.x;
+  const Sequence seq(p, flat / R);
+  const int r = static_cast<int>(flat % R);
   float m = -INFINITY;
-  for (int s = 0; s < splits; ++s) m = fmaxf(m, part_lse[s * rows + row]);
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, part_lse[s * rows + flat]);
+  const float base = m == -INFINITY ? 0.f : m;
   float total = 0.f;
-  for (int s = 0; s < splits; ++s) total += __expf(part_lse[s * rows + row] - m);  // split 0 always has a key
+  for (int s = 0; s < splits; ++s) total += __expf(part_lse[s * rows + flat] - base);
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  T* out = static_cast<T*>(p.out.data) + seq.row_offset(p.out, r);
   for (int col = threadIdx.x; col < D; col += blockDim.x) {
     float acc = 0.f;
-    for (int s = 0; s < splits; ++s)
-      acc += __expf(part_lse[s * rows + row] - m) * part_o[(s * rows + row) * D + col];
-    out[row * D + col] = from_float<T>(acc / total);
+    for (int s = 0; s < splits; ++s) acc += __expf(part_lse[s * rows + flat] - base) * part_o[(s * rows + flat) * D + col];
+    out[col] = from_float<T>(acc * inv);
   }
-  if (threadIdx.x == 0) lse[row] = m + logf(total);
+  if (threadIdx.x == 0)
+    static_cast<float*>(p.lse.data)[seq.row_offset(p.lse, r)] = total > 0.f ? base + logf(total) : -INFINITY;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward (FlashAttention-2): delta = rowsum(dO * O); one kernel for dK/dV (a block owns 64 keys of
-// one kv head, each warp 16, and loops over every packed query row of the group, so no atomics),
-// one for dQ (a block owns 64 packed rows and loops over the keys). Both recompute
-// P = exp2(S * scale * log2(e) - lse * log2(e)) from the forward's log-sum-exp.
+// Backward (FlashAttention-2): delta = rowsum(dO * O); a dK/dV kernel (a block owns 64 keys of one
+// (batch, kv head), each warp 16, and loops over every packed query row of the group: no atomics)
+// and a dQ kernel (a block owns 64 packed rows and loops over the keys). Both recompute
+// P = exp2(S * scale * log2(e) - lse * log2(e)) from the forward's log-sum-exp, and both read every
+// operand through ldmatrix (.trans for the products that need the transpose) from swizzled tiles
+// filled by double-buffered cp.async.
 
-// Tiles: 64 keys per dK/dV block or dQ step; 64 packed rows per dQ block; rows per dK/dV step
-// 64, or 32 for D = 128, which keeps every kernel under 99 KB of shared memory (the sm_86/89
-// limit; sm_80 and sm_90 allow more) and the dK/dV kernel's registers in bounds.
-constexpr int kBwdRows = 64;
-constexpr int kBwdKeys = 64;
+constexpr int kBwdKeys = 64;   // keys per dK/dV block and per dQ step
+constexpr int kBwdRows = 64;   // packed rows per dQ block
 template <int D>
-constexpr int bwd_step_rows() { return D <= 64 ? 64 : 32; }
-constexpr float kLog2e = 1.4426950408889634f;
+__host__ __device__ constexpr int bwd_step_rows() { return D <= 64 ? 64 : 32; }  // rows per dK/dV step: registers at D 128
 
 template <int D>
 constexpr size_t bwd_dkdv_smem_bytes() {
   constexpr int BM = bwd_step_rows<D>();
-  return sizeof(uint16_t) * (2 * kBwdKeys * (D + kPad) + 2 * BM * (D + kPad) + 2 * D * (BM + kPad)) +
-         sizeof(float) * 2 * BM;
+  return sizeof(uint16_t) * (2 * kBwdKeys * D + 4 * BM * D) + 2 * BM * (2 * sizeof(float) + sizeof(int));
 }
-
 template <int D>
-constexpr size_t bwd_dq_smem_bytes() {
-  return sizeof(uint16_t) * (2 * kBwdRows * (D + kPad) + 2 * kBwdKeys * (D + kPad) + D * (kBwdKeys + kPad));
-}
+constexpr size_t bwd_dq_smem_bytes() { return sizeof(uint16_t) * (2 * kBwdRows * D + 4 * kBwdKeys * D); }
 
-// Copies rows [first, first + rows) of a [total, D] matrix into smem as [rows][D + kPad] and, when
-// `transposed` is not null, also as [D][rows + kPad]; rows past `total` become zeros.
-template <int D, int THREADS>
-__device__ __forceinline__ void load_tile(const uint16_t* src, int first, int rows, int total, uint16_t* plain,
-                                          uint16_t* transposed) {
-  constexpr int kChunks = D / 8;
-  for (int c = threadIdx.x; c < rows * kChunks; c += THREADS) {
-    const int row = c / kChunks, col = (c % kChunks) * 8;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (first + row < total) val = *reinterpret_cast<const uint4*>(src + int64_t(first + row) * D + col);
-    if (plain != nullptr) *reinterpret_cast<uint4*>(plain + row * (D + kPad) + col) = val;
-    if (transposed != nullptr) {
-      const uint16_t* e = reinterpret_cast<const uint16_t*>(&val);
-#pragma unroll
-      for (int x = 0; x < 8; ++x) transposed[(col + x) * (rows + kPad) + row] = e[x];
-    }
-  }
-}
-
-// c[16][8 * N] += A[16][D] B[D][8 * N], A rows from `a` ([16][lda]), B^T rows from `bt` ([8 * N][ldb]).
-template <typename T, int D, int N>
-__device__ __forceinline__ void mma_rows(float (&c)[N][4], const uint16_t* a, int lda, const uint16_t* bt, int ldb) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t af[4];
-    af[0] = load_pair(a + g * lda + kk * 16 + 2 * t);
-    af[1] = load_pair(a + (g + 8) * lda + kk * 16 + 2 * t);
-    af[2] = load_pair(a + g * lda + kk * 16 + 2 * t + 8);
-    af[3] = load_pair(a + (g + 8) * lda + kk * 16 + 2 * t + 8);
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      const uint16_t* br = bt + (j * 8 + g) * ldb + kk * 16 + 2 * t;
-      mma_16816<T>(c[j], af, load_pair(br), load_pair(br + 8));
-    }
-  }
-}
-
-// acc[D / 8][4] += X[16][8 * N] B[8 * N][D], X given as accumulator tiles (rounded to T), B^T rows
-// from `bt` ([D][ldb]).
-template <typename T, int D, int N>
-__device__ __forceinline__ void mma_acc(float (&acc)[D / 8][4], const float (&x)[N][4], const uint16_t* bt, int ldb) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-#pragma unroll
-  for (int kk = 0; kk < N / 2; ++kk) {
-    uint32_t a[4];
-    a[0] = pack2<T>(x[2 * kk][0], x[2 * kk][1]);
-    a[1] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);
-    a[2] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
-    a[3] = pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      const uint16_t* br = bt + (i * 8 + g) * ldb + kk * 16 + 2 * t;
-      mma_16816<T>(acc[i], a, load_pair(br), load_pair(br + 8));
-    }
-  }
-}
-
-// delta[row] = sum_d dout[row][d] * out[row][d]: one warp per row.
+// delta[b, h, i] = sum_d dout * out: one warp per query row.
 template <typename T>
-__global__ void attention_bwd_delta_kernel(const T* __restrict__ out,   // [rows, D]
-                                           const T* __restrict__ dout,  // [rows, D]
-                                           float* __restrict__ delta,   // [rows]
-                                           int64_t rows, int D) {
-  const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= rows) return;
+__global__ void attention_bwd_delta_kernel(const __grid_constant__ AttentionParams p,
+                                           const __grid_constant__ AttentionGradParams gp) {
+  const Sequence seq(p, blockIdx.y / (p.H / p.Hkv));  // blockIdx.y = b * H + h
+  const int head_in_group = static_cast<int>(blockIdx.y % (p.H / p.Hkv));
+  const int pos = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (pos >= seq.Sq) return;
+  const int r = head_in_group * seq.Sq + pos;  // packed row
+  const T* o = static_cast<const T*>(p.out.data) + seq.row_offset(p.out, r);
+  const T* d = static_cast<const T*>(gp.dout.data) + seq.row_offset(gp.dout, r);
   float sum = 0.f;
-  for (int d = threadIdx.x % 32; d < D; d += 32) sum += to_float(out[row * D + d]) * to_float(dout[row * D + d]);
+  for (int c = threadIdx.x % 32; c < p.D; c += 32) sum += to_float(o[c]) * to_float(d[c]);
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (threadIdx.x % 32 == 0) delta[row] = sum;
-}
-
-// The causal limit of packed rows [r0, r1): one past the last key any of them sees.
-__device__ __forceinline__ int causal_key_end(int r0, int r1, int Sq, int Sk) {
-  const int r_last = r1 - 1;
-  const int max_pos = (r0 / Sq == r_last / Sq) ? r_last % Sq : Sq - 1;
-  return min(Sk, max_pos + Sk - Sq + 1);
+  for (int o2 = 16; o2 > 0; o2 >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o2);
+  if (threadIdx.x % 32 == 0) static_cast<float*>(gp.delta.data)[seq.row_offset(gp.delta, r)] = sum;
 }
 
 template <typename T, int D>
-__global__ __launch_bounds__(128) void attention_bwd_dkdv_kernel(
-    const T* __restrict__ q,        // [B * Hkv, R, D]
-    const T* __restrict__ k,        // [B * Hkv, Sk, D]
-    const T* __restrict__ v,        // [B * Hkv, Sk, D]
-    const T* __restrict__ dout,     // [B * Hkv, R, D]
-    const float* __restrict__ lse,  // [B * Hkv, R]
-    const float* __restrict__ delta,  // [B * Hkv, R]
-    T* __restrict__ dk,             // [B * Hkv, Sk, D]
-    T* __restrict__ dv,             // [B * Hkv, Sk, D]
-    int R, int Sq, int Sk, bool causal, float scale, float scale_log2) {
-  constexpr int BM = bwd_step_rows<D>(), BN = kBwdKeys, LD = D + kPad, LDT = BM + kPad;
-  extern __shared__ __align__(16) uint16_t smem[];
-  uint16_t* sK = smem;              // [BN][LD]
-  uint16_t* sV = sK + BN * LD;      // [BN][LD]
-  uint16_t* sQ = sV + BN * LD;      // [BM][LD]
-  uint16_t* sdO = sQ + BM * LD;     // [BM][LD]
-  uint16_t* sQt = sdO + BM * LD;    // [D][LDT]
-  uint16_t* sdOt = sQt + D * LDT;   // [D][LDT]
-  float* sL = reinterpret_cast<float*>(sdOt + D * LDT);  // [BM] lse in base 2
-  float* sDelta = sL + BM;                               // [BM]
+__global__ __launch_bounds__(128) void attention_bwd_dkdv_kernel(const __grid_constant__ AttentionParams p,
+                                                                const __grid_constant__ AttentionGradParams gp) {
+  constexpr int BM = bwd_step_rows<D>(), BN = kBwdKeys;
+  extern __shared__ __align__(128) uint16_t smem[];
+  uint16_t* sK = smem;              // [BN][D]
+  uint16_t* sV = sK + BN * D;       // [BN][D]
+  uint16_t* sQ = sV + BN * D;       // [2][BM][D]
+  uint16_t* sdO = sQ + 2 * BM * D;  // [2][BM][D]
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * BM * D);  // [2][BM], base 2
+  float* sDelta = sLse + 2 * BM;                             // [2][BM]
+  int* sLimit = reinterpret_cast<int*>(sDelta + 2 * BM);     // [2][BM]: last key each row sees, -1 none
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int64_t head = blockIdx.y;
+  const Sequence seq(p, blockIdx.y);
   const int n0 = blockIdx.x * BN;
-  const int offset = Sk - Sq;
-  const uint16_t* qh = reinterpret_cast<const uint16_t*>(q) + head * R * D;
-  const uint16_t* doh = reinterpret_cast<const uint16_t*>(dout) + head * R * D;
-  load_tile<D, 128>(reinterpret_cast<const uint16_t*>(k) + head * Sk * D, n0, BN, Sk, sK, nullptr);
-  load_tile<D, 128>(reinterpret_cast<const uint16_t*>(v) + head * Sk * D, n0, BN, Sk, sV, nullptr);
+  if (n0 >= seq.Sk) return;
+  const int R = seq.rows(), warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
+  const uint16_t *qg = half_ptr(p.q), *dog = half_ptr(gp.dout);
+  load_tile_async<D, 128>(sK, BN, half_ptr(p.k), [&](int i) {
+    return n0 + i < seq.Sk ? half_ptr(p.k) + seq.key_offset(p.k, n0 + i) : nullptr;
+  });
+  load_tile_async<D, 128>(sV, BN, half_ptr(p.v), [&](int i) {
+    return n0 + i < seq.Sk ? half_ptr(p.v) + seq.key_offset(p.v, n0 + i) : nullptr;
+  });
+  // Row tiles with a row that sees one of this block's keys (causal: the first tiles may see none).
+  auto next_tile = [&](int r0) {
+    while (r0 < R && p.causal && lay::causal_key_end(r0, min(R, r0 + BM), seq.Sq, seq.Sk) <= n0) r0 += BM;
+    return r0;
+  };
+  auto load_rows = [&](int r0, int stage) {
+    load_tile_async<D, 128>(sQ + stage * BM * D, BM, qg, [&](int i) {
+      return r0 + i < R ? qg + seq.row_offset(p.q, r0 + i) : nullptr;
+    });
+    load_tile_async<D, 128>(sdO + stage * BM * D, BM, dog, [&](int i) {
+      return r0 + i < R ? dog + seq.row_offset(gp.dout, r0 + i) : nullptr;
+    });
+    for (int i = threadIdx.x; i < BM; i += 128) {
+      const bool inside = r0 + i < R;
+      sLse[stage * BM + i] = inside ? static_cast<const float*>(p.lse.data)[seq.row_offset(p.lse, r0 + i)] * kLog2e : 0.f;
+      sDelta[stage * BM + i] = inside ? static_cast<const float*>(gp.delta.data)[seq.row_offset(gp.delta, r0 + i)] : 0.f;
+      sLimit[stage * BM + i] = inside ? seq.key_limit(r0 + i, p.causal) : -1;
+    }
+  };
+  int r0 = next_tile(0);
+  if (r0 < R) load_rows(r0, 0);
+  cp_async_commit();
 
-  const int key_a = n0 + warp * 16 + g, key_b = key_a + 8;  // this thread's keys (accumulator rows)
+  const int key_a = n0 + warp * 16 + lane / 4, key_b = key_a + 8;  // this thread's keys (accumulator rows)
+  const float scale_log2 = p.scale * kLog2e;
   float dk_acc[D / 8][4], dv_acc[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk_acc[i][e] = dv_acc[i][e] = 0.f;
 
-  for (int r0 = 0; r0 < R; r0 += BM) {
-    const int r1 = min(R, r0 + BM);
-    if (causal && causal_key_end(r0, r1, Sq, Sk) <= n0) continue;  // no row of this tile sees these keys
-    __syncthreads();  // previous tile consumed (and sK/sV written, on the first pass)
-    load_tile<D, 128>(qh, r0, BM, R, sQ, sQt);
-    load_tile<D, 128>(doh, r0, BM, R, sdO, sdOt);
-    for (int i = threadIdx.x; i < BM; i += 128) {
-      sL[i] = r0 + i < R ? lse[head * R + r0 + i] * kLog2e : 0.f;
-      sDelta[i] = r0 + i < R ? delta[head * R + r0 + i] : 0.f;
-    }
+  for (int stage = 0; r0 < R; stage ^= 1) {
+    const int next = next_tile(r0 + BM);
+    if (next < R) load_rows(next, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
     __syncthreads();
+    const uint16_t* sQs = sQ + stage * BM * D;
+    const uint16_t* sdOs = sdO + stage * BM * D;
+    const float* lse_s = sLse + stage * BM;
+    const float* delta_s = sDelta + stage * BM;
+    const int* limit_s = sLimit + stage * BM;
 
     // P^T = exp2(K Q^T * scale_log2 - lse_log2): [16 keys][BM rows] for this warp.
     float pt[BM / 8][4];
 #pragma unroll
     for (int j = 0; j < BM / 8; ++j) pt[j][0] = pt[j][1] = pt[j][2] = pt[j][3] = 0.f;
-    mma_rows<T, D, BM / 8>(pt, sK + warp * 16 * LD, LD, sQ, LD);
+    mma_a_bt<T, D, BM / 8>(pt, sK, warp * 16, sQs, 0);
 #pragma unroll
     for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int local = j * 8 + 2 * t + (e & 1), row = r0 + local, key = e < 2 ? key_a : key_b;
-        const bool visible = key < Sk && row < R && (!causal || key <= row % Sq + offset);
-        pt[j][e] = visible ? exp2f(pt[j][e] * scale_log2 - sL[local]) : 0.f;
+        const int local = j * 8 + lay::mma_c(lane, e).col, key = e < 2 ? key_a : key_b;
+        pt[j][e] = key <= limit_s[local] ? exp2f(pt[j][e] * scale_log2 - lse_s[local]) : 0.f;
       }
-    mma_acc<T, D, BM / 8>(dv_acc, pt, sdOt, LDT);  // dV += P^T dO
+    mma_x_b<T, D, BM / 8>(dv_acc, pt, sdOs, 0);  // dV += P^T dO
 
     // dS^T = P^T * (V dO^T - delta).
     float dst[BM / 8][4];
 #pragma unroll
     for (int j = 0; j < BM / 8; ++j) dst[j][0] = dst[j][1] = dst[j][2] = dst[j][3] = 0.f;
-    mma_rows<T, D, BM / 8>(dst, sV + warp * 16 * LD, LD, sdO, LD);
+    mma_a_bt<T, D, BM / 8>(dst, sV, warp * 16, sdOs, 0);
 #pragma unroll
     for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dst[j][e] = pt[j][e] * (dst[j][e] - sDelta[j * 8 + 2 * t + (e & 1)]);
-    mma_acc<T, D, BM / 8>(dk_acc, dst, sQt, LDT);  // dK += dS^T Q
+      for (int e = 0; e < 4; ++e) dst[j][e] = pt[j][e] * (dst[j][e] - delta_s[j * 8 + lay::mma_c(lane, e).col]);
+    mma_x_b<T, D, BM / 8>(dk_acc, dst, sQs, 0);  // dK += dS^T Q
+    __syncthreads();
+    r0 = next;
   }
+  cp_async_wait<0>();
 
-  T* dkh = dk + head * Sk * D;
-  T* dvh = dv + head * Sk * D;
+  T* dkg = static_cast<T*>(gp.dk.data);
+  T* dvg = static_cast<T*>(gp.dv.data);
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) {
     const int col = i * 8 + 2 * t;
-    if (key_a < Sk) {
-      *reinterpret_cast<uint32_t*>(dkh + int64_t(key_a) * D + col) = pack2<T>(dk_acc[i][0] * scale, dk_acc[i][1] * scale);
-      *reinterpret_cast<uint32_t*>(dvh + int64_t(key_a) * D + col) = pack2<T>(dv_acc[i][0], dv_acc[i][1]);
+    if (key_a < seq.Sk) {
+      *reinterpret_cast<uint32_t*>(dkg + seq.key_offset(gp.dk, key_a) + col) = pack2<T>(dk_acc[i][0] * p.scale, dk_acc[i][1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dvg + seq.key_offset(gp.dv, key_a) + col) = pack2<T>(dv_acc[i][0], dv_acc[i][1]);
     }
-    if (key_b < Sk) {
-      *reinterpret_cast<uint32_t*>(dkh + int64_t(key_b) * D + col) = pack2<T>(dk_acc[i][2] * scale, dk_acc[i][3] * scale);
-      *reinterpret_cast<uint32_t*>(dvh + int64_t(key_b) * D + col) = pack2<T>(dv_acc[i][2], dv_acc[i][3]);
+    if (key_b < seq.Sk) {
+      *reinterpret_cast<uint32_t*>(dkg + seq.key_offset(gp.dk, key_b) + col) = pack2<T>(dk_acc[i][2] * p.scale, dk_acc[i][3] * p.scale);
+      *reinterpret_cast<uint32_t*>(dvg + seq.key_offset(gp.dv, key_b) + col) = pack2<T>(dv_acc[i][2], dv_acc[i][3]);
     }
   }
 }
 
 template <typename T, int D>
-__global__ __launch_bounds__(128) void attention_bwd_dq_kernel(
-    const T* __restrict__ q,          // [B * Hkv, R, D]
-    const T* __restrict__ k,          // [B * Hkv, Sk, D]
-    const T* __restrict__ v,          // [B * Hkv, Sk, D]
-    const T* __restrict__ dout,       // [B * Hkv, R, D]
-    const float* __restrict__ lse,    // [B * Hkv, R]
-    const float* __restrict__ delta,  // [B * Hkv, R]
-    T* __restrict__ dq,               // [B * Hkv, R, D]
-    int R, int Sq, int Sk, bool causal, float scale, float scale_log2) {
-  constexpr int BM = kBwdRows, BN = kBwdKeys, LD = D + kPad, LDT = BN + kPad;
-  extern __shared__ __align__(16) uint16_t smem[];
-  uint16_t* sQ = smem;             // [BM][LD]
-  uint16_t* sdO = sQ + BM * LD;    // [BM][LD]
-  uint16_t* sK = sdO + BM * LD;    // [BN][LD]
-  uint16_t* sV = sK + BN * LD;     // [BN][LD]
-  uint16_t* sKt = sV + BN * LD;    // [D][LDT]
+__global__ __launch_bounds__(128) void attention_bwd_dq_kernel(const __grid_constant__ AttentionParams p,
+                                                              const __grid_constant__ AttentionGradParams gp) {
+  constexpr int BM = kBwdRows, BN = kBwdKeys;
+  extern __shared__ __align__(128) uint16_t smem[];
+  uint16_t* sQ = smem;              // [BM][D]
+  uint16_t* sdO = sQ + BM * D;      // [BM][D]
+  uint16_t* sK = sdO + BM * D;      // [2][BN][D]
+  uint16_t* sV = sK + 2 * BN * D;   // [2][BN][D]
 
+  const Sequence seq(p, blockIdx.y);
+  const int R = seq.rows(), r0 = blockIdx.x * BM;
+  if (r0 >= R) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int64_t head = blockIdx.y;
-  const int r0 = blockIdx.x * BM;
-  const int offset = Sk - Sq;
-  const uint16_t* kh = reinterpret_cast<const uint16_t*>(k) + head * Sk * D;
-  const uint16_t* vh = reinterpret_cast<const uint16_t*>(v) + head * Sk * D;
-  load_tile<D, 128>(reinterpret_cast<const uint16_t*>(q) + head * R * D, r0, BM, R, sQ, nullptr);
-  load_tile<D, 128>(reinterpret_cast<const uint16_t*>(dout) + head * R * D, r0, BM, R, sdO, nullptr);
+  const uint16_t *qg = half_ptr(p.q), *dog = half_ptr(gp.dout), *kg = half_ptr(p.k), *vg = half_ptr(p.v);
+  const int kv_end = p.causal ? lay::causal_key_end(r0, min(R, r0 + BM), seq.Sq, seq.Sk) : seq.Sk;
+  load_tile_async<D, 128>(sQ, BM, qg, [&](int i) { return r0 + i < R ? qg + seq.row_offset(p.q, r0 + i) : nullptr; });
+  load_tile_async<D, 128>(sdO, BM, dog, [&](int i) {
+    return r0 + i < R ? dog + seq.row_offset(gp.dout, r0 + i) : nullptr;
+  });
+  auto load_kv = [&](int n0, int stage) {
+    load_tile_async<D, 128>(sK + stage * BN * D, BN, kg, [&](int i) {
+      return n0 + i < kv_end ? kg + seq.key_offset(p.k, n0 + i) : nullptr;
+    });
+    load_tile_async<D, 128>(sV + stage * BN * D, BN, vg, [&](int i) {
+      return n0 + i < kv_end ? vg + seq.key_offset(p.v, n0 + i) : nullptr;
+    });
+  };
+  if (kv_end > 0) load_kv(0, 0);
+  cp_async_commit();
 
   const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;
-  const int pos_a = row_a % Sq, pos_b = row_b % Sq;
-  const float lse_a = row_a < R ? lse[head * R + row_a] * kLog2e : 0.f;
-  const float lse_b = row_b < R ? lse[head * R + row_b] * kLog2e : 0.f;
-  const float delta_a = row_a < R ? delta[head * R + row_a] : 0.f;
-  const float delta_b = row_b < R ? delta[head * R + row_b] : 0.f;
-  const int kv_end = causal ? causal_key_end(r0, min(R, r0 + BM), Sq, Sk) : Sk;
+  const float* lseg = static_cast<const float*>(p.lse.data);
+  const float* deltag = static_cast<const float*>(gp.delta.data);
+  const float lse_a = row_a < R ? lseg[seq.row_offset(p.lse, row_a)] * kLog2e : 0.f;
+  const float lse_b = row_b < R ? lseg[seq.row_offset(p.lse, row_b)] * kLog2e : 0.f;
+  const float delta_a = row_a < R ? deltag[seq.row_offset(gp.delta, row_a)] : 0.f;
+  const float delta_b = row_b < R ? deltag[seq.row_offset(gp.delta, row_b)] : 0.f;
+  const int limit_a = row_a < R ? seq.key_limit(row_a, p.causal) : -1;
+  const int limit_b = row_b < R ? seq.key_limit(row_b, p.causal) : -1;
+  const float scale_log2 = p.scale * kLog2e;
   float dq_acc[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) dq_acc[i][0] = dq_acc[i][1] = dq_acc[i][2] = dq_acc[i][3] = 0.f;
 
-  for (int n0 = 0; n0 < kv_end; n0 += BN) {
+  for (int n0 = 0, stage = 0; n0 < kv_end; n0 += BN, stage ^= 1) {
+    if (n0 + BN < kv_end) load_kv(n0 + BN, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
     __syncthreads();
-    load_tile<D, 128>(kh, n0, BN, Sk, sK, sKt);
-    load_tile<D, 128>(vh, n0, BN, Sk, sV, nullptr);
-    __syncthreads();
-    float p[BN / 8][4], ds[BN / 8][4];
+    const uint16_t* sKs = sK + stage * BN * D;
+    const uint16_t* sVs = sV + stage * BN * D;
+    float s[BN / 8][4], ds[BN / 8][4];
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) p[j][0] = p[j][1] = p[j][2] = p[j][3] = ds[j][0] = ds[j][1] = ds[j][2] = ds[j][3] = 0.f;
-    mma_rows<T, D, BN / 8>(p, sQ + warp * 16 * LD, LD, sK, LD);    // S = Q K^T
-    mma_rows<T, D, BN / 8>(ds, sdO + warp * 16 * LD, LD, sV, LD);  // dP = dO V^T
+    for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = ds[j][0] = ds[j][1] = ds[j][2] = ds[j][3] = 0.f;
+    mma_a_bt<T, D, BN / 8>(s, sQ, warp * 16, sKs, 0);    // S = Q K^T
+    mma_a_bt<T, D, BN / 8>(ds, sdO, warp * 16, sVs, 0);  // dP = dO V^T
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int key = n0 + j * 8 + 2 * t + (e & 1), row = e < 2 ? row_a : row_b;
-        const bool visible = key < Sk && row < R && (!causal || key <= (e < 2 ? pos_a : pos_b) + offset);
-        const float prob = visible ? exp2f(p[j][e] * scale_log2 - (e < 2 ? lse_a : lse_b)) : 0.f;
+        const int key = n0 + j * 8 + lay::mma_c(lane, e).col;
+        const bool visible = key <= (e < 2 ? limit_a : limit_b);
+        const float prob = visible ? exp2f(s[j][e] * scale_log2 - (e < 2 ? lse_a : lse_b)) : 0.f;
         ds[j][e] = prob * (ds[j][e] - (e < 2 ? delta_a : delta_b));
       }
-    mma_acc<T, D, BN / 8>(dq_acc, ds, sKt, LDT);  // dQ += dS K
+    mma_x_b<T, D, BN / 8>(dq_acc, ds, sKs, 0);  // dQ += dS K
+    __syncthreads();
   }
+  cp_async_wait<0>();
 
-  T* dqh = dq + head * R * D;
+  T* dqg = static_cast<T*>(gp.dq.data);
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) {
     const int col = i * 8 + 2 * t;
     if (row_a < R)
-      *reinterpret_cast<uint32_t*>(dqh + int64_t(row_a) * D + col) = pack2<T>(dq_acc[i][0] * scale, dq_acc[i][1] * scale);
+      *reinterpret_cast<uint32_t*>(dqg + seq.row_offset(gp.dq, row_a) + col) = pack2<T>(dq_acc[i][0] * p.scale, dq_acc[i][1] * p.scale);
     if (row_b < R)
-      *reinterpret_cast<uint32_t*>(dqh + int64_t(row_b) * D + col) = pack2<T>(dq_acc[i][2] * scale, dq_acc[i][3] * scale);
+      *reinterpret_cast<uint32_t*>(dqg + seq.row_offset(gp.dq, row_b) + col) = pack2<T>(dq_acc[i][2] * p.scale, dq_acc[i][3] * p.scale);
   }
 }
 
-template <typename T, int D>
-cudaError_t launch_bwd(const void* dout, const void* q, const void* k, const void* v, const void* out,
-                       const float* lse, float* delta, void* dq, void* dk, void* dv, int64_t B, int64_t H,
-                       int64_t Hkv, int64_t Sq, int64_t Sk, bool causal, float scale, cudaStream_t stream) {
-  const int64_t R = (H / Hkv) * Sq, rows = B * H * Sq;
-  cudaError_t err = cudaSuccess;
-  if (rows > 0) {  // with no queries only the dK/dV kernel runs, writing zeros
-    attention_bwd_delta_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
-        static_cast<const T*>(out), static_cast<const T*>(dout), delta, rows, static_cast<int>(D));
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-  constexpr size_t dkdv_smem = bwd_dkdv_smem_bytes<D>(), dq_smem = bwd_dq_smem_bytes<D>();
-  auto dkdv = attention_bwd_dkdv_kernel<T, D>;
-  auto dqk = attention_bwd_dq_kernel<T, D>;
-  if ((err = cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, dkdv_smem)) != cudaSuccess)
-    return err;
-  if ((err = cudaFuncSetAttribute(dqk, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_smem)) != cudaSuccess)
-    return err;
-  const float scale_log2 = scale * kLog2e;
-  dkdv<<<dim3(static_cast<unsigned>((Sk + kBwdKeys - 1) / kBwdKeys), static_cast<unsigned>(B * Hkv)), 128,
-         dkdv_smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-                              static_cast<const T*>(dout), lse, delta, static_cast<T*>(dk), static_cast<T*>(dv),
-                              static_cast<int>(R), static_cast<int>(Sq), static_cast<int>(Sk), causal, scale,
-                              scale_log2);
-  if ((err = cudaGetLastError()) != cudaSuccess || R == 0) return err;
-  dqk<<<dim3(static_cast<unsigned>((R + kBwdRows - 1) / kBwdRows), static_cast<unsigned>(B * Hkv)), 128, dq_smem,
-        stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-                  static_cast<const T*>(dout), lse, delta, static_cast<T*>(dq), static_cast<int>(R),
-                  static_cast<int>(Sq), static_cast<int>(Sk), causal, scale, scale_log2);
-  return cudaGetLastError();
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-template <typename T>
-cudaError_t launch_bwd_typed(const void* dout, const void* q, const void* k, const void* v, const void* out,
-                             const float* lse, float* delta, void* dq, void* dk, void* dv, int64_t B, int64_t H,
-                             int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, bool causal, float scale,
-                             cudaStream_t stream) {
-  switch (D) {
-    case 32: return launch_bwd<T, 32>(dout, q, k, v, out, lse, delta, dq, dk, dv, B, H, Hkv, Sq, Sk, causal, scale, stream);
-    case 64: return launch_bwd<T, 64>(dout, q, k, v, out, lse, delta, dq, dk, dv, B, H, Hkv, Sq, Sk, causal, scale, stream);
-    case 128: return launch_bwd<T, 128>(dout, q, k, v, out, lse, delta, dq, dk, dv, B, H, Hkv, Sq, Sk, causal, scale, stream);
-  }
-  return cudaErrorInvalidValue;
-}
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct Plan {
-  int warps, splits, keys_per_split;
+  bool key_split;  // decode shape: warps split the keys of each tile
+  int splits, keys_per_split;
 };
 
-Plan plan_attention(int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D) {
-  const int BN = D <= 128 ? 64 : 32;
-  const int64_t R = (H / Hkv) * Sq;
-  if (Sq > kDecodeMaxSq) return {4, 1, static_cast<int>(Sk)};
-  // Decode: few rows, so split the keys until the grid covers the SMs about twice.
+int decode_keys_per_stage(int64_t D) { return D <= 128 ? 64 : 32; }
+
+Plan plan_attention(const AttentionParams& p) {
+  const int64_t G = p.H / p.Hkv, Sk = std::max<int64_t>(p.max_seqlen_k, 1);
+  if (p.max_seqlen_q > kDecodeMaxSq) return {false, 1, static_cast<int>(Sk)};
+  if (p.cu_seqlens_q != nullptr) return {true, 1, static_cast<int>(Sk)};  // varlen: rows differ per sequence
+  // Decode: few rows, so split the keys until the grid covers every SM about three times.
   int device = 0, sms = 132;
   if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t blocks = B * Hkv * ((R + 15) / 16);
-  const int64_t tiles = (Sk + BN - 1) / BN;
-  const int64_t splits = std::clamp<int64_t>((2 * sms + blocks - 1) / blocks, 1, std::min<int64_t>(tiles, 128));
-  const int64_t keys = ((tiles + splits - 1) / splits) * BN;
-  return {1, static_cast<int>((Sk + keys - 1) / keys), static_cast<int>(keys)};
+  const int BN = decode_keys_per_stage(p.D);
+  const int64_t blocks = p.B * p.Hkv * ceil_div(G * p.max_seqlen_q, 16);
+  const int64_t tiles = ceil_div(Sk, BN);
+  const int64_t splits = std::clamp<int64_t>(ceil_div(3 * sms, blocks), 1, std::min<int64_t>(tiles, 64));
+  const int64_t keys = ceil_div(tiles, splits) * BN;
+  return {true, static_cast<int>(ceil_div(Sk, keys)), static_cast<int>(keys)};
 }
 
-template <typename T, int D, int WARPS>
-cudaError_t launch_fwd(const void* q, const void* k, const void* v, void* out, float* lse, float* part_o,
-                       float* part_lse, int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, const Plan& plan,
-                       bool causal, float scale, cudaStream_t stream) {
-  const int64_t R = (H / Hkv) * Sq;
-  const dim3 grid(static_cast<unsigned>((R + 16 * WARPS - 1) / (16 * WARPS)), static_cast<unsigned>(B * Hkv),
+template <typename T, int D, int WARPS, bool KEY_SPLIT>
+cudaError_t launch_fwd(const AttentionParams& p, const Plan& plan, float* part_o, float* part_lse,
+                       cudaStream_t stream) {
+  using Tile = FwdTile<D, WARPS, KEY_SPLIT>;
+  const int64_t R = p.H / p.Hkv * p.max_seqlen_q;
+  const dim3 grid(static_cast<unsigned>(ceil_div(R, Tile::kRows)), static_cast<unsigned>(p.B * p.Hkv),
                   static_cast<unsigned>(plan.splits));
-  constexpr size_t smem = smem_bytes<WARPS, D>();
-  auto kernel = attention_fwd_kernel<T, D, WARPS>;
-  if constexpr (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, WARPS * 32, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
-                                             static_cast<const T*>(v), static_cast<T*>(out), lse,
-                                             plan.splits > 1 ? part_o : nullptr, part_lse, static_cast<int>(R),
-                                             static_cast<int>(Sq), static_cast<int>(Sk), plan.keys_per_split, causal,
-                                             scale * kLog2e);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || plan.splits == 1) return err;
-  const int64_t rows = B * H * Sq;
-  attention_combine_kernel<T><<<static_cast<unsigned>(rows), std::min<int>(D, 128), 0, stream>>>(
-      part_o, part_lse, static_cast<T*>(out), lse, plan.splits, rows, static_cast<int>(D));
+  auto kernel = attention_fwd_kernel<T, D, WARPS, KEY_SPLIT>;
+  cudaError_t err = allow_smem(kernel, Tile::kSmem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, WARPS * 32, Tile::kSmem, stream>>>(p, plan.splits > 1 ? part_o : nullptr, part_lse,
+                                                    plan.keys_per_split);
+  if ((err = cudaGetLastError()) != cudaSuccess || plan.splits == 1) return err;
+  attention_combine_kernel<T><<<static_cast<unsigned>(p.B * p.Hkv * R), std::min<int>(D, 128), 0, stream>>>(
+      p, part_o, part_lse, plan.splits);
   return cudaGetLastError();
 }
 
 template <typename T, int D>
-cudaError_t launch_fwd_warps(const void* q, const void* k, const void* v, void* out, float* lse, float* part_o,
-                             float* part_lse, int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk,
-                             const Plan& plan, bool causal, float scale, cudaStream_t stream) {
-  if (plan.warps == 1)
-    return launch_fwd<T, D, 1>(q, k, v, out, lse, part_o, part_lse, B, H, Hkv, Sq, Sk, plan, causal, scale, stream);
-  return launch_fwd<T, D, 4>(q, k, v, out, lse, part_o, part_lse, B, H, Hkv, Sq, Sk, plan, causal, scale, stream);
+cudaError_t launch_fwd_d(const AttentionParams& p, const Plan& plan, float* part_o, float* part_lse,
+                         cudaStream_t stream) {
+  if (plan.key_split)
+    return launch_fwd<T, D, FwdConfig<D>::kDecodeWarps, true>(p, plan, part_o, part_lse, stream);
+  return launch_fwd<T, D, FwdConfig<D>::kPrefillWarps, false>(p, plan, part_o, part_lse, stream);
 }
 
 template <typename T>
-cudaError_t launch_fwd_typed(const void* q, const void* k, const void* v, void* out, float* lse, float* part_o,
-                             float* part_lse, int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D,
-                             const Plan& plan, bool causal, float scale, cudaStream_t stream) {
-  switch (D) {
-    case 32: return launch_fwd_warps<T, 32>(q, k, v, out, lse, part_o, part_lse, B, H, Hkv, Sq, Sk, plan, causal, scale, stream);
-    case 64: return launch_fwd_warps<T, 64>(q, k, v, out, lse, part_o, part_lse, B, H, Hkv, Sq, Sk, plan, causal, scale, stream);
-    case 128: return launch_fwd_warps<T, 128>(q, k, v, out, lse, part_o, part_lse, B, H, Hkv, Sq, Sk, plan, causal, scale, stream);
-    case 256: return launch_fwd_warps<T, 256>(q, k, v, out, lse, part_o, part_lse, B, H, Hkv, Sq, Sk, plan, causal, scale, stream);
+cudaError_t launch_fwd_typed(const AttentionParams& p, const Plan& plan, float* part_o, float* part_lse,
+                             cudaStream_t stream) {
+  switch (p.D) {
+    case 32: return launch_fwd_d<T, 32>(p, plan, part_o, part_lse, stream);
+    case 64: return launch_fwd_d<T, 64>(p, plan, part_o, part_lse, stream);
+    case 128: return launch_fwd_d<T, 128>(p, plan, part_o, part_lse, stream);
+    case 256: return launch_fwd_d<T, 256>(p, plan, part_o, part_lse, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+template <typename T, int D>
+cudaError_t launch_bwd(const AttentionParams& p, const AttentionGradParams& g, cudaStream_t stream) {
+  const int64_t G = p.H / p.Hkv;
+  cudaError_t err = cudaSuccess;
+  if (p.max_seqlen_q > 0) {
+    attention_bwd_delta_kernel<T><<<dim3(static_cast<unsigned>(ceil_div(p.max_seqlen_q, 8)),
+                                         static_cast<unsigned>(p.B * p.H)), 256, 0, stream>>>(p, g);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  auto dkdv = attention_bwd_dkdv_kernel<T, D>;
+  auto dq = attention_bwd_dq_kernel<T, D>;
+  constexpr size_t dkdv_smem = bwd_dkdv_smem_bytes<D>(), dq_smem = bwd_dq_smem_bytes<D>();
+  if ((err = allow_smem(dkdv, dkdv_smem)) != cudaSuccess || (err = allow_smem(dq, dq_smem)) != cudaSuccess) return err;
+  // Every key gets dK/dV written and every query dQ: zeros where nothing is seen.
+  if (p.max_seqlen_k > 0) {
+    dkdv<<<dim3(static_cast<unsigned>(ceil_div(p.max_seqlen_k, kBwdKeys)), static_cast<unsigned>(p.B * p.Hkv)), 128,
+           dkdv_smem, stream>>>(p, g);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  if (p.max_seqlen_q == 0) return cudaSuccess;
+  dq<<<dim3(static_cast<unsigned>(ceil_div(G * p.max_seqlen_q, kBwdRows)), static_cast<unsigned>(p.B * p.Hkv)), 128,
+       dq_smem, stream>>>(p, g);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_bwd_typed(const AttentionParams& p, const AttentionGradParams& g, cudaStream_t stream) {
+  switch (p.D) {
+    case 32: return launch_bwd<T, 32>(p, g, stream);
+    case 64: return launch_bwd<T, 64>(p, g, stream);
+    case 128: return launch_bwd<T, 128>(p, g, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+bool valid(const AttentionParams& p) {
+  return p.Hkv > 0 && p.H % p.Hkv == 0 && p.B * p.Hkv <= 65535 && p.max_seqlen_q >= 0 && p.max_seqlen_k >= 0 &&
+         (p.block_table == nullptr || (p.block_size > 0 && p.seq_lens_k != nullptr));
 }
 
 }  // namespace
 
-cudaError_t launch_attention_bwd(const void* dout, const void* q, const void* k, const void* v, const void* out,
-                                 const float* lse, float* delta, void* dq, void* dk, void* dv, int64_t B, int64_t H,
-                                 int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, bool causal, float scale,
-                                 FloatType type, cudaStream_t stream) {
-  if (B * Hkv * Sk == 0) return cudaSuccess;
-  if (Hkv <= 0 || H % Hkv != 0 || B * Hkv > 65535 || (causal && Sq > Sk)) return cudaErrorInvalidValue;
+size_t attention_fwd_workspace_bytes(const AttentionParams& p) {
+  if (!valid(p)) return 0;
+  const Plan plan = plan_attention(p);
+  if (plan.splits == 1) return 0;
+  return sizeof(float) * static_cast<size_t>(plan.splits) * p.B * p.H * p.max_seqlen_q * (p.D + 1);
+}
+
+cudaError_t launch_attention_fwd(const AttentionParams& p, void* workspace, FloatType type, cudaStream_t stream) {
+  if (!valid(p)) return cudaErrorInvalidValue;
+  if (p.B * p.H * p.max_seqlen_q == 0) return cudaSuccess;
+  const Plan plan = plan_attention(p);
+  const int64_t rows = p.B * p.H * p.max_seqlen_q;
+  float* part_o = static_cast<float*>(workspace);                                 // [splits, rows, D]
+  float* part_lse = part_o ? part_o + int64_t(plan.splits) * rows * p.D : nullptr;  // [splits, rows]
+  if (plan.splits > 1 && part_o == nullptr) return cudaErrorInvalidValue;
   switch (type) {
-    case FloatType::kFloat16:
-      return launch_bwd_typed<__half>(dout, q, k, v, out, lse, delta, dq, dk, dv, B, H, Hkv, Sq, Sk, D, causal, scale,
-                                      stream);
-    case FloatType::kBFloat16:
-      return launch_bwd_typed<__nv_bfloat16>(dout, q, k, v, out, lse, delta, dq, dk, dv, B, H, Hkv, Sq, Sk, D, causal,
-                                             scale, stream);
+    case FloatType::kFloat16: return launch_fwd_typed<__half>(p, plan, part_o, part_lse, stream);
+    case FloatType::kBFloat16: return launch_fwd_typed<__nv_bfloat16>(p, plan, part_o, part_lse, stream);
     case FloatType::kFloat32: break;
   }
   return cudaErrorInvalidValue;
 }
 
-size_t attention_fwd_workspace_bytes(int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D) {
-  const Plan plan = plan_attention(B, H, Hkv, Sq, Sk, D);
-  if (plan.splits == 1) return 0;
-  return sizeof(float) * static_cast<size_t>(plan.splits) * B * H * Sq * (D + 1);
-}
-
-cudaError_t launch_attention_fwd(const void* q, const void* k, const void* v, void* out, float* lse, void* workspace,
-                                 int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, bool causal,
-                                 float scale, FloatType type, cudaStream_t stream) {
-  if (B * H * Sq == 0) return cudaSuccess;
-  if (Hkv <= 0 || H % Hkv != 0 || Sk <= 0 || B * Hkv > 65535 || (causal && Sq > Sk)) return cudaErrorInvalidValue;
-  const Plan plan = plan_attention(B, H, Hkv, Sq, Sk, D);
-  float* part_o = static_cast<float*>(workspace);                        // [splits, B * H * Sq, D]
-  float* part_lse = part_o ? part_o + int64_t(plan.splits) * B * H * Sq * D : nullptr;  // [splits, B * H * Sq]
-  if (plan.splits > 1 && part_o == nullptr) return cudaErrorInvalidValue;
+cudaError_t launch_attention_bwd(const AttentionParams& p, const AttentionGradParams& g, FloatType type,
+                                 cudaStream_t stream) {
+  if (!valid(p) || p.block_table != nullptr) return cudaErrorInvalidValue;
+  if (p.B * p.Hkv == 0 || p.max_seqlen_q + p.max_seqlen_k == 0) return cudaSuccess;
   switch (type) {
-    case FloatType::kFloat16:
-      return launch_fwd_typed<__half>(q, k, v, out, lse, part_o, part_lse, B, H, Hkv, Sq, Sk, D, plan, causal, scale, stream);
-    case FloatType::kBFloat16:
-      return launch_fwd_typed<__nv_bfloat16>(q, k, v, out, lse, part_o, part_lse, B, H, Hkv, Sq, Sk, D, plan, causal,
-                                             scale, stream);
+    case FloatType::kFloat16: return launch_bwd_typed<__half>(p, g, stream);
+    case FloatType::kBFloat16: return launch_bwd_typed<__nv_bfloat16>(p, g, stream);
     case FloatType::kFloat32: break;
   }
   return cudaErrorInvalidValue;

@@ -51,33 +51,64 @@ cudaError_t launch_mixed_gemm(const void* a,         // [M, K] of a_type
                               void* c,               // [M, N] contiguous, out_type
                               int64_t M, int64_t N, int64_t K, FloatType a_type, FloatType out_type,
                               int activation, cudaStream_t stream);
-// Bytes of scratch launch_attention_fwd needs for these sizes (0 when it does not split keys).
-size_t attention_fwd_workspace_bytes(int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D);
+// ---- Attention (kernels/attention.cu) ------------------------------------------------------
+// An operand seen as [batch][head][row][D] with element strides; D is contiguous, and every row
+// must start 16-byte aligned (data 16-byte aligned, strides multiples of 8 elements). Varlen: the
+// batch stride is 0 and batch b's rows start at cu_seqlens[b]. Paged K/V caches
+// [num_blocks, block_size, Hkv, D]: "batch" is the cache block, "row" the slot inside it.
+// lse / delta use the same strides for float rows (D = 1, any alignment).
+struct StridedRows {
+  void* data = nullptr;
+  int64_t batch_stride = 0, head_stride = 0, row_stride = 0;
+};
 
-// Fused attention forward, fp16/bf16, head dim 32/64/128/256, contiguous tensors:
-// out = softmax(q k^T * scale [+ causal mask aligned to the end]) v and its log-sum-exp.
-cudaError_t launch_attention_fwd(const void* q,      // [B, H, Sq, D] of `type`
-                                 const void* k,      // [B, Hkv, Sk, D]
-                                 const void* v,      // [B, Hkv, Sk, D]
-                                 void* out,          // [B, H, Sq, D]
-                                 float* lse,         // [B, H, Sq], natural log
-                                 void* workspace,    // attention_fwd_workspace_bytes(...) bytes, or null if 0
-                                 int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, bool causal,
-                                 float scale, FloatType type, cudaStream_t stream);
+// One attention call: dense ([B, H, Sq, D] views, any strides), varlen (cu_seqlens_q/k) or paged
+// K/V (block_table + seq_lens_k). q heads H = Hkv * G: query head h reads kv head h / G. Causal is
+// aligned bottom-right per sequence: query i of a sequence with Sq queries and Sk keys sees keys
+// j <= i + Sk - Sq (a row that sees no key gets out = 0, lse = -inf).
+struct AttentionParams {
+  StridedRows q, k, v, out, lse;
+  int64_t B = 0, H = 0, Hkv = 0, D = 0;
+  int64_t max_seqlen_q = 0, max_seqlen_k = 0;  // dense: Sq and Sk; paged: max_seqlen_k bounds seq_lens_k
+  const int32_t* cu_seqlens_q = nullptr;       // varlen [B + 1]
+  const int32_t* cu_seqlens_k = nullptr;       // varlen [B + 1]
+  const int32_t* seq_lens_k = nullptr;         // paged [B]: keys of each sequence
+  const int32_t* block_table = nullptr;        // paged [B, block_table_stride]: cache block of each key block
+  int64_t block_table_stride = 0, block_size = 0;
+  bool causal = false;
+  float scale = 1.f;
+};
 
-// Fused attention backward, fp16/bf16, head dim 32/64/128, contiguous tensors: dq, dk, dv from
-// the forward's out and log-sum-exp (probabilities recomputed, never stored).
-cudaError_t launch_attention_bwd(const void* dout,   // [B, H, Sq, D] of `type`
-                                 const void* q,      // [B, H, Sq, D]
-                                 const void* k,      // [B, Hkv, Sk, D]
-                                 const void* v,      // [B, Hkv, Sk, D]
-                                 const void* out,    // [B, H, Sq, D]
-                                 const float* lse,   // [B, H, Sq], natural log
-                                 float* delta,       // [B, H, Sq] scratch: rowsum(dout * out)
-                                 void* dq,           // [B, H, Sq, D]
-                                 void* dk,           // [B, Hkv, Sk, D]
-                                 void* dv,           // [B, Hkv, Sk, D]
-                                 int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t Sk, int64_t D, bool causal,
-                                 float scale, FloatType type, cudaStream_t stream);
+// The gradient operands of the backward; delta: float scratch with lse's strides.
+struct AttentionGradParams {
+  StridedRows dout, dq, dk, dv, delta;
+};
+
+// Bytes of scratch launch_attention_fwd needs (0 when it does not split the keys across blocks).
+size_t attention_fwd_workspace_bytes(const AttentionParams& p);
+
+// Forward, fp16/bf16, head dim 32/64/128/256: out = softmax(q k^T * scale [+ mask]) v and lse
+// (natural log). workspace: attention_fwd_workspace_bytes(p) bytes, or null when that is 0.
+cudaError_t launch_attention_fwd(const AttentionParams& p, void* workspace, FloatType type, cudaStream_t stream);
+
+// Backward of a dense or varlen forward (not paged), fp16/bf16, head dim 32/64/128: dq, dk, dv
+// from the forward's out and lse (probabilities recomputed, never stored).
+cudaError_t launch_attention_bwd(const AttentionParams& p, const AttentionGradParams& g, FloatType type,
+                                 cudaStream_t stream);
+
+// ---- Paged KV cache (kernels/kv_cache.cu) ----------------------------------------------------
+// k_cache[slot / block_size, slot % block_size] = k[n] (and v likewise) for every token n with
+// slot = slot_mapping[n] >= 0; strides in elements: k/v [N, Hkv, D], caches [blocks, block_size, Hkv, D].
+struct KvCacheWrite {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  const int64_t* slot_mapping = nullptr;  // [N]
+  int64_t k_stride[3] = {}, v_stride[3] = {}, k_cache_stride[4] = {}, v_cache_stride[4] = {};
+  int64_t N = 0, Hkv = 0, D = 0, block_size = 0;
+};
+// element_bytes: 2 (fp16/bf16) or 4 (fp32); the copy moves bits, so any dtype of that size works.
+cudaError_t launch_write_kv_cache(const KvCacheWrite& w, int element_bytes, cudaStream_t stream);
 
 }  // namespace msmartcompute::cuda

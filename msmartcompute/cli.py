@@ -6,11 +6,8 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import socket
 import sys
-import threading
-import time
 from pathlib import Path
 
 from . import __version__
@@ -37,9 +34,6 @@ def _config(args: argparse.Namespace, overrides: dict):
         where = "" if str(exc).startswith(("config file", "environment variable")) else f"config file {args.config}: "
         raise CliError(f"{where}{exc}") from None
 
-# SIGTERM/SIGINT: stop accepting, let in-flight requests finish for at most this long, then stop.
-DRAIN_TIMEOUT_S = 30.0
-
 
 def _is_loopback(host: str) -> bool:
     try:
@@ -49,124 +43,47 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _runtime(config):
-    from .runtime.engine import Runtime, RuntimeConfig
-
-    try:
-        runtime_config = RuntimeConfig(state_dir=config.state_dir, **config.runtime)
-    except TypeError as exc:
-        raise CliError(f"config file: bad [inference]/[virtualization] setting: {exc}") from None
-    try:
-        return Runtime(runtime_config)
-    except OSError as exc:
-        raise CliError(f"state dir {config.state_dir}: {exc.strerror or exc}") from None
-
-
 def serve(args: argparse.Namespace) -> int:
-    import waitress
-
-    from .api import create_app
-    from .api.app import ApiConfig
-    from .api.ratelimit import RateLimitConfig
-    from .runtime.errors import MSCError
+    """The supervisor: one engine process, --workers front processes (serving/supervisor.py)."""
     from .runtime.keys import KeyStore
+    from .runtime.store import STORE_FILENAME, Store
+    from .serving.supervisor import Supervisor, default_workers
 
     config = _config(args, {"host": args.host, "port": args.port, "threads": args.threads})
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    runtime = _runtime(config)
-    keys = KeyStore(runtime.store)
     try:
+        Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+        store = Store(Path(config.state_dir) / STORE_FILENAME)
+    except OSError as exc:
+        raise CliError(f"state dir {config.state_dir}: {exc.strerror or exc}") from None
+    try:  # before any process starts: the engine is the only writer of the store once serving
+        keys = KeyStore(store)
         for entry in config.api_keys:
             keys.add(str(entry.get("key", "")), entry.get("user_id", "admin"), entry.get("role", "admin"))
+        open_mode = keys.count() == 0
     except (ValueError, AttributeError) as exc:
-        runtime.close()
         raise CliError(f"bad API key in the config file or MSC_ADMIN_KEY: {exc}") from None
-    open_mode = keys.count() == 0
+    finally:
+        store.close()
     if open_mode and not _is_loopback(config.host):
-        runtime.close()
         log.error("refusing to serve on %s with no API keys: create one with "
                   "`msmartcompute keys create --user U --role admin` or bind to 127.0.0.1", config.host)
         return 2
     if open_mode:
         log.warning("no API keys configured: serving OPEN (no authentication) on loopback only")
-    runtime.start()
-    for spec in config.models:
-        try:
-            runtime.registry.load(dict(spec))
-            log.info("preloaded model %s", spec.get("model_id"))
-        except MSCError as exc:
-            if exc.code != "MODEL_ALREADY_LOADED":  # restored from the store already
-                log.error("could not preload model %s: %s", spec.get("model_id"), exc.message)
-    app = create_app(runtime, ApiConfig(
-        max_body_bytes=config.max_body_bytes, open_mode=open_mode, cors_origins=tuple(config.cors_origins),
-        rate_limit=RateLimitConfig(config.rate_limit_per_minute, config.rate_limit_burst,
-                                   config.rate_limit_enabled)))
-    stopping = threading.Event()
-
-    def on_signal(signum, frame):
-        stopping.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    workers = args.workers if args.workers is not None else default_workers()
+    if workers < 1:
+        raise CliError("--workers must be at least 1")
+    child_argv = [arg for name, value in (("--config", args.config), ("--host", config.host),
+                                          ("--port", config.port), ("--state-dir", config.state_dir),
+                                          ("--threads", config.threads)) if value is not None
+                  for arg in (name, str(value))]
     try:
-        try:
-            server = waitress.create_server(app, host=config.host, port=config.port, threads=config.threads,
-                                            ident="msmartcompute", max_request_body_size=config.max_body_bytes,
-                                            clear_untrusted_proxy_headers=True)
-        except OSError as exc:  # port in use, address not on this machine, privileged port
-            raise CliError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", 1) from None
-        log.info("serving on http://%s:%d (state dir %s)", config.host, config.port,
-                 Path(config.state_dir).resolve())
-        _serve_until(server, stopping)
-        log.info("stopping: no new connections; draining in-flight requests (at most %.0f s)", DRAIN_TIMEOUT_S)
-        drained = _drain(server, DRAIN_TIMEOUT_S)
-        if not drained:
-            log.warning("drain timed out after %.0f s: closing the remaining connections", DRAIN_TIMEOUT_S)
-    finally:
-        runtime.close()  # workers stop; queued/cut-short async jobs stay queued in the store
-    log.info("stopped")
-    return 0
-
-
-def _server_map(server) -> dict:
-    return server._map if hasattr(server, "_map") else server.map  # one socket / several (MultiSocketServer)
-
-
-def _serve_until(server, stopping: threading.Event) -> None:
-    """waitress's own loop, in short turns so a signal is noticed within 0.2 s."""
-    from waitress import wasyncore
-
-    smap = _server_map(server)
-    use_poll = server.adj.asyncore_use_poll
-    while not stopping.is_set():
-        wasyncore.loop(timeout=0.2, map=smap, use_poll=use_poll, count=1)
-
-
-def _drain(server, timeout_s: float) -> bool:
-    """Close the listening sockets, keep the loop turning until no channel has a request being
-    read, queued, served or written out (or timeout_s passes), then close everything.
-    Returns whether every in-flight request finished."""
-    from waitress import wasyncore
-    from waitress.channel import HTTPChannel
-    from waitress.server import BaseWSGIServer
-
-    smap = _server_map(server)
-    for listener in [d for d in list(smap.values()) if isinstance(d, BaseWSGIServer)]:
-        wasyncore.dispatcher.close(listener)  # refuse new connections; the trigger stays
-
-    def busy() -> bool:
-        return any(isinstance(ch, HTTPChannel) and (ch.requests or ch.request is not None or ch.total_outbufs_len)
-                   for ch in list(smap.values()))
-
-    deadline = time.monotonic() + timeout_s
-    while busy() and time.monotonic() < deadline:
-        wasyncore.loop(timeout=0.05, map=smap, use_poll=server.adj.asyncore_use_poll, count=1)
-    drained = not busy()
-    dispatcher = getattr(server, "task_dispatcher", None)
-    if dispatcher is not None:
-        dispatcher.shutdown(cancel_pending=True, timeout=5)
-    wasyncore.close_all(smap)
-    return drained
+        supervisor = Supervisor(config, child_argv, workers, open_mode)
+    except OSError as exc:  # port in use, address not on this machine, privileged port
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise CliError(f"cannot listen on {config.host}:{config.port}: {reason}", 1) from None
+    return supervisor.run()
 
 
 def keys_command(args: argparse.Namespace) -> int:
@@ -270,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 8080)")
     p.add_argument("--threads", type=int,
                    help="waitress worker threads (default 32: a batch holds at most this many requests)")
+    p.add_argument("--workers", type=int,
+                   help="front processes (HTTP), sharing one socket (default: one per core, at least 2)")
     p.set_defaults(func=serve)
 
     k = sub.add_parser("keys", help="manage API keys (stored hashed in the state dir)", parents=[state])

@@ -14,7 +14,8 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """A real `msmartcompute serve` process on a free loopback port."""
+    """A real `msmartcompute serve` process (the supervisor of an engine process and front
+    processes) on a free loopback port."""
 
     def __init__(self, state_dir, extra_args=(), env=None, log_file=None):
         """log_file: a path for the server's output; by default it goes to a pipe that is
@@ -27,7 +28,9 @@ class LiveServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "msmartcompute.cli", "serve", "--host", "127.0.0.1",
              "--port", str(self.port), "--state-dir", str(state_dir), *extra_args],
-            stdout=open(log_file, "wb") if log_file else subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            stdout=open(log_file, "wb") if log_file else subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)  # its own process group: the supervisor, its engine and its fronts
+        self.engine_pid_file = os.path.join(str(state_dir), "engine.pid")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -40,6 +43,21 @@ class LiveServer:
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError("server did not answer /health within 60 s")
+
+    def engine_pid(self) -> int:
+        with open(self.engine_pid_file) as f:
+            return int(f.read())
+
+    def children(self) -> list[int]:
+        """The supervisor's child processes (engine and fronts)."""
+        path = f"/proc/{self.process.pid}/task/{self.process.pid}/children"
+        with open(path) as f:
+            return [int(p) for p in f.read().split()]
+
+    def kill_group(self):
+        """SIGKILL to the whole process group, as a crash of the machine's session would."""
+        os.killpg(self.process.pid, 9)
+        self.process.wait(timeout=10)
 
     def stop(self):
         if self.process.poll() is None:

@@ -72,7 +72,14 @@ def test_rate_limit_headers_and_429(tmp_path):
     assert [int(r.headers["X-RateLimit-Remaining"]) for r in responses[:5]] == [999, 998, 997, 996, 995]
     error = assert_error(responses[5], 429, "RATE_LIMIT_EXCEEDED")
     assert int(responses[5].headers["Retry-After"]) >= 1 and error["details"]["retry_after"] >= 1
-    assert "X-RateLimit-Remaining" in responses[5].headers
-    # an unauthenticated request is refused before it can spend anyone's tokens
-    assert_error(api.as_(None).get("/api/v1/models"), 401, "UNAUTHORIZED")
+    assert responses[5].headers["X-RateLimit-Remaining"] == "0"  # exact: no request is allowed now
+    # limits are per user: a second key of carol's spends the same buckets
+    second = Api(runtime).keys.create("carol", "user")
+    assert_error(api.as_(second).get("/api/v1/models"), 429, "RATE_LIMIT_EXCEEDED")
+    # an unauthenticated request spends no user's tokens, but its address's: guessing keys is limited too
+    failed = [api.as_(None).get("/api/v1/models") for _ in range(6)]
+    for r in failed[:5]:
+        assert_error(r, 401, "UNAUTHORIZED")
+    assert [int(r.headers["X-RateLimit-Remaining"]) for r in failed[:5]] == [999, 998, 997, 996, 995]
+    assert_error(failed[5], 429, "RATE_LIMIT_EXCEEDED")
     runtime.close()

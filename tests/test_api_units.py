@@ -69,6 +69,10 @@ def test_schema_names_the_field():
 
 
 def test_parameters_are_typed_by_model_type():
+    from typing import get_args
+
+    from msmartcompute.models.layers import ACTIVATIONS
+    assert set(get_args(schemas.Activation)) == set(ACTIVATIONS)
     mlp = {"input_size": 4, "output_size": 2, "hidden_sizes": [8], "activation": "gelu"}
     schemas.validate(schemas.PARAMETERS["mlp"], mlp)
     with pytest.raises(InvalidInputData, match="body.parameters.hidden_size is not a field"):
@@ -119,7 +123,7 @@ def test_openapi_document_is_valid_openapi3():
         for method, op in methods.items():
             body = op.get("requestBody")
             if body is None:
-                assert all("example" in p for p in op.get("parameters", []) if p["in"] == "path"), (method, path)
+                assert all("example" in p for p in op.get("parameters", [])), (method, path)
                 continue
             content = body["content"]["application/json"]
             name = content["schema"]["$ref"].rsplit("/", 1)[1]

@@ -227,6 +227,78 @@ def test_gpu_gradients_long_sequences(backend, shape):
             for name, g, r, b in zip("qkv", ours, ref64, baseline):
                 assert max_err(g, r) <= allowed_error(r, b, dtype, terms, shape[5] ** 0.5), f"grad of {name}"
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 1, 1), (1, 8, 2, 1, 3001), (3, 6, 2, 5, 130), (1, 4, 4, 16, 70),
+                                   (1, 4, 1, 17, 17), (2, 2, 2, 100, 333), (1, 2, 1, 129, 129)], ids=str)
+def test_gpu_every_cuda_kernel_path(shape, head_dim):
+    # Every CUDA forward instantiation: decode (Sq <= 16: warps split each key tile, keys split
+    # across blocks for long caches) and prefill, each head dim, odd lengths, GQA, Sq != Sk.
+    B, H, Hkv, Sq, Sk = shape
+    for dtype in (torch.float16, torch.bfloat16):
+        for causal in (False, True):
+            q, k, v = make_inputs((B, H, Hkv, Sq, Sk, head_dim), dtype, "cuda")
+            out, lse = torch.ops.msmartcompute.fused_attention_fwd(q, k, v, causal, head_dim ** -0.5)
+            ref64 = reference.attention_reference(q.double(), k.double(), v.double(), causal)
+            baseline = reference.attention_reference(q, k, v, causal, compute_dtype=dtype)
+            assert max_err(out, ref64) <= allowed_error(ref64, baseline, dtype, Sk * head_dim), (dtype, causal)
+            scores = (q.double() @ k.double().repeat_interleave(H // Hkv, 1).transpose(-2, -1)) * head_dim ** -0.5
+            if causal:
+                scores = scores.masked_fill(torch.ones(Sq, Sk, dtype=torch.bool, device="cuda")
+                                            .tril(Sk - Sq).logical_not(), float("-inf"))
+            assert max_err(lse, torch.logsumexp(scores, -1)) <= 1e-3 * Sk ** 0.5, (dtype, causal)
+
+
+@pytest.mark.gpu
+def test_gpu_strided_inputs_are_not_copied():
+    # q/k/v as views with strides on the sequence and head dims (a fused qkv projection's
+    # [B, S, 3, H, D] output, a KV-cache slice): the CUDA op reads them in place.
+    B, S, H, D, cap = 2, 37, 4, 64, 200
+    for dtype in (torch.float16, torch.bfloat16):
+        qkv = torch.randn(B, S, 3, H, D, device="cuda").to(dtype)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        assert not q.is_contiguous() and q.stride(-1) == 1
+        for causal in (False, True):
+            out = ops.fused_attention(q, k, v, causal=causal, backend="cuda")
+            ref64 = reference.attention_reference(q.double(), k.double(), v.double(), causal)
+            baseline = reference.attention_reference(q, k, v, causal, compute_dtype=dtype)
+            assert max_err(out, ref64) <= allowed_error(ref64, baseline, dtype, S * D)
+        cache_k = torch.randn(B, 2, cap, D, device="cuda").to(dtype)
+        cache_v = torch.randn(B, 2, cap, D, device="cuda").to(dtype)
+        step_q = torch.randn(B, H, 1, D, device="cuda").to(dtype)
+        ops.fused_attention(step_q, cache_k[:, :, :50], cache_v[:, :, :50], causal=True, backend="cuda")
+        torch.cuda.synchronize()
+        for end in (51, 120, 199):
+            before = torch.cuda.memory_stats()["allocation.all.allocated"]
+            k_view, v_view = cache_k[:, :, :end], cache_v[:, :, :end]
+            assert not k_view.is_contiguous()
+            out, lse = torch.ops.msmartcompute.fused_attention_fwd(step_q, k_view, v_view, True, D ** -0.5)
+            allocations = torch.cuda.memory_stats()["allocation.all.allocated"] - before
+            # out, lse and at most one split-KV workspace: never a copy of the cache slice
+            assert allocations <= 3, allocations
+            ref64 = reference.attention_reference(step_q.double(), k_view.double(), v_view.double(), True)
+            baseline = reference.attention_reference(step_q, k_view, v_view, True, compute_dtype=dtype)
+            assert max_err(out, ref64) <= allowed_error(ref64, baseline, dtype, end * D)
+
+
+@pytest.mark.gpu
+def test_gpu_strided_gradients():
+    B, S, H, D = 2, 45, 4, 64
+    for dtype in (torch.float16, torch.bfloat16):
+        qkv = torch.randn(B, S, 3, H, D, device="cuda").to(dtype).requires_grad_()
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        grad = torch.randn(B, H, S, D, device="cuda").to(dtype)
+        (ours,) = torch.autograd.grad(ops.fused_attention(q, k, v, causal=True, backend="cuda"), qkv, grad)
+        leaf64 = qkv.detach().double().requires_grad_()
+        q64, k64, v64 = (leaf64[:, :, i].transpose(1, 2) for i in range(3))
+        (ref64,) = torch.autograd.grad(reference.attention_reference(q64, k64, v64, True), leaf64, grad.double())
+        leaf = qkv.detach().clone().requires_grad_()
+        qb, kb, vb = (leaf[:, :, i].transpose(1, 2) for i in range(3))
+        (baseline,) = torch.autograd.grad(reference.attention_reference(qb, kb, vb, True, compute_dtype=dtype),
+                                          leaf, grad)
+        assert max_err(ours, ref64) <= allowed_error(ref64, baseline, dtype, S * D, D ** 0.5)
+
+
 def test_triton_kernels_lower_to_tensor_cores():
     # The interpreter cannot show what the compiler makes of the kernels: lower the forward and
     # backward for real targets (no GPU needed) and look for mma.sync (sm_80) / wgmma (sm_90).
@@ -260,6 +332,7 @@ print(sorted(done))
 def test_cuda_kernels_use_tensor_cores():
     # Built without a GPU here, so the SASS is the proof: every instantiation of the attention
     # forward and backward kernels for sm_90 must hold HMMA (mma.sync m16n8k16) instructions.
+    # fp16/bf16 x head dims 32/64/128/256 x prefill / decode; backward: fp16/bf16 x 32/64/128.
     import glob
     import os
     import re
@@ -274,13 +347,15 @@ def test_cuda_kernels_use_tensor_cores():
     sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90", so], capture_output=True, text=True,
                           check=True).stdout
     functions = re.split(r"\n\s*Function : ", sass)[1:]
-    # fp16/bf16 x head dims 32/64/128/256 x 1 or 4 warps; backward: fp16/bf16 x 32/64/128.
+    # Operands reach the tensor cores through ldmatrix (LDSM; .trans: MT88) from tiles that
+    # cp.async (LDGSTS) fills.
     for kernel, count in (("20attention_fwd_kernel", 16), ("25attention_bwd_dkdv_kernel", 6),
                           ("23attention_bwd_dq_kernel", 6)):
         found = [f for f in functions if kernel in f.split("\n", 1)[0]]
         assert len(found) == count, kernel
         for body in found:
-            assert "HMMA.16816.F32" in body, body.split("\n", 1)[0]
+            for instruction in ("HMMA.16816.F32", "LDSM.16.M88.4", "LDSM.16.MT88.4", "LDGSTS"):
+                assert instruction in body, (instruction, body.split("\n", 1)[0])
 
 
 def test_gpu_benchmark_script_parses_arguments(capsys):
@@ -297,3 +372,20 @@ def test_gpu_benchmark_script_parses_arguments(capsys):
     printed = capsys.readouterr().out
     assert "4 cases x 5 implementations" in printed
     assert bench.flops({"batch": 1, "heads": 1, "seqlen": 2, "head_dim": 1, "causal": False, "mode": "fwd"}) == 16
+
+
+def test_gpu_paged_decode_script_parses_arguments(capsys):
+    # The decode-bandwidth benchmark cannot run here; its import, cases and byte count can.
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu",
+                        "bench_paged_decode.py")
+    spec = importlib.util.spec_from_file_location("bench_paged_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--list", "--batches", "2", "--contexts", "100", "4096"]) == 0
+    assert "2 cases x 4 implementations" in capsys.readouterr().out
+    case = {"batch": 2, "context": 100, "kv_heads": 8, "head_dim": 128}
+    assert bench.kv_bytes(case) == 2 * 2 * 100 * 8 * 128 * 2
+

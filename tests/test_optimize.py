@@ -116,7 +116,7 @@ def test_quantized_transformer_generates_and_reports_next_token_disagreement(rt)
     out = rt.inference.infer({"model_id": "tiny-lm", "input_data": [SEQUENCE[:2]],
                     "options": {"temperature": 0, "max_tokens": 4}})["output_data"]
     if r["accuracy_loss"] == 0:
-        assert out == [SEQUENCE[2:6]]
+        assert out.tolist() == [SEQUENCE[2:6]]
     with pytest.raises(InvalidInputData, match="int8-quantized"):
         rt.training.train({"model_id": "tiny-lm", "training_data": [SEQUENCE]})
 

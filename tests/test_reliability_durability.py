@@ -1,6 +1,7 @@
 """Durability: SIGKILL with async jobs queued and running loses nothing; SIGTERM drains
 in-flight requests and exits 0; the job runner's restart rules."""
 import json
+import os
 import signal
 import socket
 import sqlite3
@@ -8,6 +9,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from api_helpers import MLP_SPEC
 from live_server import LiveServer
@@ -37,7 +39,11 @@ def _wait_terminal(base_url, key, ids, timeout=120):
     return out
 
 
-def test_sigkill_with_jobs_in_flight_loses_nothing(tmp_path):
+@pytest.mark.parametrize("kill", ["group", "engine"])
+def test_sigkill_with_jobs_in_flight_loses_nothing(tmp_path, kill):
+    """group: SIGKILL to the supervisor, its engine and its fronts, then a new server.
+    engine: SIGKILL to the engine process only: the fronts answer 503 until the supervisor has
+    started a new engine, which restores everything; the same server serves on."""
     state = tmp_path / "state"
     path = save_program(Slow(), state / "models" / "slow.pt")
     store = Store(state / "msmartcompute.sqlite3")
@@ -72,16 +78,29 @@ def test_sigkill_with_jobs_in_flight_loses_nothing(tmp_path):
             assert http(url, "GET", "/health")[0] == 200
             health.append(time.perf_counter() - t0)
         assert sorted(health)[4] < 0.1, health
-        server.process.send_signal(signal.SIGKILL)
-        server.process.wait(timeout=10)
-    finally:
+        if kill == "group":
+            server.kill_group()
+        else:
+            os.kill(server.engine_pid(), signal.SIGKILL)
+            at_kill = _job_states(state)
+            status, body = http(url, "GET", "/api/v1/models", key=admin)
+            assert status == 503 and body["error"]["code"] == "ENGINE_UNAVAILABLE", (status, body)
+    except BaseException:
         server.stop()
-    at_kill = _job_states(state)
+        raise
+    if kill == "group":
+        server.stop()
+        at_kill = _job_states(state)
     assert at_kill.get("running", 0) >= 1 and at_kill.get("queued", 0) >= 1, at_kill
 
-    server = LiveServer(state, env=quiet_env())
+    if kill == "group":
+        server = LiveServer(state, env=quiet_env())
     try:
         url = server.base_url
+        deadline = time.monotonic() + 120
+        while http(url, "GET", "/health")[0] != 200:  # a new engine restores the state first
+            assert time.monotonic() < deadline, "the engine did not come back"
+            time.sleep(0.2)
         results = _wait_terminal(url, alice, inputs)
         assert {r["status"] for r in results.values()} == {"completed"}, results
         for rid, body in results.items():

@@ -63,7 +63,7 @@ def test_soak(tmp_path):
     store.close()
     log_file = tmp_path / "server.log"
     server = LiveServer(state, env=quiet_env(MSC_RATE_LIMIT_ENABLED="0"), log_file=log_file)
-    url, pid = server.base_url, server.process.pid
+    url, pid = server.base_url, server.engine_pid()  # the engine holds the models
     counter = itertools.count()
     lock = threading.Lock()
     statuses: dict[int, int] = {}

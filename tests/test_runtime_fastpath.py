@@ -104,6 +104,6 @@ def test_a_request_run_inline_past_its_deadline_times_out(tmp_path):
         with pytest.raises(Exception) as info:
             rt.inference.infer({"model_id": "m", "input_data": x, "timeout": 1e-9})
         assert getattr(info.value, "code", None) == "REQUEST_TIMEOUT"
-        assert rt.inference.infer({"model_id": "m", "input_data": x})["output_data"]  # and it still serves
+        assert rt.inference.infer({"model_id": "m", "input_data": x})["output_data"].size  # and it still serves
     finally:
         rt.close()

@@ -42,7 +42,7 @@ def test_async_inference_completes(tmp_path):
         assert job["status"] == "queued" and job["request_id"].startswith("req_")
         assert ISO_Z.match(job["estimated_completion"])
         out = wait_done(rt, job["request_id"])
-        assert out["status"] == "completed" and out["output_data"] == expected
+        assert out["status"] == "completed" and np.array_equal(np.asarray(out["output_data"], np.float32), expected)
         assert out["inference_time"] > 0 and ISO_Z.match(out["completion_time"])
         with pytest.raises(NotFound):
             rt.inference.get("req_0_0")
@@ -85,7 +85,7 @@ def test_queued_job_survives_restart(tmp_path):
     rt = make_runtime(tmp_path)  # a new server on the same state dir
     try:
         out = wait_done(rt, job["request_id"], ALICE)
-        assert out["status"] == "completed" and out["output_data"] == expected
+        assert out["status"] == "completed" and np.array_equal(np.asarray(out["output_data"], np.float32), expected)
     finally:
         rt.close()
 

@@ -111,7 +111,7 @@ def test_registry_restored_after_restart(tmp_path):
     rt.start()  # idempotent
     try:
         assert [m["model_id"] for m in rt.registry.list()] == ["keep"]
-        assert rt.inference.infer({"model_id": "keep", "input_data": x})["output_data"] == before
+        assert rt.inference.infer({"model_id": "keep", "input_data": x})["output_data"].tolist() == before.tolist()
     finally:
         rt.close()
 

@@ -38,12 +38,12 @@ def test_host_is_physical_device_0(runtime):
 
 def test_vgpu_create_get_list_delete(runtime):
     v = runtime.vgpus.create({"virtual_gpu_id": "v1", "memory_size": 8 * MiB, "compute_units": 1,
-                             "scheduling_policy": "fair_share"}, caller=ADMIN).to_dict()
+                             "scheduling_policy": "fair_share"}, caller=ADMIN)
     assert v["virtual_gpu_id"] == "v1" and v["physical_gpu_id"] == 0 and v["status"] == "active"
     assert v["memory_size"] == 8 * MiB and v["scheduling_policy"] == "fair_share" and v["created_at"].endswith("Z")
-    auto = runtime.vgpus.create({"memory_size": MiB, "compute_units": 1}).to_dict()
+    auto = runtime.vgpus.create({"memory_size": MiB, "compute_units": 1})
     assert auto["virtual_gpu_id"].startswith("vgpu_") and auto["scheduling_policy"] == "round_robin"
-    assert runtime.vgpus.get("v1").to_dict() == v
+    assert runtime.vgpus.describe("v1") == v
     assert {x["virtual_gpu_id"] for x in runtime.vgpus.list()} == {"v1", auto["virtual_gpu_id"]}
     with pytest.raises(Forbidden):
         runtime.vgpus.create({"memory_size": MiB, "compute_units": 1}, caller=ALICE)
@@ -151,7 +151,7 @@ def test_vgpus_allocations_and_placement_survive_restart(tmp_path):
     rt = Runtime(config)
     rt.start()
     v = rt.vgpus.create({"virtual_gpu_id": "v", "memory_size": 8 * MiB, "compute_units": 1,
-                        "scheduling_policy": "priority"}).to_dict()
+                        "scheduling_policy": "priority"})
     rt.registry.load(mlp_spec("m", virtual_gpu_id="v"))
     a = rt.allocations.allocate({"user_id": "alice", "memory_size": MiB, "compute_units": 1, "duration": 3600})
     reserved = rt.vgpus.reserved_bytes()

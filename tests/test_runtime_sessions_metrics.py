@@ -95,7 +95,7 @@ def test_metrics_counters(tmp_path):
         assert m["latency"] is None and m["throughput"] == 0 and m["gpu_utilization"] is None
         assert 0 < m["memory_utilization"] < 1
         for ok, latency in [(True, 0.01), (True, 0.03), (False, 0.02)]:
-            rt.record_request(ok, latency)
+            rt.meter.record_request(ok, latency)
         x = np.ones((2, 8), np.float32)
         for _ in range(5):
             rt.inference.infer({"model_id": "mlp", "input_data": x})
@@ -103,12 +103,18 @@ def test_metrics_counters(tmp_path):
             rt.inference.infer({"model_id": "nope", "input_data": x})
         m = rt.metrics()
         assert (m["total_requests"], m["successful_requests"], m["failed_requests"]) == (3, 2, 1)
-        assert m["request_latency_p50"] == 0.02
+        assert m["request_latency_p50"] == 0.025  # the upper bound of the bucket holding the median (0.02 s)
         assert (m["inference_requests"], m["inference_failures"]) == (6, 1)
         assert m["active_requests"] == 0 and m["queued_requests"] == 0
         assert 0 < m["latency_p50"] == m["latency"] <= m["latency_p99"]
         assert m["throughput"] > 0 and m["tokens_per_second"] == 0
         assert sum(m["batch_sizes"].values()) == 5
+        # the same numbers as the Prometheus instruments
+        samples = rt.meter.instruments.samples()
+        assert sum(v for _, v in samples["msmartcompute_requests_total"]) == 3
+        assert {(labels["model"], labels["status"]): v for labels, v in samples["msmartcompute_inferences_total"]} \
+            == {("mlp", "ok"): 5, ("-", "INVALID_MODEL_ID"): 1}
+        assert sum(v for labels, v in samples["msmartcompute_batch_size_count"]) == 5
     finally:
         rt.close()
 

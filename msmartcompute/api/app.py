@@ -8,7 +8,7 @@ import falcon
 import numpy as np
 import orjson
 
-from ..runtime.engine import Runtime
+from ..runtime.instruments import Instruments
 from ..runtime.keys import KeyStore
 from . import errors
 from .allocations import AllocationResource, AllocationsResource
@@ -53,24 +53,30 @@ _JSON = falcon.media.JSONHandler(
 )
 
 
-def create_app(runtime: Runtime, config: ApiConfig | None = None) -> falcon.App:
+def create_app(runtime, config: ApiConfig | None = None, keys: KeyStore | None = None,
+               limiter=None) -> falcon.App:
+    """runtime: a Runtime (one process, tests) or a serving.EngineClient (a front process: the
+    same services, answered by the engine process); keys: the key store (default: the runtime's);
+    limiter: the rate limiter (default: one in this process; a front uses the engine's)."""
     config = config or ApiConfig()
-    keys = KeyStore(runtime.store)
+    keys = keys if keys is not None else KeyStore(runtime.store)
     open_mode = config.open_mode if config.open_mode is not None else keys.count() == 0
+    limiter = limiter if limiter is not None else RateLimiter(config.rate_limit)
+    # one process, one Instruments: in-process the runtime's, in a front its own (multiprocess files)
+    meter = getattr(runtime, "meter", None)
+    instruments = meter.instruments if meter is not None else Instruments()
     cors = [falcon.CORSMiddleware(
         allow_origins="*" if "*" in config.cors_origins else list(config.cors_origins),
         expose_headers=["X-Request-ID", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
                         "Retry-After"])] if config.cors_origins else []
     app = falcon.App(middleware=[
         *cors,
-        RequestContext(runtime),
+        RequestContext(instruments),
         BodyLimit(config.max_body_bytes),
-        Auth(keys, open_mode),
-        RateLimit(RateLimiter(config.rate_limit)),
+        Auth(keys, open_mode, limiter),
+        RateLimit(limiter),
     ])
-    # Bodies are JSON only: a form or text/plain body gets a 415 that says so (reading those as JSON
-    # would let any web page post to an open loopback server without a CORS preflight).
-    app.req_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: _JSON})
+    app.req_options.media_handlers.update({falcon.MEDIA_JSON: _JSON})
     app.resp_options.media_handlers.update({falcon.MEDIA_JSON: _JSON})
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.keep_blank_qs_values = True  # `?interval=` is a bad value (400), not an absent one
@@ -83,7 +89,7 @@ def create_app(runtime: Runtime, config: ApiConfig | None = None) -> falcon.App:
     app.add_route(f"{API_PREFIX}/docs", PageResource("docs.html"))
     app.add_route("/dashboard", PageResource("dashboard.html"))
     app.add_static_route(STATIC_PREFIX.rstrip("/"), str(STATIC_DIR))
-    app.add_route("/metrics", PrometheusResource(runtime))
+    app.add_route("/metrics", PrometheusResource(runtime, instruments))
     routes = {
         "/models": ModelsResource(runtime),
         "/models/{model_id}": ModelResource(runtime),

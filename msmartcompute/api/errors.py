@@ -28,7 +28,8 @@ STATUS_BY_CODE = {
     rt.RateLimitExceeded.code: falcon.HTTP_429,
     rt.InsufficientMemory.code: falcon.HTTP_503,
     rt.InternalError.code: falcon.HTTP_500,
-    "QUEUE_FULL": falcon.HTTP_503,  # the model's queue is at its limit: retry later
+    "QUEUE_FULL": falcon.HTTP_503,
+    rt.EngineUnavailable.code: falcon.HTTP_503,  # the engine process is being restarted: retry shortly  # the model's queue is at its limit: retry later
 }
 
 # Falcon's HTTP errors that reach us without a runtime error behind them.

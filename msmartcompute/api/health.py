@@ -1,12 +1,11 @@
 """GET /health and GET /api/v1/health."""
 from __future__ import annotations
 
-from ..runtime.engine import Runtime
 from .envelope import ok
 
 
 class HealthResource:
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime):
         self.runtime = runtime
 
     def on_get(self, req, resp):

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import falcon
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 
 from ..runtime.errors import InvalidInputData
 from .envelope import ok
@@ -46,32 +46,35 @@ class MetricsHistoryResource:
         resp.media = ok({"history": self.runtime.metrics_history(start, end, int(raw_interval))})
 
 
-class _RuntimeCollector:
-    """Reads runtime.metrics() at scrape time; None readings are left out, not zeroed."""
+class _ReadingsCollector:
+    """The readings of runtime.metrics() that are not Prometheus instruments already (device
+    readings, windowed throughput and latency percentiles), as gauges at scrape time; None readings
+    are left out, not zeroed."""
 
-    # prometheus_client appends _total to counter names
-    COUNTERS = {"total_requests": "requests", "successful_requests": "requests_successful",
-                "failed_requests": "requests_failed"}
+    FROM_INSTRUMENTS = {"total_requests", "successful_requests", "failed_requests", "inference_requests",
+                        "inference_failures", "request_latency_p50", "request_latency_p99"}
 
     def __init__(self, runtime):
         self.runtime = runtime
 
     def collect(self):
         for name, value in self.runtime.metrics().items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if name in self.FROM_INSTRUMENTS or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            if name in self.COUNTERS:
-                yield CounterMetricFamily(f"msmartcompute_{self.COUNTERS[name]}", name.replace("_", " "), value=value)
-            else:
-                yield GaugeMetricFamily(f"msmartcompute_{name}", name.replace("_", " "), value=value)
+            yield GaugeMetricFamily(f"msmartcompute_{name}", name.replace("_", " "), value=value)
 
 
 class PrometheusResource:
-    def __init__(self, runtime):
-        self.registry = CollectorRegistry()
-        self.registry.register(_RuntimeCollector(runtime))
+    """GET /metrics: the instruments (counters with _total, latency histograms in seconds, labels
+    model / route / status, queue depth, formed batch size) merged over every serving process,
+    then the readings."""
+
+    def __init__(self, runtime, instruments):
+        self.instruments = instruments
+        self.readings = CollectorRegistry()
+        self.readings.register(_ReadingsCollector(runtime))
 
     def on_get(self, req, resp):
         resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        resp.data = generate_latest(self.registry)
+        resp.data = generate_latest(self.instruments.read()) + generate_latest(self.readings)
         resp.status = falcon.HTTP_200

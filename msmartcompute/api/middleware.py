@@ -25,10 +25,11 @@ _request_ids = itertools.count(1)
 
 
 class RequestContext:
-    """Request id, timing, the access log line and the request counters."""
+    """Request id, timing, the access log line and the request counters (runtime/instruments.py:
+    labels route (the URI template), method, status)."""
 
-    def __init__(self, runtime):
-        self.runtime = runtime
+    def __init__(self, instruments):
+        self.instruments = instruments
 
     def process_request(self, req, resp):
         req.context.request_id = req.get_header("X-Request-ID") or f"r{next(_request_ids)}"
@@ -42,8 +43,10 @@ class RequestContext:
         access_log.info("%s %s %d %.1fms %s", req.method, req.path, status, elapsed * 1000,
                         req.context.get("request_id"))
         if not is_public(req.path) and req.path != "/metrics":
+            route = req.uri_template or "unmatched"  # a template, never the raw path: label values stay few
             try:
-                self.runtime.record_request(status < 400, elapsed)
+                self.instruments.requests.labels(route, req.method, str(status)).inc()
+                self.instruments.request_seconds.labels(route).observe(elapsed)
             except Exception:  # metrics must never turn a served response into an error
                 access_log.exception("recording metrics failed")
 
@@ -59,11 +62,18 @@ class BodyLimit:
 
 
 class Auth:
-    """Bearer keys; with no keys configured the server is open (loopback only, checked at start)."""
+    """Bearer keys; with no keys configured the server is open (loopback only, checked at start).
+    A request that fails authentication spends a token of its client address (ratelimit.py)."""
 
-    def __init__(self, keys, open_mode: bool):
+    def __init__(self, keys, open_mode: bool, limiter: RateLimiter | None = None):
         self.keys = keys
         self.open_mode = open_mode
+        self.limiter = limiter
+
+    def _refuse(self, req, resp, message: str):
+        if self.limiter is not None and self.limiter.config.enabled:
+            check_rate(self.limiter, f"ip:{req.remote_addr}", resp)
+        raise Unauthorized(message)
 
     def process_request(self, req, resp):
         if is_public(req.path) or req.method == "OPTIONS":
@@ -74,12 +84,11 @@ class Auth:
         header = req.get_header("Authorization") or ""
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("Authentication required: send 'Authorization: Bearer <api key>'")
+            self._refuse(req, resp, "Authentication required: send 'Authorization: Bearer <api key>'")
         caller = self.keys.authenticate(token.strip())
         if caller is None:
-            raise Unauthorized("Invalid API key")
+            self._refuse(req, resp, "Invalid API key")
         req.context.caller = caller
-        req.context.key_id = token.strip().split("_", 2)[1]  # rate limits are per key
 
 
 class RateLimit:
@@ -87,17 +96,21 @@ class RateLimit:
         self.limiter = limiter
 
     def process_request(self, req, resp):
-        if not self.limiter.config.enabled or is_public(req.path):
+        if not self.limiter.config.enabled or is_public(req.path) or req.method == "OPTIONS":
             return
-        key_id = req.context.get("key_id")
-        key = f"key:{key_id}" if key_id else f"ip:{req.remote_addr}"
-        decision = self.limiter.check(key)
-        resp.set_header("X-RateLimit-Limit", str(decision.limit))
-        resp.set_header("X-RateLimit-Remaining", str(decision.remaining))
-        resp.set_header("X-RateLimit-Reset", str(decision.reset))
-        if not decision.allowed:
-            retry = max(1, int(decision.retry_after + 0.999))
-            resp.set_header("Retry-After", str(retry))
-            raise RateLimitExceeded(f"Rate limit exceeded: {decision.limit} requests per minute, "
-                                    f"bursts of {self.limiter.config.burst_per_second} per second",
-                                    {"retry_after": retry, "limit": decision.limit})
+        caller = req.context.get("caller")
+        check_rate(self.limiter, f"user:{caller.user_id}" if caller is not None else f"ip:{req.remote_addr}", resp)
+
+
+def check_rate(limiter: RateLimiter, key: str, resp) -> None:
+    """Spend one token of `key`; set the X-RateLimit-* headers; raise RATE_LIMIT_EXCEEDED when refused."""
+    decision = limiter.check(key)
+    resp.set_header("X-RateLimit-Limit", str(decision.limit))
+    resp.set_header("X-RateLimit-Remaining", str(decision.remaining))
+    resp.set_header("X-RateLimit-Reset", str(decision.reset))
+    if not decision.allowed:
+        retry = max(1, int(decision.retry_after + 0.999))
+        resp.set_header("Retry-After", str(retry))
+        raise RateLimitExceeded(f"Rate limit exceeded: {decision.limit} requests per minute, "
+                                f"bursts of {limiter.config.burst_per_second} per second",
+                                {"retry_after": retry, "limit": decision.limit})

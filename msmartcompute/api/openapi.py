@@ -101,11 +101,15 @@ OPERATIONS = [
 
 _QUERY = {
     "/api/v1/metrics/history": [
-        {"name": "start_time", "in": "query", "schema": {"type": "string", "format": "date-time"}},
-        {"name": "end_time", "in": "query", "schema": {"type": "string", "format": "date-time"}},
-        {"name": "interval", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 86400}},
+        {"name": "start_time", "in": "query", "schema": {"type": "string", "format": "date-time"},
+         "example": "2026-01-01T00:00:00Z"},
+        {"name": "end_time", "in": "query", "schema": {"type": "string", "format": "date-time"},
+         "example": "2026-01-01T01:00:00Z"},
+        {"name": "interval", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 86400},
+         "example": 300},
     ],
-    "/api/v1/jobs": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}}],
+    "/api/v1/jobs": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500},
+                      "example": 20}],
 }
 
 

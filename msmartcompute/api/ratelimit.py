@@ -1,16 +1,29 @@
-"""Per-key rate limiting: two token buckets, sustained (per minute) and burst (per second).
+"""Rate limiting: two token buckets per caller, sustained (per minute) and burst (per second).
 
-A request spends one token from both; it is refused when either is empty.
-Headers follow the seed: X-RateLimit-Limit is the per-minute limit,
-X-RateLimit-Remaining the sustained bucket's whole tokens, X-RateLimit-Reset the
-unix time at which the sustained bucket is full again.
+A request spends one token from both; it is refused (429) when either is empty. Buckets are per
+USER (every key of a user shares them; open mode: per client address), and requests that fail
+authentication are limited per client address, so guessing keys costs tokens too.
+
+Start: a new caller's buckets start FULL: it may send `burst_per_second` requests at once, and
+`per_minute` in its first minute; then the sustained bucket refills at per_minute / 60 a second.
+
+Headers follow the seed: X-RateLimit-Limit is the per-minute limit; X-RateLimit-Remaining the
+requests the caller may still make in the sustained window (the sustained bucket's whole tokens
+after this request), 0 on a 429 (none is allowed now; Retry-After says when one is);
+X-RateLimit-Reset the unix time at which the sustained bucket is full again.
+
+Across front processes the limits stay exact because the buckets live in ONE place, the engine
+process (serving/engine_server.py answers `ratelimit.check` on its I/O thread): one process
+decides every request in arrival order, at the cost of one small message per request. Shared
+memory would need a cross-process lock around every bucket update and a way to rebuild the
+table when a front dies; the engine is already the one process every front talks to.
 """
 from __future__ import annotations
 
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -71,5 +84,19 @@ class RateLimiter:
                 retry = max((1 - sustained.tokens) / sustained.rate if sustained.tokens < 1 else 0.0,
                             (1 - burst.tokens) / burst.rate if burst.tokens < 1 else 0.0)
             full_in = (sustained.capacity - sustained.tokens) / sustained.rate
-            return Decision(allowed, cfg.per_minute, int(math.floor(sustained.tokens)),
+            return Decision(allowed, cfg.per_minute, int(math.floor(sustained.tokens)) if allowed else 0,
                             int(math.ceil(self._wall() + full_in)), retry)
+
+    def check_dict(self, key: str) -> dict:
+        """check() as plain data, for a front process asking the engine."""
+        return asdict(self.check(key))
+
+
+class RemoteRateLimiter:
+    """The engine's RateLimiter, as a front process sees it."""
+
+    def __init__(self, engine, config: RateLimitConfig):
+        self.engine, self.config = engine, config
+
+    def check(self, key: str) -> Decision:
+        return Decision(**self.engine.call("ratelimit.check", key))

@@ -13,7 +13,7 @@ class VirtualGpusResource:
     def on_post(self, req, resp):
         body = parse(req, VirtualGpu)
         require_admin(req.context.caller, "create virtual GPUs")
-        resp.media = ok(self.runtime.vgpus.create(body, req.context.caller).to_dict())
+        resp.media = ok(self.runtime.vgpus.create(body, req.context.caller))
 
     def on_get(self, req, resp):
         resp.media = ok({"virtual_gpus": self.runtime.vgpus.list()})
@@ -24,7 +24,7 @@ class VirtualGpuResource:
         self.runtime = runtime
 
     def on_get(self, req, resp, virtual_gpu_id):
-        resp.media = ok(self.runtime.vgpus.get(virtual_gpu_id).to_dict())
+        resp.media = ok(self.runtime.vgpus.describe(virtual_gpu_id))
 
     def on_delete(self, req, resp, virtual_gpu_id):
         require_admin(req.context.caller, "destroy virtual GPUs")

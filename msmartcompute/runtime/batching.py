@@ -237,6 +237,7 @@ class Executor:
             q = choose_queue(self.policy, ready, self._last_served)
             self._last_served = q.model_id
             batch = q.take(1 if self.max_queue_delay_s <= 0 else None)
+            self.metrics.record_queue_depth(q.model_id, len(q.items))
             return (q, batch) if batch else None
 
     # ---- worker -----------------------------------------------------------------------------
@@ -261,6 +262,7 @@ class Executor:
                     q = choose_queue(self.policy, ready, self._last_served)
                     self._last_served = q.model_id
                     batch = q.take(1 if self.max_queue_delay_s <= 0 else None)
+                    self.metrics.record_queue_depth(q.model_id, len(q.items))
                     if batch:
                         self._busy = True
                         return q, batch
@@ -324,7 +326,7 @@ class Executor:
         if len(outputs) != len(group):
             raise InternalError(f"model returned {len(outputs)} outputs for {len(group)} requests")
         finished = time.monotonic()
-        self.metrics.record_batch(len(group), queue.model_id, [finished - p.enqueued_at for p in group])
+        self.metrics.record_batch(queue.model_id, len(group), [finished - p.enqueued_at for p in group])
         for p, out in zip(group, outputs):
             if cuda is None:
                 memory = int(p.prepared.tensor.nbytes) + _nbytes(out.output_data)

@@ -30,6 +30,7 @@ from .errors import InternalError, MSCError
 from .inference import Inference
 from .jobs import JobRunner
 from .metrics import Metrics
+from .operations import OPERATIONS
 from .optimize import Optimization
 from .registry import Registry, map_large_blocks
 from .resources import Allocations
@@ -176,6 +177,15 @@ class Runtime:
             "memory_usage": round(memory_usage, 4),
         }
 
+    def operation(self, op: str):
+        """The bound method an OPERATIONS name stands for."""
+        if op not in OPERATIONS:
+            raise KeyError(op)
+        target = self
+        for part in op.split("."):
+            target = getattr(target, part)
+        return target
+
     # ---- virtual GPUs: deleting one also closes its executor ---------------------------------
     def delete_vgpu(self, vgpu_id: str, caller: Caller | None = None) -> dict:
         require_admin(caller, "delete a virtual GPU")
@@ -228,6 +238,3 @@ class Runtime:
     def metrics_history(self, start_time: datetime | None = None, end_time: datetime | None = None,
                         interval: int = 60) -> list[dict]:
         return self.meter.history(clock.to_unix(start_time), clock.to_unix(end_time), interval)
-
-    def record_request(self, ok: bool, latency_s: float) -> None:
-        self.meter.record_request(ok, latency_s)

@@ -74,6 +74,12 @@ class InternalError(MSCError):
     code = "INTERNAL_ERROR"
 
 
+class EngineUnavailable(MSCError):
+    """The engine process is down (the supervisor is restarting it): a front answers HTTP 503."""
+
+    code = "ENGINE_UNAVAILABLE"
+
+
 class QueueFull(MSCError):
     """A model's request queue is at RuntimeConfig.max_queue_size: rejected at once (HTTP 503)."""
 

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
+import orjson
 
 from . import clock, ids
 from .access import require_owner
@@ -42,15 +43,15 @@ class Inference:
         for request in requests:
             rid = ids.request_id(self.store)
             try:
-                queued.append((rid, *self._enqueue(request, rid), None))
+                queued.append((rid, request, *self._enqueue(request, rid), None))
             except MSCError as exc:
-                self.meter.record_inference(False, 0.0)
-                queued.append((rid, None, None, exc))
+                self.meter.record_inference(False, 0.0, model=self._label(request), code=exc.code)
+                queued.append((rid, request, None, None, exc))
         results = []
-        for rid, executor, pending, exc in queued:
+        for rid, request, executor, pending, exc in queued:
             if exc is None:
                 try:
-                    out = self._finish(executor, pending, t0)
+                    out = self._finish(executor, pending, t0, request["model_id"])
                     results.append({k: out[k] for k in ("request_id", "output_data", "inference_time")})
                     continue
                 except MSCError as e:
@@ -96,16 +97,23 @@ class Inference:
         request = dict(stored)
         request["input_data"] = np.asarray(stored["input_data"], dtype=stored.get("input_dtype"))
         out = self._infer(request, stored["request_id"])
+        # stored as JSON: the numbers a synchronous answer prints (float32's shortest form, not tolist()'s float64)
+        out["output_data"] = orjson.loads(orjson.dumps(out["output_data"], option=orjson.OPT_SERIALIZE_NUMPY))
         return {k: out[k] for k in ("output_data", "inference_time", "tokens_generated", "memory_used")}
 
     def _infer(self, request: dict, request_id: str) -> dict:
         t0 = time.perf_counter()
         try:
             executor, pending = self._enqueue(request, request_id, may_run_inline=True)
-        except MSCError:
-            self.meter.record_inference(False, time.perf_counter() - t0)
+        except MSCError as exc:
+            self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
             raise
-        return self._finish(executor, pending, t0)
+        return self._finish(executor, pending, t0, request["model_id"])
+
+    def _label(self, request: dict) -> str:
+        """The model label of a metric: a loaded model's id, else "-" (label values stay few)."""
+        model_id = request.get("model_id")
+        return model_id if isinstance(model_id, str) and model_id in self.registry.models else "-"
 
     def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False) -> tuple[Executor, Pending]:
         entry = self.registry.entry(request.get("model_id"))
@@ -137,16 +145,15 @@ class Inference:
                                  {"request_id": pending.request_id}) from None
         return res
 
-    def _finish(self, executor: Executor, pending: Pending, t0: float) -> dict:
+    def _finish(self, executor: Executor, pending: Pending, t0: float, model_id: str) -> dict:
         try:
             res = self._wait(executor, pending)
-        except MSCError:
-            self.meter.record_inference(False, time.perf_counter() - t0)
+        except MSCError as exc:
+            self.meter.record_inference(False, time.perf_counter() - t0, model=model_id, code=exc.code)
             raise
         elapsed = time.perf_counter() - t0
-        self.meter.record_inference(True, elapsed, res.output.tokens_generated)
-        data = res.output.output_data
-        return {"request_id": pending.request_id,
-                "output_data": data.tolist() if isinstance(data, np.ndarray) else data,
+        self.meter.record_inference(True, elapsed, res.output.tokens_generated, model=model_id)
+        # a numpy array stays one: it crosses to a front process as a raw buffer (serving/protocol.py)
+        return {"request_id": pending.request_id, "output_data": res.output.output_data,
                 "inference_time": elapsed, "tokens_generated": int(res.output.tokens_generated),
                 "memory_used": int(res.memory_used)}

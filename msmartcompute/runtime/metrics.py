@@ -1,18 +1,25 @@
 """Live counters, latency and throughput, device readings, and the persisted history.
 
+The counters and histograms are Prometheus instruments (instruments.py: multiprocess mode under
+`msmartcompute serve`, so every front's requests count); the JSON fields below are read from
+those same numbers.
+
 What the fields mean:
-  total/successful/failed_requests  API requests, counted by record_request() (the API calls it
-                                    once per HTTP request).
-  inference_requests/_failures      inferences run by the engine (sync, async, batch items).
+  total/successful/failed_requests  API requests answered (status < 400 / >= 400), by every front:
+                                    msmartcompute_requests_total.
+  inference_requests/_failures      inferences run by the engine (sync, async, batch items):
+                                    msmartcompute_inferences_total.
   latency                           p50, in seconds, of the most recent inferences (end to end:
                                     queue wait + run); latency_p50 / latency_p99 the same window.
-  request_latency_p50/_p99          the same over API requests (record_request).
+  request_latency_p50/_p99          over API requests: the upper bound of the histogram bucket
+                                    holding that quantile (msmartcompute_request_duration_seconds).
   throughput                        inferences completed per second over the sliding window
                                     (RuntimeConfig.metrics_window_s, or the uptime when shorter);
                                     tokens_per_second likewise for generated tokens.
   active_requests / queued_requests requests inside a run() now / waiting in batch queues and
                                     queued async jobs.
-  batch_sizes                       how many run() calls had each batch size.
+  batch_sizes                       how many run() calls had each batch size (msmartcompute_batch_size;
+                                    exact up to 32, then by bucket upper bound).
   queue_depth / queue_depth_max     requests waiting per model now / the most ever seen waiting.
   models                            per model: requests_per_second (over the window), latency_p50 /
                                     latency_p99 (queue wait + run, in the engine), batch_sizes,
@@ -31,11 +38,49 @@ import threading
 import time
 
 from . import clock, devices
+from .instruments import Instruments
 from .store import Store
 
 HISTORY_FIELDS = ("gpu_utilization", "memory_utilization", "temperature", "power_usage", "throughput",
                   "latency", "active_requests", "queued_requests")
 _RECENT = 1024  # latencies kept for the percentiles
+
+
+def _counts(samples: dict[str, list]) -> dict:
+    """The JSON fields that come from the Prometheus instruments' samples."""
+    requests = samples.get("msmartcompute_requests_total", [])
+    ok = sum(v for labels, v in requests if int(labels["status"]) < 400) if requests else 0
+    total = sum(v for _, v in requests)
+    inferences = samples.get("msmartcompute_inferences_total", [])
+    batches: dict[float, float] = {}
+    for labels, v in samples.get("msmartcompute_batch_size_bucket", []):
+        batches[float(labels["le"])] = batches.get(float(labels["le"]), 0) + v
+    sizes, below = {}, 0.0
+    for bound in sorted(b for b in batches if b != float("inf")):
+        if batches[bound] > below:
+            sizes[str(int(bound))] = int(batches[bound] - below)
+        below = batches[bound]
+    latency: dict[float, float] = {}
+    for labels, v in samples.get("msmartcompute_request_duration_seconds_bucket", []):
+        latency[float(labels["le"])] = latency.get(float(labels["le"]), 0) + v
+    return {"total_requests": int(total), "successful_requests": int(ok), "failed_requests": int(total - ok),
+            "inference_requests": int(sum(v for _, v in inferences)),
+            "inference_failures": int(sum(v for labels, v in inferences if labels["status"] != "ok")),
+            "batch_sizes": sizes,
+            "request_latency_p50": _bucket_quantile(latency, 0.5),
+            "request_latency_p99": _bucket_quantile(latency, 0.99)}
+
+
+def _bucket_quantile(cumulative: dict[float, float], q: float) -> float | None:
+    """The upper bound of the histogram bucket holding quantile q (None: no observation, or beyond
+    the last finite bucket)."""
+    total = cumulative.get(float("inf"), 0)
+    if not total:
+        return None
+    for bound in sorted(cumulative):
+        if cumulative[bound] >= q * total:
+            return None if bound == float("inf") else bound
+    return None
 
 
 def _percentile(values, q: float) -> float | None:
@@ -58,49 +103,47 @@ class Metrics:
         self.window_s = window_s
         self.started = time.monotonic()
         self._lock = threading.Lock()
-        self.total = self.successful = self.failed = 0
-        self.inferences = self.inference_failures = 0
+        self.instruments = Instruments()
         self.active = 0
-        self._request_latency = collections.deque(maxlen=_RECENT)
         self._latency = collections.deque(maxlen=_RECENT)
         self._done = collections.deque()  # (monotonic time, tokens) of completed inferences in the window
-        self.batch_sizes: collections.Counter = collections.Counter()
         self.queue_depth: dict[str, int] = {}
         self.models: dict[str, _ModelStats] = {}
 
     # ---- recording --------------------------------------------------------------------------
-    def record_request(self, ok: bool, latency_s: float) -> None:
-        with self._lock:
-            self.total += 1
-            if ok:
-                self.successful += 1
-            else:
-                self.failed += 1
-            self._request_latency.append(float(latency_s))
+    def record_request(self, ok: bool, latency_s: float, route: str = "-", method: str = "-",
+                       status: int | None = None) -> None:
+        """One API request (the API's middleware records into its own Instruments; this is for
+        callers without an app)."""
+        status = status if status is not None else (200 if ok else 500)
+        self.instruments.requests.labels(route, method, str(status)).inc()
+        self.instruments.request_seconds.labels(route).observe(latency_s)
 
-    def record_inference(self, ok: bool, latency_s: float, tokens: int = 0) -> None:
+    def record_inference(self, ok: bool, latency_s: float, tokens: int = 0, model: str = "-",
+                         code: str = "ok") -> None:
+        """model: a loaded model's id, or "-" (never a caller's unknown id: label values stay few)."""
         now = time.monotonic()
+        self.instruments.inferences.labels(model, "ok" if ok else code).inc()
+        if not ok:
+            return
+        self.instruments.inference_seconds.labels(model).observe(latency_s)
         with self._lock:
-            self.inferences += 1
-            if not ok:
-                self.inference_failures += 1
-                return
             self._latency.append(float(latency_s))
             self._done.append((now, int(tokens)))
             self._trim(now)
 
-    def record_batch(self, size: int, model_id: str | None = None, latencies_s: list[float] = ()) -> None:
+    def record_batch(self, model_id: str, size: int, latencies_s: list[float] = ()) -> None:
         """One run() of `size` requests; latencies_s: each request's queue wait + run."""
+        self.instruments.batch_size.labels(model_id).observe(size)
         now = time.monotonic()
         with self._lock:
-            self.batch_sizes[size] += 1
-            if model_id is not None:
-                stats = self.models.setdefault(model_id, _ModelStats())
-                stats.batch_sizes[size] += 1
-                stats.latency.extend(latencies_s)
-                stats.done.extend([now] * size)
+            stats = self.models.setdefault(model_id, _ModelStats())
+            stats.batch_sizes[size] += 1
+            stats.latency.extend(latencies_s)
+            stats.done.extend([now] * size)
 
     def record_queue_depth(self, model_id: str, depth: int) -> None:
+        self.instruments.queue_depth.labels(model_id).set(depth)
         with self._lock:
             if depth > self.queue_depth.get(model_id, 0):
                 self.queue_depth[model_id] = depth
@@ -135,11 +178,11 @@ class Metrics:
         else:
             readings = devices.gpu_readings(0)
             memory_utilization = devices.host_memory_usage()
+        counts = _counts(self.instruments.samples())
         with self._lock:
             self._trim(now)
             span = max(1e-9, min(self.window_s, now - self.started))
             latency = list(self._latency)
-            request_latency = list(self._request_latency)
             return {
                 "gpu_utilization": readings["gpu_utilization"],
                 "memory_utilization": round(memory_utilization, 4),
@@ -150,16 +193,16 @@ class Metrics:
                 "latency": statistics.median(latency) if latency else None,
                 "latency_p50": _percentile(latency, 0.5),
                 "latency_p99": _percentile(latency, 0.99),
-                "request_latency_p50": _percentile(request_latency, 0.5),
-                "request_latency_p99": _percentile(request_latency, 0.99),
+                "request_latency_p50": counts["request_latency_p50"],
+                "request_latency_p99": counts["request_latency_p99"],
                 "active_requests": self.active,
                 "queued_requests": int(queued),
-                "total_requests": self.total,
-                "successful_requests": self.successful,
-                "failed_requests": self.failed,
-                "inference_requests": self.inferences,
-                "inference_failures": self.inference_failures,
-                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "total_requests": counts["total_requests"],
+                "successful_requests": counts["successful_requests"],
+                "failed_requests": counts["failed_requests"],
+                "inference_requests": counts["inference_requests"],
+                "inference_failures": counts["inference_failures"],
+                "batch_sizes": counts["batch_sizes"],
                 "queue_depth": dict(depths or {}),
                 "queue_depth_max": dict(self.queue_depth),
                 "models": {model_id: {

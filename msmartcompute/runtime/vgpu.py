@@ -235,10 +235,13 @@ class VGPUManager:
             raise NotFound(f"virtual GPU {vgpu_id!r} not found", {"available_vgpus": sorted(self.vgpus)})
         return v
 
+    def describe(self, vgpu_id: str) -> dict:
+        return self.get(vgpu_id).to_dict()
+
     def list(self) -> list[dict]:
         return [v.to_dict() for v in list(self.vgpus.values())]
 
-    def create(self, request: dict, caller: Caller | None = None, *, persist: bool = True) -> VirtualGPU:
+    def create(self, request: dict, caller: Caller | None = None, *, persist: bool = True) -> dict:
         require_admin(caller, "create a virtual GPU")
         with self._lock:
             vid = request.get("virtual_gpu_id") or ids.vgpu_id(self.store)
@@ -259,7 +262,7 @@ class VGPUManager:
             self.vgpus[vid] = v
             if persist:
                 self.store.put("vgpus", vid, asdict(v))
-            return v
+            return v.to_dict()
 
     def delete(self, vgpu_id: str) -> None:
         with self._lock:

@@ -1,0 +1,103 @@
+"""The messages between front processes and the engine process (ZeroMQ multipart, msgspec).
+
+front (DEALER, one per front thread)          engine (ROUTER)
+  [header: Call, *buffers]             ->
+                                       <-   [header: Reply, *buffers]   (one, or a stream of them)
+  [header: Cancel]                     ->   (the client went away: stop the stream)
+
+Headers are msgpack (msgspec). A numpy array anywhere in the arguments or the result travels as
+a raw buffer in its own frame (zero-copy on both ends); the header holds an Ext in its place with
+the frame's index, dtype and shape. A Caller travels as an Ext too. A unary call gets one Reply
+with `last` set; a streaming one (the operation returned an iterator) gets Replies with `last`
+false and then a final one with `last` set; an error is a Reply with `error` set and `last` set.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from ..runtime.caller import Caller
+
+_ARRAY, _CALLER = 1, 2
+
+
+class Call(msgspec.Struct, tag=True):
+    call_id: int
+    op: str                       # "service.method", one of runtime.engine.OPERATIONS
+    args: list = []
+    kwargs: dict = {}
+
+
+class Cancel(msgspec.Struct, tag=True):
+    call_id: int
+
+
+class Reply(msgspec.Struct):
+    call_id: int
+    value: Any = None
+    last: bool = True
+    error: dict | None = None     # {code, message, details}
+
+
+_local = threading.local()        # the frames of the message being encoded / decoded on this thread
+
+
+def _enc_hook(obj):
+    if isinstance(obj, np.ndarray):
+        frames = _local.frames
+        frames.append(np.ascontiguousarray(obj))
+        return msgspec.msgpack.Ext(_ARRAY, msgspec.msgpack.encode((len(frames) - 1, obj.dtype.str, obj.shape)))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise NotImplementedError(f"cannot send a {type(obj).__name__} to the engine")
+
+
+def _ext_hook(code: int, data: memoryview):
+    if code == _ARRAY:
+        index, dtype, shape = msgspec.msgpack.decode(data)
+        return np.frombuffer(_local.frames[index], dtype=np.dtype(dtype)).reshape(shape)
+    if code == _CALLER:
+        return Caller(*msgspec.msgpack.decode(data))
+    raise ValueError(f"unknown extension {code}")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_to_engine = msgspec.msgpack.Decoder(Call | Cancel, ext_hook=_ext_hook)
+_to_front = msgspec.msgpack.Decoder(Reply, ext_hook=_ext_hook)
+
+
+def _caller(value):
+    # msgspec would send a Caller (a dataclass) as a plain dict: tag it to come back a Caller
+    if isinstance(value, Caller):
+        return msgspec.msgpack.Ext(_CALLER, msgspec.msgpack.encode((value.user_id, value.role)))
+    return value
+
+
+def encode(message) -> list:
+    """A message as frames: [header, *buffers]."""
+    if isinstance(message, Call):  # a caller is always an argument of the call itself
+        message = Call(message.call_id, message.op, [_caller(a) for a in message.args],
+                       {k: _caller(v) for k, v in message.kwargs.items()})
+    _local.frames = []
+    header = _encoder.encode(message)
+    frames, _local.frames = _local.frames, None
+    return [header, *frames]
+
+
+def decode_call(frames: list) -> Call | Cancel:
+    return _decode(_to_engine, frames)
+
+
+def decode_reply(frames: list) -> Reply:
+    return _decode(_to_front, frames)
+
+
+def _decode(decoder, frames):
+    _local.frames = [memoryview(f) if not isinstance(f, (bytes, memoryview)) else f for f in frames[1:]]
+    try:
+        return decoder.decode(frames[0])
+    finally:
+        _local.frames = None

@@ -1,0 +1,170 @@
+"""The serving processes: messages between fronts and the engine (tensors as raw buffers,
+streams, cancellation, errors), and the supervisor replacing a dead front."""
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import zmq
+
+from api_helpers import MLP_SPEC
+from live_server import LiveServer
+from msmartcompute.runtime.caller import Caller
+from msmartcompute.runtime.errors import EngineUnavailable, InvalidModelId
+from msmartcompute.serving import protocol
+from msmartcompute.serving.engine_client import EngineClient
+from msmartcompute.serving.engine_server import EngineServer
+from reliability_helpers import http
+
+
+def test_arrays_travel_as_raw_buffers():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ids = np.array([[1, 2, 3]], dtype=np.int64)
+    frames = protocol.encode(protocol.Call(7, "inference.infer", [{"input_data": x, "ids": ids}],
+                                           {"caller": Caller("alice", "user")}))
+    assert len(frames) == 3 and bytes(frames[1]) == x.tobytes() and bytes(frames[2]) == ids.tobytes()
+    assert len(frames[0]) < 200  # the header holds no numbers of the tensors
+    call = protocol.decode_call(frames)
+    assert call.call_id == 7 and call.op == "inference.infer" and call.kwargs["caller"] == Caller("alice", "user")
+    got = call.args[0]
+    assert got["input_data"].dtype == np.float32 and np.array_equal(got["input_data"], x)
+    assert got["ids"].dtype == np.int64 and np.array_equal(got["ids"], ids)
+    reply = protocol.decode_reply(protocol.encode(protocol.Reply(7, {"output_data": x.T, "n": np.int64(3)})))
+    assert np.array_equal(reply.value["output_data"], x.T) and reply.value["n"] == 3 and reply.last
+
+
+class _Streams:
+    """A runtime with one streaming and one failing operation: the transport is under test."""
+
+    def __init__(self):
+        self.closed = threading.Event()
+
+    def operation(self, op):
+        if op == "count":
+            return self.count
+        if op == "fail":
+            def fail():
+                raise InvalidModelId("model 'x' is not loaded", {"model_id": "x"})
+            return fail
+        raise KeyError(op)
+
+    def count(self, n, delay):
+        try:
+            for i in range(n):
+                time.sleep(delay)
+                yield np.full((1, 2), i, dtype=np.float32)
+        finally:
+            self.closed.set()
+
+
+@pytest.fixture
+def engine(tmp_path):
+    address = f"ipc://{tmp_path}/e.sock"
+    runtime = _Streams()
+    server = EngineServer(runtime, address)
+    stopping = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stopping,), daemon=True)
+    thread.start()
+    (tmp_path / "engine.pid").write_text(str(os.getpid()))
+    yield EngineClient(address, tmp_path / "engine.pid"), runtime, tmp_path
+    stopping.set()
+    thread.join(5)
+    server.close()
+
+
+def test_a_reply_may_be_a_stream_and_the_client_may_leave(engine):
+    client, runtime, _ = engine
+    chunks = list(client.call("count", 4, 0.0))
+    assert [int(c[0, 0]) for c in chunks] == [0, 1, 2, 3]
+    stream = client.call("count", 1000, 0.01)
+    assert int(next(stream)[0, 0]) == 0
+    runtime.closed.clear()
+    stream.close()  # the client went away: the engine stops the stream
+    assert runtime.closed.wait(5)
+    with pytest.raises(InvalidModelId) as err:  # errors keep their code and details
+        client.call("fail")
+    assert err.value.details == {"model_id": "x"}
+    assert list(client.call("count", 2, 0.0))[1][0, 0] == 1  # the socket is clean after a cancel
+
+
+def test_no_engine_is_503_at_once(engine):
+    client, _, tmp_path = engine
+    (tmp_path / "engine.pid").unlink()
+    t0 = time.monotonic()
+    with pytest.raises(EngineUnavailable):
+        client.call("count", 1, 0.0)
+    assert time.monotonic() - t0 < 1
+
+
+def _pids_alive(pids):
+    return [p for p in pids if os.path.exists(f"/proc/{p}")]
+
+
+def _get(url):
+    request = urllib.request.Request(url)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers
+
+
+def test_rate_limits_are_exact_across_fronts(tmp_path):
+    server = LiveServer(tmp_path / "state", extra_args=["--workers", "2"],
+                        env={"MSC_RATE_LIMIT_BURST": "100", "MSC_RATE_LIMIT_PER_MINUTE": "8"})
+    try:
+        url = server.base_url
+        # a new connection each: the kernel spreads them over both fronts; one bucket decides all
+        answers = [_get(url + "/api/v1/models") for _ in range(9)]
+        assert [status for status, _ in answers] == [200] * 8 + [429]
+        assert [int(h["X-RateLimit-Remaining"]) for _, h in answers] == [7, 6, 5, 4, 3, 2, 1, 0, 0]
+        time.sleep(7.6)  # one token back (8 a minute)
+        assert _get(url + "/api/v1/models")[0] == 200
+    finally:
+        server.stop()
+
+
+def test_a_dead_front_is_replaced_and_serving_goes_on(tmp_path):
+    server = LiveServer(tmp_path / "state", extra_args=["--workers", "2"])
+    try:
+        url = server.base_url
+        assert http(url, "POST", "/api/v1/models", MLP_SPEC)[0] == 200
+        for _ in range(6):  # new connections: both fronts serve some
+            assert http(url, "POST", "/api/v1/inference", {"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]]})[0] == 200
+        # one set of numbers across the processes: fronts count requests, the engine inferences
+        metrics = http(url, "GET", "/api/v1/metrics")[1]["metrics"]
+        assert (metrics["total_requests"], metrics["inference_requests"], metrics["batch_sizes"]) == (7, 6, {"1": 6})
+        with urllib.request.urlopen(url + "/metrics") as r:
+            text = r.read().decode()
+        assert 'msmartcompute_requests_total{method="POST",route="/api/v1/inference",status="200"} 6.0' in text
+        assert 'msmartcompute_inferences_total{model="mlp-small",status="ok"} 6.0' in text
+        assert 'msmartcompute_inference_duration_seconds_bucket{le="+Inf",model="mlp-small"} 6.0' in text
+        children = server.children()
+        engine = server.engine_pid()
+        fronts = [p for p in children if p != engine]
+        assert len(fronts) == 2, children
+        os.kill(fronts[0], signal.SIGKILL)
+        for _ in range(20):  # the other front serves meanwhile
+            status, body = http(url, "POST", "/api/v1/inference", {"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]]})
+            assert status == 200, body
+        deadline = time.monotonic() + 60
+        while len(server.children()) < 3 or fronts[0] in server.children():
+            assert time.monotonic() < deadline, server.children()
+            time.sleep(0.2)
+        assert server.engine_pid() == engine  # the engine was not touched
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
+    assert not _pids_alive(children)  # SIGTERM took the whole group down
+
+
+def test_fronts_do_not_import_torch():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import sys, msmartcompute.serving.front, msmartcompute.serving.supervisor;"
+                          "print('torch' in sys.modules)"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
