@@ -11,8 +11,9 @@
 //
 // Grouped-query packing: the G = H / Hkv query heads of one kv head are the rows of one [G * Sq, D]
 // matrix (row r is position r % Sq of head r / Sq), all reading the same K/V tiles.
-// Prefill (Sq > 16): a block is 4 warps x 16 rows; each warp multiplies its rows with every key of
-// the tile. Decode (Sq <= 16): a block is 16 rows and its warps split every key tile between them
+// Prefill (Sq > 16): a block is 4 warps x 32 rows (x 16 at D 128/256); each warp multiplies its rows
+// with every key of the tile, each K/V fragment it loads feeding both of its 16-row m-tiles (half the
+// shared-memory reads per mma of 16 rows per warp). Decode (Sq <= 16): a block is 16 rows and its warps split every key tile between them
 // (16 keys each), merged in shared memory at the end, and the key range is split across blocks
 // (grid.z) when the grid would not fill the GPU; attention_combine_kernel merges those by lse.
 #include <algorithm>
@@ -78,50 +79,72 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* 
                : "r"(addr));
 }
 
-// c[16][8 NT] += A[16][D] B[8 NT][D]^T: A rows a_row0.. of swizzled tile sA, B rows b_row0.. of sB.
-template <typename T, int D, int NT>
-__device__ __forceinline__ void mma_a_bt(float (&c)[NT][4], const uint16_t* sA, int a_row0, const uint16_t* sB,
+// c[mt][16][8 NT] += A[16 MT][D] B[8 NT][D]^T, m-tile mt being A rows a_row0 + 16 mt.. of swizzled
+// tile sA, B rows b_row0.. of sB. Each B fragment loaded feeds MT products.
+template <typename T, int D, int MT, int NT>
+__device__ __forceinline__ void mma_a_bt(float (&c)[MT][NT][4], const uint16_t* sA, int a_row0, const uint16_t* sB,
                                          int b_row0) {
   static_assert(NT % 2 == 0, "ldmatrix.x4 loads the B fragments of two 8-wide n-tiles");
   const int lane = threadIdx.x % 32;
   const lay::Coord la = lay::ldsm_a(lane), lb = lay::ldsm_b(lane);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    ldsm_x4(a, sA + lay::swizzled_offset(a_row0 + la.row, kk * 16 + la.col, D));
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      ldsm_x4(a[mt], sA + lay::swizzled_offset(a_row0 + 16 * mt + la.row, kk * 16 + la.col, D));
 #pragma unroll
     for (int jj = 0; jj < NT / 2; ++jj) {
       uint32_t b[4];
       ldsm_x4(b, sB + lay::swizzled_offset(b_row0 + jj * 16 + lb.row, kk * 16 + lb.col, D));
-      mma_16816<T>(c[2 * jj], a, b[0], b[1]);
-      mma_16816<T>(c[2 * jj + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(c[mt][2 * jj], a[mt], b[0], b[1]);
+        mma_16816<T>(c[mt][2 * jj + 1], a[mt], b[2], b[3]);
+      }
     }
   }
 }
-
-// acc[16][D] += X[16][8 NT] B[8 NT][D]: X as accumulator tiles (rounded to T here), B rows b_row0..
-// of swizzled tile sB, read transposed by ldmatrix.trans.
 template <typename T, int D, int NT>
-__device__ __forceinline__ void mma_x_b(float (&acc)[D / 8][4], const float (&x)[NT][4], const uint16_t* sB,
+__device__ __forceinline__ void mma_a_bt(float (&c)[NT][4], const uint16_t* sA, int a_row0, const uint16_t* sB,
+                                         int b_row0) {
+  mma_a_bt<T, D, 1, NT>(reinterpret_cast<float(&)[1][NT][4]>(c), sA, a_row0, sB, b_row0);
+}
+
+// acc[mt][16][D] += X[mt][16][8 NT] B[8 NT][D]: X as accumulator tiles (rounded to T here), B rows
+// b_row0.. of swizzled tile sB, read transposed by ldmatrix.trans; each B fragment feeds MT products.
+template <typename T, int D, int MT, int NT>
+__device__ __forceinline__ void mma_x_b(float (&acc)[MT][D / 8][4], const float (&x)[MT][NT][4], const uint16_t* sB,
                                         int b_row0) {
   const int lane = threadIdx.x % 32;
   const lay::Coord lt = lay::ldsm_b_trans(lane);
 #pragma unroll
   for (int kk = 0; kk < NT / 2; ++kk) {
-    uint32_t a[4];
+    uint32_t a[MT][4];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const float* c = x[2 * kk + lay::a_reg_c_tile(r)];
-      a[r] = pack2<T>(c[lay::a_reg_c_first(r)], c[lay::a_reg_c_first(r) + 1]);
-    }
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const float* c = x[mt][2 * kk + lay::a_reg_c_tile(r)];
+        a[mt][r] = pack2<T>(c[lay::a_reg_c_first(r)], c[lay::a_reg_c_first(r) + 1]);
+      }
 #pragma unroll
     for (int ii = 0; ii < D / 16; ++ii) {
       uint32_t b[4];
       ldsm_x4_trans(b, sB + lay::swizzled_offset(b_row0 + kk * 16 + lt.row, ii * 16 + lt.col, D));
-      mma_16816<T>(acc[2 * ii], a, b[0], b[1]);
-      mma_16816<T>(acc[2 * ii + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(acc[mt][2 * ii], a[mt], b[0], b[1]);
+        mma_16816<T>(acc[mt][2 * ii + 1], a[mt], b[2], b[3]);
+      }
     }
   }
+}
+template <typename T, int D, int NT>
+__device__ __forceinline__ void mma_x_b(float (&acc)[D / 8][4], const float (&x)[NT][4], const uint16_t* sB,
+                                        int b_row0) {
+  mma_x_b<T, D, 1, NT>(reinterpret_cast<float(&)[1][D / 8][4]>(acc), reinterpret_cast<const float(&)[1][NT][4]>(x),
+                       sB, b_row0);
 }
 
 // Rows [0, rows) of a swizzled [rows][D] tile by cp.async; row_ptr(i) is row i's global address, or
@@ -181,26 +204,32 @@ __device__ __forceinline__ const uint16_t* half_ptr(const StridedRows& t) {
 template <int D>
 struct FwdConfig {
   static constexpr int kPrefillWarps = 4;
+  // 16-row m-tiles per warp: at D <= 64 each K/V fragment feeds 2 (at D 128 the second tile's
+  // accumulators would spill on sm_80: 255 registers and a 104-byte stack).
+  static constexpr int kPrefillWarpTiles = D <= 64 ? 2 : 1;
   static constexpr int kDecodeWarps = D <= 128 ? 4 : 2;  // D 256: two warps keep K/V stages under 99 KB
-  static constexpr int kPrefillKeys = D <= 128 ? 64 : 32;
+  static constexpr int kPrefillKeys = D <= 128 ? 64 : 32;  // keys per K/V stage
 };
 
 template <int D, int WARPS, bool KEY_SPLIT>
 struct FwdTile {
-  static constexpr int kRows = KEY_SPLIT ? 16 : 16 * WARPS;                       // query rows per block
+  static constexpr int kWarpTiles = KEY_SPLIT ? 1 : FwdConfig<D>::kPrefillWarpTiles;
+  static constexpr int kRows = KEY_SPLIT ? 16 : 16 * kWarpTiles * WARPS;              // query rows per block
   static constexpr int kKeys = KEY_SPLIT ? 16 * WARPS : FwdConfig<D>::kPrefillKeys;  // keys per stage
-  static constexpr int kWarpKeys = KEY_SPLIT ? 16 : kKeys;                       // keys one warp multiplies
+  static constexpr int kWarpKeys = KEY_SPLIT ? 16 : kKeys;                           // keys one warp multiplies
   static constexpr size_t kSmem = sizeof(uint16_t) * (kRows * D + 4 * kKeys * D);  // Q + 2 stages of K, V
 };
 
 // One block: packed rows [blockIdx.x * BM, + BM) of (batch, kv head) blockIdx.y, keys of split blockIdx.z.
+// A thread holds 2 MT rows: index ri = 2 mt + h is accumulator row g + 8 h of the warp's m-tile mt.
 template <typename T, int D, int WARPS, bool KEY_SPLIT>
 __global__ __launch_bounds__(WARPS * 32) void attention_fwd_kernel(const __grid_constant__ AttentionParams p,
                                                                    float* __restrict__ part_o,    // [splits, B*Hkv*R, D] or null
                                                                    float* __restrict__ part_lse,  // [splits, B*Hkv*R]
                                                                    int keys_per_split) {
   using Tile = FwdTile<D, WARPS, KEY_SPLIT>;
-  constexpr int BM = Tile::kRows, BN = Tile::kKeys, NT = Tile::kWarpKeys / 8, THREADS = WARPS * 32;
+  constexpr int MT = Tile::kWarpTiles, BM = Tile::kRows, BN = Tile::kKeys, NT = Tile::kWarpKeys / 8;
+  constexpr int THREADS = WARPS * 32, RI = 2 * MT;
   extern __shared__ __align__(128) uint16_t smem[];
   uint16_t* sQ = smem;              // [BM][D]
   uint16_t* sK = sQ + BM * D;       // [2][BN][D]
@@ -210,7 +239,7 @@ __global__ __launch_bounds__(WARPS * 32) void attention_fwd_kernel(const __grid_
   const int R = seq.rows(), r0 = blockIdx.x * BM;
   if (r0 >= R) return;  // varlen: this sequence has fewer rows than the longest
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int warp_row0 = KEY_SPLIT ? 0 : warp * 16, warp_key0 = KEY_SPLIT ? warp * 16 : 0;
+  const int warp_row0 = KEY_SPLIT ? 0 : warp * 16 * MT, warp_key0 = KEY_SPLIT ? warp * 16 : 0;
 
   // Keys this block needs: its split's range, cut at the last key any of its rows sees.
   const int kv_begin = blockIdx.z * keys_per_split;
@@ -232,15 +261,23 @@ __global__ __launch_bounds__(WARPS * 32) void attention_fwd_kernel(const __grid_
   if (kv_begin < kv_end) load_kv(kv_begin, 0);
   cp_async_commit();
 
-  // This thread's two rows (accumulator rows g and g + 8 of its warp) and the last key each sees.
-  const int row_a = r0 + warp_row0 + g, row_b = row_a + 8;
-  const int limit_a = row_a < R ? seq.key_limit(row_a, p.causal) : -1;
-  const int limit_b = row_b < R ? seq.key_limit(row_b, p.causal) : -1;
-  const float scale_log2 = p.scale * kLog2e;
-  float acc[D / 8][4];
+  // This thread's rows and the last key each sees; the online-softmax state (l: this thread's
+  // partial row sums, completed across the quad at the end).
+  int row[RI], limit[RI];
+  float m[RI], l[RI];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;  // l: this thread's partial row sums
+  for (int ri = 0; ri < RI; ++ri) {
+    row[ri] = r0 + warp_row0 + 16 * (ri / 2) + g + 8 * (ri % 2);
+    limit[ri] = row[ri] < R ? seq.key_limit(row[ri], p.causal) : -1;
+    m[ri] = -INFINITY;
+    l[ri] = 0.f;
+  }
+  const float scale_log2 = p.scale * kLog2e;
+  float acc[MT][D / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
 
   for (int n0 = kv_begin, stage = 0; n0 < kv_end; n0 += BN, stage ^= 1) {
     if (n0 + BN < kv_end) load_kv(n0 + BN, stage ^ 1);  // the next tile flies while this one is used
@@ -250,68 +287,71 @@ __global__ __launch_bounds__(WARPS * 32) void attention_fwd_kernel(const __grid_
     const uint16_t* sKs = sK + stage * BN * D;
     const uint16_t* sVs = sV + stage * BN * D;
 
-    float s[NT][4];
+    float s[MT][NT][4];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-    mma_a_bt<T, D, NT>(s, sQ, warp_row0, sKs, warp_key0);
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+    mma_a_bt<T, D, MT, NT>(s, sQ, warp_row0, sKs, warp_key0);
 
-    // Scale (base 2), mask, and the online softmax update of rows a and b.
-    float mx_a = -INFINITY, mx_b = -INFINITY;
+    // Scale (base 2), mask, and the online softmax update of each row.
+    float mx[RI];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
+    for (int ri = 0; ri < RI; ++ri) mx[ri] = -INFINITY;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = n0 + warp_key0 + j * 8 + lay::mma_c(lane, e).col;
-        const bool hidden = key >= kv_end || key > (e < 2 ? limit_a : limit_b);
-        s[j][e] = hidden ? -INFINITY : s[j][e] * scale_log2;
-      }
-      mx_a = fmaxf(mx_a, fmaxf(s[j][0], s[j][1]));
-      mx_b = fmaxf(mx_b, fmaxf(s[j][2], s[j][3]));
-    }
-    // The 4 threads of a quad (same g) hold one row between them.
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int o = 1; o <= 2; o <<= 1) {
-      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, o));
-      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, o));
-    }
-    const float new_a = fmaxf(m_a, mx_a), new_b = fmaxf(m_b, mx_b);
-    // A row with no visible key yet keeps max -inf; subtract 0 then so exp2 gives 0, not NaN.
-    const float base_a = new_a == -INFINITY ? 0.f : new_a, base_b = new_b == -INFINITY ? 0.f : new_b;
-    const float alpha_a = exp2f(m_a - base_a), alpha_b = exp2f(m_b - base_b);
-    m_a = new_a;
-    m_b = new_b;
-    l_a *= alpha_a;
-    l_b *= alpha_b;
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      acc[i][0] *= alpha_a;
-      acc[i][1] *= alpha_a;
-      acc[i][2] *= alpha_b;
-      acc[i][3] *= alpha_b;
+        for (int e = 0; e < 4; ++e) {
+          const int ri = 2 * mt + e / 2;
+          const int key = n0 + warp_key0 + j * 8 + lay::mma_c(lane, e).col;
+          const bool hidden = key >= kv_end || key > limit[ri];
+          s[mt][j][e] = hidden ? -INFINITY : s[mt][j][e] * scale_log2;
+          mx[ri] = fmaxf(mx[ri], s[mt][j][e]);
+        }
+    float base[RI], alpha[RI];
+#pragma unroll
+    for (int ri = 0; ri < RI; ++ri) {
+      // The 4 threads of a quad (same g) hold one row between them.
+      mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 1));
+      mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(0xffffffffu, mx[ri], 2));
+      const float next = fmaxf(m[ri], mx[ri]);
+      // A row with no visible key yet keeps max -inf; subtract 0 then so exp2 gives 0, not NaN.
+      base[ri] = next == -INFINITY ? 0.f : next;
+      alpha[ri] = exp2f(m[ri] - base[ri]);
+      m[ri] = next;
+      l[ri] *= alpha[ri];
     }
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      s[j][0] = exp2f(s[j][0] - base_a);
-      s[j][1] = exp2f(s[j][1] - base_a);
-      s[j][2] = exp2f(s[j][2] - base_b);
-      s[j][3] = exp2f(s[j][3] - base_b);
-      l_a += s[j][0] + s[j][1];
-      l_b += s[j][2] + s[j][3];
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mt][i][e] *= alpha[2 * mt + e / 2];
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[mt][j][e] = exp2f(s[mt][j][e] - base[2 * mt + e / 2]);
+          l[2 * mt + e / 2] += s[mt][j][e];
+        }
     }
-    mma_x_b<T, D, NT>(acc, s, sVs, warp_key0);  // O += P V
+    mma_x_b<T, D, MT, NT>(acc, s, sVs, warp_key0);  // O += P V
     __syncthreads();  // this stage is read by every warp before the next iteration refills it
   }
   cp_async_wait<0>();
 
 #pragma unroll
-  for (int o = 1; o <= 2; o <<= 1) {
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, o);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, o);
+  for (int ri = 0; ri < RI; ++ri) {
+    l[ri] += __shfl_xor_sync(0xffffffffu, l[ri], 1);
+    l[ri] += __shfl_xor_sync(0xffffffffu, l[ri], 2);
   }
 
   if constexpr (KEY_SPLIT) {
     // Every warp holds a softmax of the same 16 rows over its own keys: merge them into warp 0,
     // each scaled by exp2(m_w - m) (the K/V stages are free now: the loop ended on a barrier).
+    static_assert(MT == 1, "decode blocks are one m-tile");
     float* sO = reinterpret_cast<float*>(sK);  // [WARPS][16][D]
     float* sM = sO + WARPS * 16 * D;           // [WARPS][16]
     float* sL = sM + WARPS * 16;               // [WARPS][16]
@@ -321,34 +361,32 @@ __global__ __launch_bounds__(WARPS * 32) void attention_fwd_kernel(const __grid_
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const lay::Coord c = lay::mma_c(lane, e);
-        sO[(warp * 16 + c.row) * D + i * 8 + c.col] = acc[i][e];
+        sO[(warp * 16 + c.row) * D + i * 8 + c.col] = acc[0][i][e];
       }
     if (t == 0) {
-      sM[warp * 16 + g] = m_a;
-      sM[warp * 16 + g + 8] = m_b;
-      sL[warp * 16 + g] = l_a;
-      sL[warp * 16 + g + 8] = l_b;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        sM[warp * 16 + g + 8 * h] = m[h];
+        sL[warp * 16 + g + 8 * h] = l[h];
+      }
     }
     __syncthreads();
     if (warp != 0) return;
-    float mw_a = -INFINITY, mw_b = -INFINITY;
+    float weight[2][WARPS];
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-      mw_a = fmaxf(mw_a, sM[w * 16 + g]);
-      mw_b = fmaxf(mw_b, sM[w * 16 + g + 8]);
-    }
-    const float base_a = mw_a == -INFINITY ? 0.f : mw_a, base_b = mw_b == -INFINITY ? 0.f : mw_b;
-    float wa[WARPS], wb[WARPS];
-    l_a = l_b = 0.f;
+    for (int h = 0; h < 2; ++h) {
+      float top = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-      wa[w] = exp2f(sM[w * 16 + g] - base_a);
-      wb[w] = exp2f(sM[w * 16 + g + 8] - base_b);
-      l_a += wa[w] * sL[w * 16 + g];
-      l_b += wb[w] * sL[w * 16 + g + 8];
+      for (int w = 0; w < WARPS; ++w) top = fmaxf(top, sM[w * 16 + g + 8 * h]);
+      const float shift = top == -INFINITY ? 0.f : top;
+      l[h] = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) {
+        weight[h][w] = exp2f(sM[w * 16 + g + 8 * h] - shift);
+        l[h] += weight[h][w] * sL[w * 16 + g + 8 * h];
+      }
+      m[h] = top;
     }
-    m_a = mw_a;
-    m_b = mw_b;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i)
 #pragma unroll
@@ -356,41 +394,46 @@ __global__ __launch_bounds__(WARPS * 32) void attention_fwd_kernel(const __grid_
         const lay::Coord c = lay::mma_c(lane, e);
         float sum = 0.f;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) sum += (e < 2 ? wa[w] : wb[w]) * sO[(w * 16 + c.row) * D + i * 8 + c.col];
-        acc[i][e] = sum;
+        for (int w = 0; w < WARPS; ++w) sum += weight[e / 2][w] * sO[(w * 16 + c.row) * D + i * 8 + c.col];
+        acc[0][i][e] = sum;
       }
   }
 
   // A row with no key in this split (l = 0) gets O = 0 and lse = -inf: no weight when combined.
-  const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
-  const float lse_a = l_a > 0.f ? (m_a + log2f(l_a)) * kLn2 : -INFINITY;
-  const float lse_b = l_b > 0.f ? (m_b + log2f(l_b)) * kLn2 : -INFINITY;
+  float inv[RI], lse[RI];
+#pragma unroll
+  for (int ri = 0; ri < RI; ++ri) {
+    inv[ri] = l[ri] > 0.f ? 1.f / l[ri] : 0.f;
+    lse[ri] = l[ri] > 0.f ? (m[ri] + log2f(l[ri])) * kLn2 : -INFINITY;
+  }
   if (part_o == nullptr) {
     T* og = static_cast<T*>(p.out.data);
     float* lg = static_cast<float*>(p.lse.data);
-    const int64_t out_a = row_a < R ? seq.row_offset(p.out, row_a) : 0;
-    const int64_t out_b = row_b < R ? seq.row_offset(p.out, row_b) : 0;
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      const int col = i * 8 + 2 * t;
-      if (row_a < R) *reinterpret_cast<uint32_t*>(og + out_a + col) = pack2<T>(acc[i][0] * inv_a, acc[i][1] * inv_a);
-      if (row_b < R) *reinterpret_cast<uint32_t*>(og + out_b + col) = pack2<T>(acc[i][2] * inv_b, acc[i][3] * inv_b);
+    for (int ri = 0; ri < RI; ++ri) {
+      if (row[ri] >= R) continue;
+      T* orow = og + seq.row_offset(p.out, row[ri]);
+      const int mt = ri / 2, h = ri % 2;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i)
+        *reinterpret_cast<uint32_t*>(orow + i * 8 + 2 * t) =
+            pack2<T>(acc[mt][i][2 * h] * inv[ri], acc[mt][i][2 * h + 1] * inv[ri]);
+      if (t == 0) lg[seq.row_offset(p.lse, row[ri])] = lse[ri];
     }
-    if (t == 0 && row_a < R) lg[seq.row_offset(p.lse, row_a)] = lse_a;
-    if (t == 0 && row_b < R) lg[seq.row_offset(p.lse, row_b)] = lse_b;
   } else {
     // Splits only run with one length for every sequence: flat row (b * Hkv + hkv) * R + r.
     const int64_t split_rows = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * R;
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      const int col = i * 8 + 2 * t;
-      if (row_a < R)
-        *reinterpret_cast<float2*>(part_o + (split_rows + row_a) * D + col) = make_float2(acc[i][0] * inv_a, acc[i][1] * inv_a);
-      if (row_b < R)
-        *reinterpret_cast<float2*>(part_o + (split_rows + row_b) * D + col) = make_float2(acc[i][2] * inv_b, acc[i][3] * inv_b);
+    for (int ri = 0; ri < RI; ++ri) {
+      if (row[ri] >= R) continue;
+      float* prow = part_o + (split_rows + row[ri]) * D;
+      const int mt = ri / 2, h = ri % 2;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i)
+        *reinterpret_cast<float2*>(prow + i * 8 + 2 * t) =
+            make_float2(acc[mt][i][2 * h] * inv[ri], acc[mt][i][2 * h + 1] * inv[ri]);
+      if (t == 0) part_lse[split_rows + row[ri]] = lse[ri];
     }
-    if (t == 0 && row_a < R) part_lse[split_rows + row_a] = lse_a;
-    if (t == 0 && row_b < R) part_lse[split_rows + row_b] = lse_b;
   }
 }
 

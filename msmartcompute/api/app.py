@@ -10,7 +10,7 @@ import orjson
 
 from ..runtime.instruments import Instruments
 from ..runtime.keys import KeyStore
-from . import errors
+from . import errors, openai_compat
 from .allocations import AllocationResource, AllocationsResource
 from .health import HealthResource
 from .jobs import JobsResource
@@ -113,4 +113,5 @@ def create_app(runtime, config: ApiConfig | None = None, keys: KeyStore | None =
     }
     for path, resource in routes.items():
         app.add_route(API_PREFIX + path, resource)
+    openai_compat.install(app, runtime)
     return app

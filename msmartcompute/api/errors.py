@@ -1,4 +1,5 @@
-"""The one place where failures become the seed's error envelope.
+"""The one place where failures become the seed's error envelope (OpenAI's error shape
+on the OpenAI-compatible routes under /v1/).
 
 Runtime errors carry their code; Falcon's own errors (unknown route, wrong
 method, bad JSON) and anything unexpected are mapped here too. A 500 never
@@ -46,13 +47,24 @@ _CODE_BY_FALCON_STATUS = {
 }
 
 
-def _respond(resp: falcon.Response, status: str, code: str, message: str, details: dict | None) -> None:
+# OpenAI's error "type" by HTTP status, for the OpenAI-compatible routes under /v1/.
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+                 429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
+
+
+def _respond(req, resp: falcon.Response, status: str, code: str, message: str, details: dict | None) -> None:
     resp.status = status
+    if req.path.startswith("/v1/"):  # OpenAI's shape: {"error": {message, type, param, code}}
+        number = int(status.split()[0])
+        kind = _OPENAI_TYPES.get(number, "server_error" if number >= 500 else "invalid_request_error")
+        resp.media = {"error": {"message": message, "type": kind, "param": (details or {}).get("field"),
+                                "code": code.lower()}}
+        return
     resp.media = error(code, message, details)
 
 
 def handle_runtime_error(req, resp, exc: rt.MSCError, params) -> None:
-    _respond(resp, STATUS_BY_CODE.get(exc.code, falcon.HTTP_500), exc.code, exc.message, exc.details)
+    _respond(req, resp, STATUS_BY_CODE.get(exc.code, falcon.HTTP_500), exc.code, exc.message, exc.details)
 
 
 def handle_http_error(req, resp, exc: falcon.HTTPError, params) -> None:
@@ -70,13 +82,13 @@ def handle_http_error(req, resp, exc: falcon.HTTPError, params) -> None:
         message = exc.description or exc.title or "Request failed"
     for name, value in (exc.headers or {}).items():
         resp.set_header(name, value)
-    _respond(resp, exc.status, code, message, {})
+    _respond(req, resp, exc.status, code, message, {})
 
 
 def handle_unexpected(req, resp, exc: Exception, params) -> None:
     request_id = req.context.get("request_id")
     log.exception("unhandled error on %s %s (request %s)", req.method, req.path, request_id)
-    _respond(resp, falcon.HTTP_500, rt.InternalError.code, "Internal server error",
+    _respond(req, resp, falcon.HTTP_500, rt.InternalError.code, "Internal server error",
              {"request_id": request_id} if request_id else {})
 
 

@@ -15,7 +15,19 @@ def fit_rows(rows: list, width: int, path: str) -> list:
 
 
 def prepare_request(body: dict, path: str = "body") -> dict:
-    """input_data as a numpy matrix, fitted to sequence_length and checked against batch_size when given."""
+    """input_data as a numpy matrix, fitted to sequence_length and checked against batch_size when
+    given; or input_text (a string or a list of strings), which the model's tokenizer turns into rows."""
+    if body.get("input_text") is not None:
+        if body.get("input_data") is not None:
+            raise InvalidInputData(f"{path}: give input_data or input_text, not both", {"field": f"{path}.input_text"})
+        if body["input_text"] == "":
+            raise InvalidInputData(f"{path}.input_text must not be empty", {"field": f"{path}.input_text"})
+        request = dict(body)
+        request["options"] = dict(body.get("options") or {})
+        return request
+    if body.get("input_data") is None:
+        raise InvalidInputData(f"{path}.input_data is required (or input_text for a model with a tokenizer)",
+                               {"field": f"{path}.input_data"})
     rows = body["input_data"]
     if body.get("sequence_length") is not None:
         rows = fit_rows(rows, body["sequence_length"], path)

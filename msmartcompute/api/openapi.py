@@ -29,9 +29,15 @@ _METRICS = {"gpu_utilization": _NULLABLE_NUM, "memory_utilization": _NULLABLE_NU
             "active_requests": _INT, "queued_requests": _INT, "total_requests": _INT,
             "successful_requests": _INT, "failed_requests": _INT}
 _ERROR_ITEM = {"type": "object", "properties": {"code": _STR, "message": _STR, "details": {"type": "object"}}}
+# extension: with input_text, the generated text per row (and why each row stopped)
+_TEXT_OUT = {"output_text": {"type": "array", "items": _STR,
+                             "description": "decoded output rows (requests sent as input_text)"},
+             "finish_reasons": {"type": "array", "items": {"type": "string", "enum": ["stop", "length"]},
+                                "description": "per generated row: stop (end-of-sequence token) or length"},
+             "prompt_tokens": {"type": "integer", "description": "tokens the input_text became"}}
 _INFERENCE_RESULT = {"request_id": _STR, "status": _STR, "output_data": {**_ROWS, "nullable": True},
                      "inference_time": _NULLABLE_NUM, "completion_time": {**_TIME, "nullable": True},
-                     "error": {**_ERROR_ITEM, "nullable": True}}
+                     "error": {**_ERROR_ITEM, "nullable": True}, **_TEXT_OUT}
 _TRAINING_RESULT = {"request_id": _STR, "status": _STR, "final_loss": _NULLABLE_NUM,
                     "loss_history": {"type": "array", "items": _NUM}, "training_time": _NULLABLE_NUM,
                     "completion_time": {**_TIME, "nullable": True}, "epochs": _INT, "epochs_completed": _INT,
@@ -54,14 +60,15 @@ OPERATIONS = [
     ("get", "/api/v1/models/{model_id}", "One loaded model", None, _MODEL["properties"], True),
     ("delete", "/api/v1/models/{model_id}", "Unload a model (admin)", None, {"model_id": _STR, "message": _STR}, True),
     ("post", "/api/v1/inference", "Synchronous inference", schemas.Inference,
-     {"request_id": _STR, "output_data": _ROWS, "inference_time": _NUM, "tokens_generated": _INT,
+     {**_TEXT_OUT, "request_id": _STR, "output_data": _ROWS, "inference_time": _NUM, "tokens_generated": _INT,
       "memory_used": _INT}, True),
     ("post", "/api/v1/inference/async", "Queue asynchronous inference", schemas.Inference,
      {"request_id": _STR, "status": _STR, "estimated_completion": _TIME}, True),
     ("get", "/api/v1/inference/{request_id}", "Result of an asynchronous inference", None, _INFERENCE_RESULT, True),
     ("post", "/api/v1/inference/batch", "Several inference requests in one call", schemas.BatchInference,
      {"results": {"type": "array", "items": {"type": "object", "properties": {
-         "request_id": _STR, "output_data": _ROWS, "inference_time": _NUM, "error": _ERROR_ITEM}}},
+         "request_id": _STR, "output_data": _ROWS, "inference_time": _NUM, "error": _ERROR_ITEM,
+         **_TEXT_OUT}}},
       "total_time": _NUM}, True),
     ("post", "/api/v1/models/{model_id}/optimize", "Quantize (int8) or convert to half precision (admin)",
      schemas.Optimize,

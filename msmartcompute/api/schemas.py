@@ -58,6 +58,24 @@ class TransformerParameters(Body):
     intermediate_size: _int(1, 1 << 20) | None = None
 
 
+class PretrainedParameters(Body):
+    """parameters of a transformer or encoder loaded from model_path (a Hugging Face-format
+    folder or a GPT-2 / Llama / BERT weights file): sizes are optional and must agree with the
+    folder's config.json; a single weights file needs them."""
+    architecture: Literal["llama", "mistral", "qwen2", "gpt2", "bert"] | None = None
+    vocab_size: _int(1, 1 << 24) | None = None
+    hidden_size: _int(1, 1 << 16) | None = None
+    num_layers: _int(1, 1024) | None = None
+    num_heads: _int(1, 1024) | None = None
+    num_kv_heads: _int(1, 1024) | None = None
+    intermediate_size: _int(1, 1 << 20) | None = None
+    max_position_embeddings: _int(1, 1 << 24) | None = None
+    rope_theta: Annotated[float, Meta(gt=0)] | None = None
+    pooling: Annotated[Literal["mean", "cls"], Meta(description="encoder pooling without a "
+                                                                 "sentence-transformers modules.json")] | None = None
+    normalize: Annotated[bool, Meta(description="L2-normalise pooled encoder vectors")] | None = None
+
+
 class ProgramParameters(Body):
     """parameters of a torchscript / exported program (model_path is the program file)."""
     input_size: _int(1, 1 << 24, "values per input row, when the program does not declare it") | None = None
@@ -69,10 +87,20 @@ PARAMETERS: dict[str, type] = {"mlp": MLPParameters, "transformer": TransformerP
 MODEL_TYPES = list(PARAMETERS)
 
 
+def parameters_type(model_type: str, model_path: str | None) -> type:
+    """A transformer or encoder with a model_path may be a pretrained checkpoint."""
+    if model_path and model_type in ("transformer", "encoder"):
+        return PretrainedParameters
+    return PARAMETERS[model_type]
+
+
 class LoadModel(Body):
     model_id: Id
     model_type: Literal["transformer", "encoder", "mlp", "torchscript", "exported"]
-    model_path: Path | None = None
+    model_path: Annotated[Path, Meta(description="a weights file, or a Hugging Face-format checkpoint folder "
+                                                 "(config.json, safetensors or .bin weights, tokenizer files)")] | None = None
+    weights_path: Annotated[Path, Meta(description="extension: weights trained here (training save_path) for the "
+                                                   "checkpoint folder in model_path")] | None = None
     max_batch_size: _int(1, 1024) | None = None
     max_sequence_length: _int(1, 65536) | None = None
     enable_quantization: bool | None = None
@@ -82,8 +110,8 @@ class LoadModel(Body):
     priority: _int(0, 100, "scheduling priority on a vGPU with the priority policy") | None = None
     seed: Seed | None = None
     parameters: Annotated[dict, Meta(description="by model_type: mlp -> MLPParameters; transformer, encoder "
-                                                 "-> TransformerParameters; torchscript, exported -> "
-                                                 "ProgramParameters")] | None = None
+                                                 "-> TransformerParameters (PretrainedParameters with a model_path); "
+                                                 "torchscript, exported -> ProgramParameters")] | None = None
 
 
 # ---- inference ----------------------------------------------------------------------------------
@@ -101,7 +129,11 @@ class InferenceOptions(Body):
 
 class Inference(Body):
     model_id: Id
-    input_data: Matrix
+    input_data: Matrix | None = None
+    input_text: Annotated[str | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=MAX_ROWS)],
+                          Meta(description="extension: text in place of input_data for a model whose checkpoint "
+                                           "folder has a tokenizer (one row per string); the response then also "
+                                           "carries output_text. One of input_data / input_text is required")] | None = None
     batch_size: _int(1, MAX_ROWS) | None = None
     sequence_length: _int(1, 1_048_576, "each input_data row is cut to its first sequence_length values or "
                                         "padded with 0 at the end (rows may then differ in length)") | None = None
@@ -222,7 +254,7 @@ def parse(req, body_type: type) -> dict:
         raise InvalidInputData(f"the request body is not valid JSON: {exc}", {"field": "body"}) from None
     out = _fields(body)
     if body_type is LoadModel and body.parameters is not None:
-        validate(PARAMETERS[body.model_type], body.parameters, "body.parameters")
+        validate(parameters_type(body.model_type, body.model_path), body.parameters, "body.parameters")
     return out
 
 

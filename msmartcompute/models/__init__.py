@@ -1,7 +1,10 @@
 """Model families built on ops: build_model(spec, device) -> ServedModel.
 
 Families: transformer (decoder LM with KV cache), encoder (token ids -> pooled vectors),
-mlp (float rows -> float rows), torchscript / exported (a user's own program file)."""
+mlp (float rows -> float rows), torchscript / exported (a user's own program file).
+A transformer or encoder whose model_path is a Hugging Face-format checkpoint (a folder
+with config.json, or a GPT-2 / Llama / BERT weights file) is built by pretrained.py
+(llama.py, gpt2.py, bert.py); otherwise by the home transformer.py / encoder.py."""
 from __future__ import annotations
 
 import torch
@@ -9,12 +12,13 @@ import torch
 from .base import Output, Prepared, ServedModel
 from .encoder import EncoderModel
 from .mlp import MLPModel
+from . import pretrained
 from .programs import ProgramModel
 from .transformer import TransformerModel
 
 _FAMILIES = {
-    "transformer": TransformerModel,
-    "encoder": EncoderModel,
+    "transformer": lambda spec, device: pretrained.build(spec, device, "transformer") or TransformerModel(spec, device),
+    "encoder": lambda spec, device: pretrained.build(spec, device, "encoder") or EncoderModel(spec, device),
     "mlp": MLPModel,
     "torchscript": lambda spec, device: ProgramModel(spec, device, "torchscript"),
     "exported": lambda spec, device: ProgramModel(spec, device, "exported"),

@@ -20,6 +20,7 @@ class Prepared:
 class Output:
     output_data: "np.ndarray | list[list]"  # the rows to return for this request
     tokens_generated: int           # real count (0 for non-generative models)
+    finish_reasons: "list[str] | None" = None  # per generated row: "stop" (end of sequence) or "length"
 
 
 class ServedModel:
@@ -51,6 +52,32 @@ class ServedModel:
     def tensor_bytes(self) -> int:
         """Measured bytes of every parameter and buffer (int8 weights count 1 byte each)."""
         return module_bytes(self.module)
+
+    tokenizer = None                # models.tokenizer.Tokenizer, for checkpoints that ship one
+
+    def encode_text(self, texts, add_special_tokens: bool = True) -> list[list[int]]:
+        """input_text (a list of strings, one row each) -> token id rows (any lengths).
+        add_special_tokens=False for a prompt a chat template has already framed."""
+        if self.tokenizer is None:
+            raise ValueError(f"this {self.model_type} model has no tokenizer: send token ids in input_data "
+                             "(a checkpoint folder with tokenizer.json, or GPT-2's vocab.json + merges.txt, "
+                             "brings one)")
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("input_text must be a string or a non-empty list of strings")
+        rows = self.tokenizer.encode_batch(texts, add_special_tokens)
+        empty = next((i for i, r in enumerate(rows) if not r), None)
+        if empty is not None:
+            raise ValueError(f"input_text[{empty}] encodes to no tokens")
+        return rows
+
+    def decode_text(self, output_data) -> list[str] | None:
+        """Generated id rows -> text, one string per row; None when outputs are not tokens."""
+        return None
+
+    def weights_to_save(self, module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+        """Trained weights to write (name -> tensor) and the spec key the saved file goes under,
+        so that loading the spec again builds the trained model."""
+        return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, "model_path"
 
     def prepare(self, input_data, options: dict) -> Prepared:
         raise NotImplementedError

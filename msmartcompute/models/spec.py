@@ -12,6 +12,15 @@ from .checkpoint import load_checkpoint
 from .layers import quantize_linears
 
 
+class SpecError(ValueError):
+    """A load spec the model cannot be built from; `field` names the request field at fault
+    (the API puts it in details.field)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def int_param(params: dict, name: str, default: int | None = None, minimum: int = 1) -> int:
     value = params.get(name, default)
     if value is None:

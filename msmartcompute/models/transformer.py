@@ -12,7 +12,6 @@ attention on its own tokens and rotary positions start at 0 at each row's first 
 so a row generates what it would alone (up to float rounding of the batched matmuls)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 from msmartcompute import ops
 
 from .base import Output, Prepared, ServedModel, to_numpy, token_rows
+from .sampling import sampling_options
 from .spec import build_module, flag, int_param, max_sequence_length, tensor_cores
 
 
@@ -257,18 +257,6 @@ def generate(model: Decoder, prompts: list[torch.Tensor], max_tokens: int, tempe
 
 # ---- served model ------------------------------------------------------------------------------
 
-def _number(options: dict, name: str, default: float) -> float:
-    value = options.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ValueError(f"options.{name} must be a number, got {value!r}")
-    return float(value)
-
-
-DEFAULT_MAX_TOKENS = 16
-
-
 class TransformerModel(ServedModel):
     """Options: temperature (>= 0, default 1; 0 = greedy), top_p (in (0, 1], default 1),
     max_tokens (>= 1, default min(16, room left); prompt + max_tokens <= max_sequence_length),
@@ -286,33 +274,10 @@ class TransformerModel(ServedModel):
         self.module, self.dtype = build_module(lambda: Decoder(self.config), spec, device)
 
     def prepare(self, input_data, options: dict) -> Prepared:
-        options = dict(options or {})
         limit = self.config.max_sequence_length
         tokens = token_rows(input_data, self.config.vocab_size, limit)  # [rows, S]
-        room = limit - tokens.shape[1]
-        temperature = _number(options, "temperature", 1.0)
-        top_p = _number(options, "top_p", 1.0)
-        if temperature < 0 or temperature == float("inf"):
-            raise ValueError(f"options.temperature must be a finite number >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"options.top_p must lie in (0, 1], got {top_p}")
-        max_tokens = options.get("max_tokens")
-        if max_tokens is None:
-            max_tokens = min(DEFAULT_MAX_TOKENS, room)
-            if max_tokens < 1:
-                raise ValueError(f"the prompt of {tokens.shape[1]} tokens leaves no room to generate "
-                                 f"within max_sequence_length {limit}")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= limit:
-            raise ValueError(f"options.max_tokens must be an integer in [1, {limit}], got {max_tokens!r}")
-        if max_tokens > room:
-            raise ValueError(f"prompt length {tokens.shape[1]} + max_tokens {max_tokens} exceeds "
-                             f"max_sequence_length {limit}")
-        seed = options.get("seed")
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little") >> 1
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"options.seed must be a non-negative integer, got {seed!r}")
-        options.update(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        options = sampling_options(options, tokens.shape[1], limit)
+        temperature, top_p, max_tokens = options["temperature"], options["top_p"], options["max_tokens"]
         return Prepared(tensor=tokens.to(self.device), options=options,
                         batch_key=("generate", temperature, top_p, max_tokens), rows=tokens.shape[0])
 

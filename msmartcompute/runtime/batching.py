@@ -44,6 +44,8 @@ class Pending:
     enqueued_at: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
     abandoned: bool = False           # the caller timed out: skip it
+    decode_text: object = None        # for an input_text request: output_data -> output_text
+    prompt_tokens: int | None = None  # for an input_text request: the tokens its text became
 
 
 @dataclass

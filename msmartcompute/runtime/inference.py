@@ -4,7 +4,8 @@ A request goes through its model's batch queue (batching.py); `inference_time` i
 to end (queue wait + run). `memory_used`: on CUDA the allocator's peak growth during the run
 that served it; on the host the bytes of this request's input and output tensors. Async
 requests are persisted jobs (jobs.py) that take the same path from a worker thread and are
-run again after a restart."""
+run again after a restart. A request may send input_text in place of input_data for a model
+with a tokenizer; its result then carries output_text, finish_reasons and prompt_tokens."""
 from __future__ import annotations
 
 import time
@@ -22,6 +23,35 @@ from .jobs import JobRunner, error_dict
 from .metrics import Metrics
 from .registry import Registry
 from .store import Store
+
+
+# extension fields of a request sent as input_text (see prepare)
+TEXT_FIELDS = ("output_text", "finish_reasons", "prompt_tokens")
+
+
+def prepare(model, request: dict):
+    """One request checked by its model -> (Prepared, prompt tokens of an input_text request).
+    input_text (a string or a list of strings, one row each) is tokenized by the model's
+    tokenizer in place of input_data (add_special_tokens false: a chat template framed it)."""
+    text, data = request.get("input_text"), request.get("input_data")
+    field = "input_data"
+    if text is not None:
+        if data is not None:
+            raise InvalidInputData("give input_data or input_text, not both", {"field": "input_text"})
+        field = "input_text"
+        try:
+            data = model.encode_text([text] if isinstance(text, str) else text,
+                                     add_special_tokens=request.get("add_special_tokens", True))
+        except ValueError as exc:
+            raise InvalidInputData(str(exc), {"field": field}) from None
+    elif data is None:
+        raise InvalidInputData("input_data is required (or input_text for a model with a tokenizer)",
+                               {"field": "input_data"})
+    try:
+        prepared = model.prepare(data, request.get("options") or {})
+    except ValueError as exc:
+        raise InvalidInputData(str(exc), {"field": field}) from None
+    return prepared, (sum(len(row) for row in data) if text is not None else None)
 
 
 class Inference:
@@ -52,7 +82,8 @@ class Inference:
             if exc is None:
                 try:
                     out = self._finish(executor, pending, t0, request["model_id"])
-                    results.append({k: out[k] for k in ("request_id", "output_data", "inference_time")})
+                    results.append({k: out[k] for k in ("request_id", "output_data", "inference_time",
+                                                        *TEXT_FIELDS) if k in out})
                     continue
                 except MSCError as e:
                     exc = e
@@ -64,14 +95,13 @@ class Inference:
         now + (jobs ahead / job workers + 1) x the mean duration of recent inference jobs (else
         the recent inference latency)."""
         entry = self.registry.entry(request.get("model_id"))
-        try:
-            entry.model.prepare(request.get("input_data"), request.get("options") or {})
-        except ValueError as exc:
-            raise InvalidInputData(str(exc), {"field": "input_data"}) from None
+        prepare(entry.model, request)
         rid = ids.request_id(self.store)
-        data = np.asarray(request["input_data"])
         stored = {k: v for k, v in request.items() if k != "input_data"}
-        stored.update(input_data=data.tolist(), input_dtype=data.dtype.name, request_id=rid)
+        stored["request_id"] = rid
+        if request.get("input_data") is not None:
+            data = np.asarray(request["input_data"])
+            stored.update(input_data=data.tolist(), input_dtype=data.dtype.name)
         owner = caller.user_id if caller else request.get("user_id")
         self.jobs.submit(rid, "inference", owner, stored)
         ahead = self.jobs.queued_ahead(rid)
@@ -88,18 +118,31 @@ class Inference:
         out = {"request_id": request_id, "status": job["status"], "output_data": result.get("output_data"),
                "inference_time": result.get("inference_time"),
                "completion_time": clock.iso(job["completed_at"]) if job["status"] == "completed" else None}
+        out.update({k: result[k] for k in TEXT_FIELDS if k in result})
         if job["status"] == "failed":
             out["error"] = {k: job["error"][k] for k in ("code", "message")}
         return out
 
+    def chat_prompt(self, model_id: str, messages: list[dict]) -> str:
+        """The prompt the model's chat template makes of `messages` (OpenAI chat format)."""
+        model = self.registry.entry(model_id).model
+        if model.tokenizer is None:
+            raise InvalidInputData(f"model {model_id!r} has no tokenizer", {"field": "model"})
+        try:
+            return model.tokenizer.render_chat(messages)
+        except ValueError as exc:
+            raise InvalidInputData(str(exc), {"field": "messages"}) from None
+
     # ---- the path of one request ------------------------------------------------------------
     def _job(self, stored: dict) -> dict:
         request = dict(stored)
-        request["input_data"] = np.asarray(stored["input_data"], dtype=stored.get("input_dtype"))
+        if stored.get("input_data") is not None:
+            request["input_data"] = np.asarray(stored["input_data"], dtype=stored.get("input_dtype"))
         out = self._infer(request, stored["request_id"])
         # stored as JSON: the numbers a synchronous answer prints (float32's shortest form, not tolist()'s float64)
         out["output_data"] = orjson.loads(orjson.dumps(out["output_data"], option=orjson.OPT_SERIALIZE_NUMPY))
-        return {k: out[k] for k in ("output_data", "inference_time", "tokens_generated", "memory_used")}
+        return {k: out[k] for k in ("output_data", "inference_time", "tokens_generated", "memory_used",
+                                    *TEXT_FIELDS) if k in out}
 
     def _infer(self, request: dict, request_id: str) -> dict:
         t0 = time.perf_counter()
@@ -118,17 +161,14 @@ class Inference:
     def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False) -> tuple[Executor, Pending]:
         entry = self.registry.entry(request.get("model_id"))
         model, executor = entry.model, entry.executor
-        if "input_data" not in request:
-            raise InvalidInputData("input_data is required", {"field": "input_data"})
-        try:
-            prepared = model.prepare(request["input_data"], request.get("options") or {})
-        except ValueError as exc:
-            raise InvalidInputData(str(exc), {"field": "input_data"}) from None
+        prepared, prompt_tokens = prepare(model, request)
         # options.timeout is the documented field; a top-level "timeout" is accepted too
         timeout = (request.get("options") or {}).get("timeout", request.get("timeout", self.request_timeout_s))
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidInputData("timeout must be a positive number of seconds", {"field": "timeout"})
         pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout))
+        if prompt_tokens is not None:
+            pending.decode_text, pending.prompt_tokens = model.decode_text, prompt_tokens
         queue = executor.submit(entry.model_id, pending, may_run_inline)
         if queue is not None:  # the executor was idle: run it on this thread (see batching.py)
             executor.run_inline(queue, pending)
@@ -154,6 +194,14 @@ class Inference:
         elapsed = time.perf_counter() - t0
         self.meter.record_inference(True, elapsed, res.output.tokens_generated, model=model_id)
         # a numpy array stays one: it crosses to a front process as a raw buffer (serving/protocol.py)
-        return {"request_id": pending.request_id, "output_data": res.output.output_data,
-                "inference_time": elapsed, "tokens_generated": int(res.output.tokens_generated),
-                "memory_used": int(res.memory_used)}
+        out = {"request_id": pending.request_id, "output_data": res.output.output_data,
+               "inference_time": elapsed, "tokens_generated": int(res.output.tokens_generated),
+               "memory_used": int(res.memory_used)}
+        if pending.decode_text is not None:  # the request came as input_text
+            out["prompt_tokens"] = pending.prompt_tokens
+            text = pending.decode_text(out["output_data"])
+            if text is not None:
+                out["output_text"] = text
+        if res.output.finish_reasons is not None:
+            out["finish_reasons"] = res.output.finish_reasons
+        return out

@@ -157,12 +157,13 @@ class Registry:
             if not any(real == root or root in real.parents for root in self.model_roots):
                 raise InvalidInputData(f"model_path {model_path!r} is outside the model roots",
                                        {"field": "model_path", "model_roots": [str(r) for r in self.model_roots]})
-            is_file = real.is_file()
+            usable = real.is_file() or real.is_dir()  # a weights file or a checkpoint folder
         except (OSError, ValueError) as exc:  # a name too long, a NUL byte, ...
             raise InvalidInputData(f"model_path is not a usable path: {exc.__class__.__name__}: "
                                    f"{getattr(exc, 'strerror', None) or exc}"[:300], {"field": "model_path"}) from None
-        if not is_file:
-            raise InvalidInputData(f"model_path {model_path!r} is not a file", {"field": "model_path"})
+        if not usable:
+            raise InvalidInputData(f"model_path {model_path!r} is not a file or a checkpoint folder",
+                                   {"field": "model_path"})
         return str(real)
 
     def resolve_save_path(self, save_path: str) -> str:
@@ -205,8 +206,9 @@ class Registry:
             if model_id in self.models:
                 raise ModelAlreadyLoaded(f"model {model_id!r} is already loaded", {"model_id": model_id})
             build_spec = dict(spec)
-            if spec.get("model_path"):
-                build_spec["model_path"] = self.resolve_path(spec["model_path"])
+            for key in ("model_path", "weights_path"):  # weights_path: trained weights for a checkpoint folder
+                if spec.get(key):
+                    build_spec[key] = self.resolve_path(spec[key])
             max_batch = _positive_int(spec, "max_batch_size", self.default_max_batch_size)
             priority = spec.get("priority", 0)
             if not isinstance(priority, int) or isinstance(priority, bool):
@@ -260,7 +262,10 @@ class Registry:
                 raise insufficient_memory(exc, "loading", model_id=model_id) from None
             if not isinstance(exc, (ValueError, OSError)):
                 raise
-            raise InvalidInputData(f"cannot load model {model_id!r}: {exc}", {"model_id": model_id}) from None
+            details = {"model_id": model_id}
+            if getattr(exc, "field", None):  # models.spec.SpecError names the request field at fault
+                details["field"] = exc.field
+            raise InvalidInputData(f"cannot load model {model_id!r}: {exc}", details) from None
         # a request's input freed meanwhile can only lower the delta; never report below the tensors
         return model, max(grown, model.tensor_bytes())
 

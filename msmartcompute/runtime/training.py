@@ -368,9 +368,9 @@ class Training:
             if save_path is not None:
                 from safetensors.torch import save_file
 
-                save_file({k: v.detach().cpu().contiguous() for k, v in outcome.module.state_dict().items()},
-                          save_path)
-                changes["model_path"] = save_path
+                weights, spec_key = entry.model.weights_to_save(outcome.module)
+                save_file(weights, save_path)
+                changes[spec_key] = save_path
             if outcome.model_updated or save_path is not None:
                 self.registry.swap(entry, outcome.module, entry.model.dtype, changes)
         history = outcome.loss_history
