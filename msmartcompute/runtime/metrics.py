@@ -207,8 +207,8 @@ class Metrics:
                 "queue_depth_max": dict(self.queue_depth),
                 "models": {model_id: {
                     "requests_per_second": len(stats.done) / span,
-                    "latency_p50": _percentile(stats.latency, 0.5),
-                    "latency_p99": _percentile(stats.latency, 0.99),
+                    "latency_p50": percentile(stats.latency, 0.5),
+                    "latency_p99": percentile(stats.latency, 0.99),
                     "batch_sizes": {str(k): v for k, v in sorted(stats.batch_sizes.items())},
                     "queue_depth": (depths or {}).get(model_id, 0),
                     "queue_depth_max": self.queue_depth.get(model_id, 0),
