@@ -53,3 +53,15 @@ def test_a_damaged_store_stops_serve_and_a_backup_brings_it_back(tmp_path):
         assert busy.returncode == 2 and "in use by pid" in busy.stderr  # never under a live server
     finally:
         server.stop()
+
+
+def test_the_first_key_created_by_the_cli_closes_a_running_open_server(tmp_path):
+    state = tmp_path / "state"
+    server = LiveServer(state, env=quiet_env())
+    try:
+        assert http(server.base_url, "GET", "/api/v1/models")[0] == 200  # open on loopback
+        key = run_cli("keys", "--state-dir", str(state), "create", "--user", "u", "--role", "user").stdout.strip()
+        assert http(server.base_url, "GET", "/api/v1/models")[0] == 401
+        assert http(server.base_url, "POST", "/api/v1/models", MLP, key=key)[0] == 403
+    finally:
+        server.stop()

@@ -78,7 +78,7 @@ class Auth:
     def process_request(self, req, resp):
         if is_public(req.path) or req.method == "OPTIONS":
             return
-        if self.open_mode:
+        if self.open_mode and self.keys.is_open():  # started open: closed by the first key created
             req.context.caller = None  # full access
             return
         header = req.get_header("Authorization") or ""
