@@ -105,3 +105,16 @@ def test_the_first_key_closes_an_open_server_at_once_and_for_good(tmp_path):
         assert_error(Api(runtime).delete("/api/v1/models/mlp-small"), 401, "UNAUTHORIZED")  # a new app too
     finally:
         runtime.close()
+
+
+def test_client_request_ids_are_echoed_only_when_short_and_plain(tmp_path):
+    """Before: any X-Request-ID was echoed and logged, whatever its length or content."""
+    runtime = make_runtime(tmp_path / "state")
+    try:
+        api = Api(runtime)
+        assert api.get("/health", headers={"X-Request-ID": "trace-42"}).headers["X-Request-ID"] == "trace-42"
+        for bad in ("x" * 129, "a b", "id\\tforged 200 GET /"):
+            got = api.get("/health", headers={"X-Request-ID": bad}).headers["X-Request-ID"]
+            assert got != bad and got.startswith("r_") and len(got) == 18
+    finally:
+        runtime.close()

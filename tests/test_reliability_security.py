@@ -166,6 +166,8 @@ def test_request_limits(env, monkeypatch):
         "timeout": {"input_data": [[1, 2, 3, 4]], "options": {"timeout": 3601}},
         "over float32": {"input_data": [[1e39, 0, 0, 0]]},
         "over int64": {"input_data": [[18446744073709551615] * 4]},  # would wrap to -1
+        "just over int64": {"input_data": [[2 ** 63, 1, 2, 3]]},  # numpy would make it a float
+        "over int64 beside a float": {"input_data": [[2 ** 63, 0.5, 2, 3]]},
         "batch_size mismatch": {"input_data": [[1, 2, 3, 4]], "batch_size": 2},
     }
     for what, body in bad.items():

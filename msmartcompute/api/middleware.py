@@ -1,8 +1,9 @@
 """Per-request middleware: request id, auth, rate limit, body limit, access log, metrics."""
 from __future__ import annotations
 
-import itertools
 import logging
+import re
+import secrets
 import time
 
 import falcon
@@ -21,7 +22,9 @@ PUBLIC_PATHS = frozenset({"/health", "/api/v1/health", "/api/v1/openapi.json", "
 def is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(STATIC_PREFIX)
 
-_request_ids = itertools.count(1)
+# A client's X-Request-ID is echoed and logged only if it is a short plain token; anything
+# else (long, spaces, control characters: a forged log line) is replaced by a fresh random id.
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class RequestContext:
@@ -32,7 +35,9 @@ class RequestContext:
         self.instruments = instruments
 
     def process_request(self, req, resp):
-        req.context.request_id = req.get_header("X-Request-ID") or f"r{next(_request_ids)}"
+        given = req.get_header("X-Request-ID")
+        req.context.request_id = (given if given and _CLIENT_REQUEST_ID.fullmatch(given)
+                                  else f"r_{secrets.token_hex(8)}")
         req.context.started = time.perf_counter()
         req.context.caller = None
 

@@ -349,6 +349,11 @@ def as_matrix(value, path: str = "body.input_data") -> np.ndarray:
             _fail(path, "holds an integer beyond the int64 range", None)
         return array.astype(np.int64, copy=False)
     if array.dtype.kind == "f":
+        # numpy turns an integer past int64 into a float silently: look for one, only when a
+        # value that large is there at all (a vectorized test; the scan is the rare path)
+        if np.abs(array).max() >= 2.0 ** 63 and any(
+                type(x) is int and not -2 ** 63 <= x < 2 ** 63 for row in value for x in row):
+            _fail(path, "holds an integer beyond the int64 range", None)
         with np.errstate(over="ignore"):  # overflow becomes inf, refused just below
             array = array.astype(np.float32)
         if not np.isfinite(array).all():
