@@ -132,8 +132,10 @@ def test_malicious_pickles_and_programs_are_refused_and_nothing_runs(env):
 
     cases = [({**MLP_CKPT_SPEC, "model_path": "evil.pkl"}, "not a weights-only checkpoint"),
              ({**MLP_CKPT_SPEC, "model_path": "evil.pt"}, "not a weights-only checkpoint"),
-             ({"model_id": "p", "model_type": "torchscript", "model_path": "evil.pt"}, "could not be loaded"),
-             ({"model_id": "p", "model_type": "exported", "model_path": "evil.pkl"}, "could not be loaded")]
+             ({"model_id": "p", "model_type": "torchscript", "model_path": "evil.pt"},
+              "is a torch checkpoint (torch.save), not a TorchScript program"),
+             ({"model_id": "p", "model_type": "exported", "model_path": "evil.pkl"},
+              "is a Python pickle, not an exported program")]
     cases += [({"model_id": "p", "model_type": "exported", "model_path": p.name}, "") for p in programs]
     for spec, why in cases:
         error = assert_error(api.post("/api/v1/models", spec), 400, "INVALID_INPUT_DATA")

@@ -330,7 +330,8 @@ class Executor:
         queue.device_time_s += run_s
         if len(outputs) != len(group):
             raise InternalError(f"model returned {len(outputs)} outputs for {len(group)} requests")
-        self.metrics.record_batch(queue.model_id, len(group))
+        finished = time.monotonic()
+        self.metrics.record_batch(queue.model_id, len(group), [finished - p.enqueued_at for p in group])
         for p, out in zip(group, outputs):
             if cuda is None:
                 memory = int(p.prepared.tensor.nbytes) + _nbytes(out.output_data)
