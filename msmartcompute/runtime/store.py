@@ -115,8 +115,6 @@ class Store:
         else:  # created owner-only before SQLite writes anything into it
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         self._local = threading.local()
-        self._blocks: dict[str, tuple[int, int]] = {}   # name -> (next, last) of a reserved range
-        self._blocks_lock = threading.Lock()
         self._migrate()
         _owner_only(self.path)
 
@@ -179,21 +177,6 @@ class Store:
         return self.connect().execute(
             "INSERT INTO counters(name, value) VALUES (?, 1) "
             "ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value", (name,)).fetchone()[0]
-
-    def next_in_block(self, name: str, block: int = 1000) -> int:
-        """The next value of a persisted counter, reserving `block` values at a time: one write
-        per `block` calls instead of one per call (a hot path: request ids). Values stay unique
-        across threads, processes and restarts; a restart skips the rest of a reserved block."""
-        with self._blocks_lock:
-            nxt, last = self._blocks.get(name, (1, 0))
-            if nxt > last:
-                last = self.connect().execute(
-                    "INSERT INTO counters(name, value) VALUES (?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET value = value + ? RETURNING value",
-                    (name, block, block)).fetchone()[0]
-                nxt = last - block + 1
-            self._blocks[name] = (nxt + 1, last)
-            return nxt
 
     def backup(self, dest: str | Path) -> None:
         """A consistent copy of the live store into `dest` (a new file, 0600), while others write."""
