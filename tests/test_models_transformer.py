@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 
 from msmartcompute.models import build_model
 from msmartcompute.models.layers import QuantizedLinear
-from msmartcompute.models.transformer import attention, sample
+from msmartcompute import ops
+from msmartcompute.models.transformer import Packing, attention, sample
 
 CPU = torch.device("cpu")
 VOCAB = 61
@@ -165,18 +166,47 @@ def test_quantized_and_bf16_transformer_generate(lm):
     np.testing.assert_array_equal(half.generate(tokens, 5).numpy(), recompute_greedy(half, tokens, 5))
 
 
-def test_attention_with_mask_equals_sdpa_per_row():
+def test_padded_attention_runs_varlen_on_real_tokens_only():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
-    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
-    mask[1, :, :, :2] = False
-    mask[1] |= torch.eye(5, dtype=torch.bool)
-    got = attention(q, k, v, causal=True, mask=mask)
-    np.testing.assert_allclose(got[0], F.scaled_dot_product_attention(q[:1], k[:1], v[:1], is_causal=True)[0],
-                               rtol=1e-5, atol=1e-6)
-    # row 1 with its first two keys dropped: its last three queries see only keys 2..
-    ref = F.scaled_dot_product_attention(q[1:, :, 2:], k[1:, :, 2:], v[1:, :, 2:], is_causal=True)[0]
-    np.testing.assert_allclose(got[1, :, 2:], ref, rtol=1e-5, atol=1e-6)
+    q = torch.randn(2, 5, 4, 8)                        # [B, S, H, D]
+    k, v = torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8)  # two kv heads, not expanded
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[1, :2] = False                               # row 1 left-padded by two
+    got = attention(q, k, v, True, Packing.of(valid))
+
+    def alone(q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(got[:1], alone(q[:1], k[:1], v[:1]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1:, 2:], alone(q[1:, 2:], k[1:, 2:], v[1:, 2:]), rtol=1e-5, atol=1e-6)
+    assert got[1, :2].abs().max() == 0                 # padding is not computed
+
+
+def test_no_path_falls_back_to_torch_sdpa(lm, monkeypatch):
+    # Padded generation (paged KV cache, prefill and decode), the padded full forward (varlen) and
+    # the padded encoder batch (varlen) all run our kernels: torch's SDPA is never called.
+    expected = [lm.generate(prompt(1, n, 40 + n), 4, temperature=0).numpy() for n in (3, 8)]
+    tokens = torch.as_tensor(prompt(2, 6, 50))
+    with torch.no_grad():
+        full, shorter = lm.module(tokens), lm.module(tokens[:1, 2:])
+    encoder_model = build_model(spec("encoder"), CPU)
+    encoder_alone = encoder_model.run([encoder_model.prepare(prompt(1, 3, 51), {})])[0].output_data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch SDPA was called")
+    monkeypatch.setattr(F, "scaled_dot_product_attention", refuse)
+    batch = [lm.prepare(prompt(1, n, 40 + n), {"max_tokens": 4, "temperature": 0}) for n in (3, 8)]
+    for out, want in zip(lm.run(batch), expected):
+        np.testing.assert_array_equal(out.output_data, want)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[0, :2] = False
+    with torch.no_grad():  # row 0 left-padded by two: its real tokens as if alone
+        padded = lm.module(tokens, (torch.arange(6) - 2 * ~valid[:, :1]).clamp(min=0), valid)
+    torch.testing.assert_close(padded[0, 2:], shorter[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[1], full[1], rtol=1e-5, atol=1e-5)
+    outputs = encoder_model.run([encoder_model.prepare(prompt(1, 3, 51), {}),
+                                 encoder_model.prepare(prompt(1, 7, 52), {})])
+    np.testing.assert_allclose(outputs[0].output_data, encoder_alone, rtol=1e-5, atol=1e-5)
 
 
 # ---- encoder --------------------------------------------------------------------------------------

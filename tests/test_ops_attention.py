@@ -389,3 +389,45 @@ def test_gpu_paged_decode_script_parses_arguments(capsys):
     case = {"batch": 2, "context": 100, "kv_heads": 8, "head_dim": 128}
     assert bench.kv_bytes(case) == 2 * 2 * 100 * 8 * 128 * 2
 
+
+def allocated_bytes(fn) -> int:
+    """Bytes the torch allocator hands out while fn runs (the profiler's memory records)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(event.self_cpu_memory_usage, 0) for event in prof.key_averages())
+
+
+def test_decode_step_reads_the_cache_in_place():
+    # One decode step against the first `end` positions of a [B, Hkv, capacity, D] cache: the
+    # slice is a strided view, and the step allocates only its output and lse, however long the
+    # cache (before: .contiguous() copied all `end` positions of k and v every step).
+    cache_k, cache_v = torch.randn(2, 2, 4096, 64), torch.randn(2, 2, 4096, 64)
+    q = torch.randn(2, 4, 1, 64)
+    sizes = []
+    for end in (16, 4096 - 7):
+        k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+        assert not k.is_contiguous()
+        sizes.append(allocated_bytes(lambda: ops.fused_attention(q, k, v, causal=True, backend="cpu")))
+    out_and_lse = q.numel() * 4 + q[..., 0].numel() * 4
+    assert sizes[0] == sizes[1] <= 2 * out_and_lse, sizes
+
+
+@pytest.mark.skipif("triton" not in ops.available_backends("cpu"), reason="needs triton")
+def test_triton_grids_stay_within_cuda_limits(monkeypatch):
+    # CUDA caps grid y and z at 65535; B * H = 70000 heads must not land there. The interpreter
+    # does not enforce the limit, so the launches are recorded (and skipped) instead of run.
+    import triton.runtime.interpreter as interpreter
+
+    grids = []
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", lambda self, *a, **k: grids.append(self.grid))
+    from msmartcompute.ops.triton import attention as triton_attention
+
+    q = torch.zeros(2, 35000, 1, 32)
+    out, lse = triton_attention.attention_fwd(q, q, q, True, 1.0)
+    triton_attention.attention_bwd(out, q, q, q, out, lse, True, 1.0)
+    assert len(grids) == 3
+    for grid in grids:
+        assert all(size <= 65535 for size in grid[1:]) and grid[0] < 2 ** 31, grid
+        assert grid[0] * (grid[1] if len(grid) > 1 else 1) >= 70000, grid  # every (batch, head) gets programs

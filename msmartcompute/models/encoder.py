@@ -1,8 +1,9 @@
 """encoder: token ids -> mean-pooled float vectors [rows, hidden_size].
 
 The transformer's pre-norm blocks with bidirectional attention (rotary positions).
-Requests of different lengths are right-padded into one batch; padding is masked out of
-attention and out of the mean, so a row pools what it would alone."""
+Requests of different lengths are right-padded into one batch; attention runs over the real
+tokens only (the varlen kernel on the packed batch) and padding is left out of the mean, so a row
+pools what it would alone."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from .base import Output, Prepared, ServedModel, to_numpy, token_rows
 from .spec import build_module, flag, tensor_cores
-from .transformer import Block, TransformerConfig
+from .transformer import Block, Packing, TransformerConfig
 
 
 class Encoder(nn.Module):
@@ -27,10 +28,10 @@ class Encoder(nn.Module):
         b, s = tokens.shape
         positions = torch.arange(s, device=tokens.device).expand(b, s)
         valid = None if lengths is None else positions < lengths[:, None]   # [B, S]
-        mask = None if valid is None or bool(valid.all()) else valid[:, None, None, :]
+        packing = None if valid is None or bool(valid.all()) else Packing.of(valid)
         x = self.embed(tokens)                                               # [B, S, C]
         for layer in self.layers:
-            x = layer(x, positions, causal=False, mask=mask)
+            x = layer(x, positions, causal=False, packing=packing)
         x = self.norm(x).float()
         if valid is None:
             return x.mean(dim=1)

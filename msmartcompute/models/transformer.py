@@ -7,9 +7,10 @@ position ids make left-padded batches exact), grouped-query attention when num_k
 new token against the cache; temperature 0 is greedy, else nucleus sampling with top_p
 drawn from a per-request torch.Generator, so a request's tokens depend only on its seed.
 
-Batches: prompts of different lengths are left-padded; a padding mask keeps every row's
-attention on its own tokens and rotary positions start at 0 at each row's first token,
-so a row generates what it would alone (up to float rounding of the batched matmuls)."""
+Batches: prompts of different lengths are left-padded; each row keeps only its real tokens in
+its own blocks of a paged KV cache (ops.reshape_and_cache / ops.paged_attention), and rotary
+positions start at 0 at each row's first token, so a row generates what it would alone (up to
+float rounding of the batched matmuls). No path computes attention over padding."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,48 +60,74 @@ class TransformerConfig:
                    max_sequence_length=max_sequence_length(spec))
 
 
-# ---- attention: the one place the kernel is chosen ---------------------------------------------
+# ---- attention: the one place the kernels are chosen --------------------------------------------
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B, H, S, D], k/v [B, H, T, D] -> [B, H, S, D].
+@dataclass
+class Packing:
+    """The real tokens of a padded [B, S] batch as the varlen kernel takes them: no padding computed."""
+    index: torch.Tensor       # [N] positions of the real tokens in the flattened [B * S]
+    cu_seqlens: torch.Tensor  # int32 [B + 1]: row b's tokens are index[cu[b]:cu[b + 1]]
+    max_len: int
 
-    causal aligns the last query with the last key (used only when S == T). mask [B, 1, S, T]
-    (True = attend) replaces `causal` for padded batches; the fused op takes no mask, so a
-    padded batch goes through torch's SDPA."""
-    fused = getattr(ops, "fused_attention", None)
-    if mask is None and fused is not None:
-        return fused(q, k, v, causal=causal)
-    if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    @classmethod
+    def of(cls, valid: torch.Tensor) -> "Packing":
+        """valid [B, S] bool, True at real tokens (left or right padding alike)."""
+        lengths = valid.sum(dim=1)
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        return cls(valid.flatten().nonzero().squeeze(1), cu_seqlens, int(lengths.max()))
+
+
+class PagedKVCache:
+    """Keys and values of one layer in fixed-size blocks: k/v [num_blocks, block_size, H_kv, D].
+    Which blocks a batch row owns, and where its new tokens go, is a CacheStep."""
+
+    def __init__(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(num_blocks, block_size, kv_heads, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+
+@dataclass
+class CacheStep:
+    """One forward against the paged caches: row b's keys live in blocks block_table[b] from slot 0
+    on (no padding stored); the forward's [B, S] new tokens are written to slot_mapping (-1 for
+    padding columns), after which row b has seq_lens[b] keys, its new tokens the last ones."""
+    block_table: torch.Tensor   # int32 [B, max_blocks]
+    slot_mapping: torch.Tensor  # int64 [B * S]
+    seq_lens: torch.Tensor      # int32 [B]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, packing: Packing | None = None,
+              cache: PagedKVCache | None = None, step: CacheStep | None = None) -> torch.Tensor:
+    """q [B, S, H, D], k/v [B, S, H_kv, D] (grouped-query heads stay unexpanded: the kernels map
+    query head h to kv head h // (H / H_kv)) -> [B, S, H, D].
+
+    With a cache: k/v are written into it and q attends to each row's cached keys (the paged
+    kernel; its causal mask is aligned to the end, which is where a left-padded row's tokens are,
+    and padding columns see no key). Else a padded batch runs the varlen kernel on its real tokens
+    only, and a full batch the fused kernel on strided views (no copies)."""
+    b, s, h, d = q.shape
+    if cache is not None:
+        ops.reshape_and_cache(k.flatten(0, 1), v.flatten(0, 1), cache.k, cache.v, step.slot_mapping)
+        return ops.paged_attention(q, cache.k, cache.v, step.block_table, step.seq_lens)
+    if packing is not None:
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            return t.flatten(0, 1)[packing.index]
+        out = ops.varlen_attention(pack(q), pack(k), pack(v), packing.cu_seqlens, packing.cu_seqlens,
+                                   packing.max_len, packing.max_len, causal=causal)
+        return q.new_zeros(b * s, h, d).index_copy_(0, packing.index, out).view(b, s, h, d)
+    return ops.fused_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """x [B, H, S, D] rotated by positions [B, S] (pairs (x[2i], x[2i+1]), computed in fp32)."""
+    """x [B, S, H, D] rotated by positions [B, S] (pairs (x[2i], x[2i+1]), computed in fp32)."""
     d = x.shape[-1]
     inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # [D/2]
-    angles = positions.to(torch.float32)[:, None, :, None] * inv_freq                      # [B, 1, S, D/2]
+    angles = positions.to(torch.float32)[:, :, None, None] * inv_freq                      # [B, S, 1, D/2]
     cos, sin = angles.cos(), angles.sin()
-    xf = x.float().unflatten(-1, (d // 2, 2))                                                # [B, H, S, D/2, 2]
+    xf = x.float().unflatten(-1, (d // 2, 2))                                                # [B, S, H, D/2, 2]
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).to(x.dtype)
-
-
-class KVCache:
-    """Keys and values of one layer: k/v [B, H_kv, capacity, D]."""
-
-    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, device, dtype):
-        self.k = torch.zeros(batch, kv_heads, capacity, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, H_kv, S, D] at [start, start + S); return everything up to there."""
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -111,25 +138,18 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, bias=False)
         self.wo = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, causal: bool,
-                mask: torch.Tensor | None, cache: KVCache | None, start: int) -> torch.Tensor:
-        """x [B, S, C] -> [B, S, C]; with a cache, x holds positions [start, start + S)."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, causal: bool, packing: Packing | None,
+                cache: PagedKVCache | None, step: CacheStep | None) -> torch.Tensor:
+        """x [B, S, C] -> [B, S, C]."""
         cfg = self.cfg
         b, s, _ = x.shape
         q, k, v = self.wqkv(x).split(
             [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim], -1)
-        q = q.view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)     # [B, H, S, D]
-        k = k.view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, H_kv, S, D]
-        v = v.view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        q = apply_rope(q, positions, cfg.rope_base)
-        k = apply_rope(k, positions, cfg.rope_base)
-        if cache is not None:
-            k, v = cache.update(start, k, v)                              # [B, H_kv, T, D]
-        if cfg.num_kv_heads != cfg.num_heads:
-            groups = cfg.num_heads // cfg.num_kv_heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = attention(q, k, v, causal=causal, mask=mask)                  # [B, H, S, D]
-        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+        q = apply_rope(q.view(b, s, cfg.num_heads, cfg.head_dim), positions, cfg.rope_base)     # [B, S, H, D]
+        k = apply_rope(k.view(b, s, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_base)  # [B, S, H_kv, D]
+        v = v.view(b, s, cfg.num_kv_heads, cfg.head_dim)
+        y = attention(q, k, v, causal, packing, cache, step)                                     # [B, S, H, D]
+        return self.wo(y.reshape(b, s, -1))
 
 
 class FeedForward(nn.Module):
@@ -150,8 +170,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x, positions, causal, mask=None, cache=None, start=0):
-        x = x + self.attn(self.attn_norm(x), positions, causal, mask, cache, start)
+    def forward(self, x, positions, causal, packing=None, cache=None, step=None):
+        x = x + self.attn(self.attn_norm(x), positions, causal, packing, cache, step)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -165,18 +185,18 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, caches: list[KVCache] | None = None,
-                start: int = 0, last_only: bool = False) -> torch.Tensor:
+                valid: torch.Tensor | None = None, caches: list[PagedKVCache] | None = None,
+                step: CacheStep | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, V] (float32), or [B, 1, V] with last_only (generation
         needs only the last position; this skips a [B, S, V] lm_head). Without caches: the full
-        causal forward."""
+        causal forward, over the real tokens only when valid [B, S] marks padding."""
         b, s = tokens.shape
         if positions is None:
-            positions = torch.arange(start, start + s, device=tokens.device).expand(b, s)
-        causal = s > 1
+            positions = torch.arange(s, device=tokens.device).expand(b, s)
+        packing = None if valid is None or caches is not None or bool(valid.all()) else Packing.of(valid)
         x = self.embed(tokens)  # [B, S, C]
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, causal, mask, None if caches is None else caches[i], start)
+            x = layer(x, positions, s > 1, packing, None if caches is None else caches[i], step)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()
@@ -184,16 +204,17 @@ class Decoder(nn.Module):
 
 # ---- generation --------------------------------------------------------------------------------
 
-def prefill(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-            caches: list[KVCache]) -> torch.Tensor:
-    """tokens [B, S] -> logits of the last position [B, V]; fills caches[:, :, :S]."""
-    return model(tokens, positions, mask, caches, start=0, last_only=True)[:, -1]
+def prefill(model: Decoder, tokens: torch.Tensor, positions: torch.Tensor, caches: list[PagedKVCache],
+            step: CacheStep) -> torch.Tensor:
+    """tokens [B, S] (left-padded) -> logits of the last position [B, V]; writes the real tokens'
+    keys and values to the caches."""
+    return model(tokens, positions, caches=caches, step=step, last_only=True)[:, -1]
 
 
-def decode_one_token(model: Decoder, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None,
-                     caches: list[KVCache], start: int) -> torch.Tensor:
-    """token [B, 1] at cache index `start` -> logits [B, V]."""
-    return model(token, position, mask, caches, start=start)[:, -1]
+def decode_one_token(model: Decoder, token: torch.Tensor, position: torch.Tensor, caches: list[PagedKVCache],
+                     step: CacheStep) -> torch.Tensor:
+    """token [B, 1] at position [B, 1] -> logits [B, V]; its keys and values join the caches."""
+    return model(token, position, caches=caches, step=step)[:, -1]
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
@@ -215,29 +236,33 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
     return order.gather(-1, pick).squeeze(-1)
 
 
+KV_BLOCK_SIZE = 16  # tokens per cache block
+
+
 @torch.inference_mode()
 def generate(model: Decoder, prompts: list[torch.Tensor], max_tokens: int, temperature: float,
              top_p: float, generators: list[torch.Generator | None]) -> list[torch.Tensor]:
     """prompts[i] [R_i, S_i] token ids -> generated ids [R_i, max_tokens] per request, as one
-    left-padded batch. generators[i] draws request i's samples (None when greedy)."""
+    left-padded batch. generators[i] draws request i's samples (None when greedy).
+
+    Each batch row owns its own blocks of the paged caches and stores only its real tokens, so no
+    step attends to padding or costs more than the row's own history."""
     cfg = model.cfg
     device = model.embed.weight.device
     dtype = model.embed.weight.dtype
     rows = [p.shape[0] for p in prompts]
     s = max(p.shape[1] for p in prompts)
-    pad = torch.cat([torch.full((p.shape[0],), s - p.shape[1], device=device) for p in prompts])  # [B]
+    lengths = torch.cat([torch.full((p.shape[0],), p.shape[1], device=device) for p in prompts])  # [B]
     tokens = torch.cat([F.pad(p.to(device), (s - p.shape[1], 0)) for p in prompts])              # [B, S]
-    b, capacity = tokens.shape[0], s + max_tokens
-    caches = [KVCache(b, cfg.num_kv_heads, capacity, cfg.head_dim, device, dtype) for _ in range(cfg.num_layers)]
+    b = tokens.shape[0]
+    blocks_per_row = -(-(s + max_tokens) // KV_BLOCK_SIZE)
+    block_table = torch.arange(b * blocks_per_row, device=device, dtype=torch.int32).view(b, blocks_per_row)
+    caches = [PagedKVCache(b * blocks_per_row, KV_BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim, device, dtype)
+              for _ in range(cfg.num_layers)]
 
-    index = torch.arange(capacity, device=device)
-    valid = index[None, :] >= pad[:, None]                       # [B, capacity]: not padding
-    padded = bool(pad.any())
-    positions = (index[None, :s] - pad[:, None]).clamp(min=0)   # [B, S]
-    mask = None
-    if padded:  # causal and not padding; a padding query sees itself so its softmax is defined
-        causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
-        mask = (causal & valid[:, None, None, :s]) | torch.eye(s, dtype=torch.bool, device=device)
+    def slots(index: torch.Tensor) -> torch.Tensor:  # token indices [B, n] of each row -> cache slots
+        block = block_table.gather(1, index.clamp(min=0) // KV_BLOCK_SIZE).long()
+        return torch.where(index >= 0, block * KV_BLOCK_SIZE + index % KV_BLOCK_SIZE, -1)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B], each request its own draws
         if temperature == 0:
@@ -245,13 +270,14 @@ def generate(model: Decoder, prompts: list[torch.Tensor], max_tokens: int, tempe
         return torch.cat([sample(part, temperature, top_p, g)
                           for part, g in zip(logits.split(rows), generators)])
 
+    index = torch.arange(s, device=device)[None, :] - (s - lengths)[:, None]  # [B, S]: token index, < 0 = padding
+    step = CacheStep(block_table, slots(index).flatten(), lengths.to(torch.int32))
     out = torch.empty(b, max_tokens, dtype=torch.long, device=device)
-    out[:, 0] = pick(prefill(model, tokens, positions, mask, caches))
+    out[:, 0] = pick(prefill(model, tokens, index.clamp(min=0), caches, step))
     for i in range(1, max_tokens):
-        t = s + i - 1                                            # cache index of the fed token
-        step_mask = valid[:, None, None, :t + 1] if padded else None
-        logits = decode_one_token(model, out[:, i - 1:i], (t - pad)[:, None], step_mask, caches, t)
-        out[:, i] = pick(logits)
+        fed = lengths + i - 1                                    # [B]: token index of the fed token
+        step = CacheStep(block_table, slots(fed[:, None]).flatten(), (fed + 1).to(torch.int32))
+        out[:, i] = pick(decode_one_token(model, out[:, i - 1:i], fed[:, None], caches, step))
     return list(out.split(rows))
 
 

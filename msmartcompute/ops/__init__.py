@@ -15,6 +15,8 @@ from ._backend import BACKENDS, available_backends, extension_info
 from .quant import dequantize_int8, quantize_int8
 from .gemm import int8_linear, int8_matmul, mixed_gemm
 from .attention import fused_attention
+from .varlen_attention import varlen_attention
+from .paged_attention import paged_attention, reshape_and_cache
 
 __all__ = [
     "BACKENDS",
@@ -26,4 +28,7 @@ __all__ = [
     "int8_linear",
     "mixed_gemm",
     "fused_attention",
+    "varlen_attention",
+    "paged_attention",
+    "reshape_and_cache",
 ]

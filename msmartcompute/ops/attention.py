@@ -1,6 +1,8 @@
 """Fused attention: the Python face of msmartcompute::fused_attention_fwd / fused_attention_bwd."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import reference
@@ -10,6 +12,31 @@ from ._backend import extension_loaded, resolve
 GPU_HEAD_DIMS = (32, 64, 128, 256)
 CUDA_BACKWARD_HEAD_DIMS = (32, 64, 128)
 _DTYPES = {"cuda": (torch.float16, torch.bfloat16), "cpu": (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def choose_backend(op: str, schema: str, backend: str | None, q: torch.Tensor) -> str:
+    """The backend that runs attention op `op` (C++ schema `schema`) on q. An explicitly requested
+    backend that cannot (dtype, head dim, no kernel registered for the device yet) is a ValueError
+    naming why; auto falls back to the next that can (Triton for a missing CUDA kernel, else torch)."""
+    chosen = resolve(backend, q.device, op)
+    auto = (backend or os.environ.get("MSC_KERNEL_BACKEND") or "auto") == "auto"
+    if chosen == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"msmartcompute::{schema}", "CUDA"):
+        if not auto:
+            raise ValueError(f"{op}: the extension has no CUDA kernel for {schema}; use backend triton or torch")
+        chosen = "triton"
+    device_kind = "cuda" if q.device.type == "cuda" else "cpu"
+    problem = None
+    if chosen != "torch" and q.dtype not in _DTYPES[device_kind]:
+        names = ", ".join(str(t).removeprefix("torch.") for t in _DTYPES[device_kind])
+        problem = f"{chosen} backend on {device_kind} takes {names}, got {q.dtype}"
+    elif chosen in ("cuda", "triton") and q.shape[-1] not in GPU_HEAD_DIMS:
+        problem = (f"head dim {q.shape[-1]} is not supported by the {chosen} kernels (q {tuple(q.shape)}); "
+                   f"supported: {GPU_HEAD_DIMS}")
+    if problem is None:
+        return chosen
+    if auto:
+        return "torch"  # auto runs what can run: the reference math takes any dtype and head dim
+    raise ValueError(f"{op}: {problem}")
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
@@ -50,14 +77,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """
     _check_inputs(q, k, v, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    chosen = resolve(backend, q.device, "fused_attention")
-    device_kind = "cuda" if q.device.type == "cuda" else "cpu"
-    if chosen != "torch" and q.dtype not in _DTYPES[device_kind]:
-        names = ", ".join(str(t).removeprefix("torch.") for t in _DTYPES[device_kind])
-        raise ValueError(f"fused_attention: {chosen} backend on {device_kind} takes {names}, got {q.dtype}")
-    if chosen in ("cuda", "triton") and q.shape[-1] not in GPU_HEAD_DIMS:
-        raise ValueError(f"fused_attention: head dim {q.shape[-1]} is not supported by the {chosen} kernels "
-                         f"(q {tuple(q.shape)}); supported: {GPU_HEAD_DIMS}")
+    chosen = choose_backend("fused_attention", "fused_attention_fwd", backend, q)
     if chosen in ("cuda", "cpu"):
         return torch.ops.msmartcompute.fused_attention_fwd(q, k, v, causal, scale)[0]
     if chosen == "triton":

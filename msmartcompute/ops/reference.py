@@ -65,20 +65,76 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
                         ) -> torch.Tensor:
     """softmax(q k^T * scale [+ causal mask]) v, computed in `compute_dtype` and returned as q.dtype.
 
-    q [B, H, Sq, D], k and v [B, Hkv, Sk, D] with H % Hkv == 0 (grouped-query: query head h
+    q [..., H, Sq, D], k and v [..., Hkv, Sk, D] with H % Hkv == 0 (grouped-query: query head h
     reads kv head h // (H // Hkv)). The causal mask is aligned to the end: query i sees keys
-    j <= Sk - Sq + i. compute_dtype defaults to float32 (float64 inputs stay float64).
+    j <= Sk - Sq + i; a query that sees no key (Sq > Sk) gets zeros. compute_dtype defaults to
+    float32 (float64 inputs stay float64).
     """
     if compute_dtype is None:
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    group = q.shape[1] // k.shape[1]
+    group = q.shape[-3] // k.shape[-3]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     qc = q.to(compute_dtype)
-    kc = k.to(compute_dtype).repeat_interleave(group, dim=1)  # [B, H, Sk, D]
-    vc = v.to(compute_dtype).repeat_interleave(group, dim=1)  # [B, H, Sk, D]
-    s = (qc @ kc.transpose(-2, -1)) * scale  # [B, H, Sq, Sk]
-    if causal:
-        sq, sk = q.shape[-2], k.shape[-2]
-        hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
-        s = s.masked_fill(hidden, float("-inf"))
-    return (torch.softmax(s, dim=-1) @ vc).to(q.dtype)
+    kc = k.to(compute_dtype).repeat_interleave(group, dim=-3)  # [..., H, Sk, D]
+    vc = v.to(compute_dtype).repeat_interleave(group, dim=-3)  # [..., H, Sk, D]
+    s = (qc @ kc.transpose(-2, -1)) * scale  # [..., H, Sq, Sk]
+    if not causal:
+        return (torch.softmax(s, dim=-1) @ vc).to(q.dtype)
+    sq, sk = q.shape[-2], k.shape[-2]
+    hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
+    blind = hidden.all(-1, keepdim=True)  # [Sq, 1]: rows that see no key
+    # Fully hidden rows softmax over zeros (finite, so their gradient stays finite) and are zeroed.
+    s = s.masked_fill(hidden & ~blind, float("-inf")).masked_fill(blind, 0.0)
+    p = torch.softmax(s, dim=-1).masked_fill(blind, 0.0)
+    return (p @ vc).to(q.dtype)
+
+
+def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                               cu_seqlens_k: torch.Tensor, causal: bool = False, scale: float | None = None, *,
+                               compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Attention of each packed sequence on its own: q [total_q, H, D], k/v [total_k, Hkv, D],
+    sequence b = rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (and likewise of k, v).
+    Returns [total_q, H, D] as q.dtype."""
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        if q1 == q0 or k1 == k0:
+            continue
+        heads_first = [t.transpose(0, 1) for t in (q[q0:q1], k[k0:k1], v[k0:k1])]  # [heads, S, D]
+        out[q0:q1] = attention_reference(*heads_first, causal, scale, compute_dtype=compute_dtype).transpose(0, 1)
+    return out
+
+
+def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, b: int, length: int) -> torch.Tensor:
+    """Sequence b's first `length` rows of a paged cache [num_blocks, block_size, Hkv, D] -> [length, Hkv, D]."""
+    block_size = cache.shape[1]
+    j = torch.arange(length, device=cache.device)
+    return cache[block_table[b, j // block_size].long(), j % block_size]
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None, *,
+                              compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """q [B, Sq, H, D] against each sequence's seq_lens[b] keys in the paged caches, causal aligned
+    to the end (query i sees keys j <= seq_lens[b] - Sq + i). Returns [B, Sq, H, D] as q.dtype."""
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    for b, length in enumerate(seq_lens.tolist()):
+        if length == 0:
+            continue
+        k = gather_paged(k_cache, block_table, b, length).transpose(0, 1)  # [Hkv, len, D]
+        v = gather_paged(v_cache, block_table, b, length).transpose(0, 1)
+        out[b] = attention_reference(q[b].transpose(0, 1), k, v, True, scale,
+                                     compute_dtype=compute_dtype).transpose(0, 1)
+    return out
+
+
+def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Writes k/v [N, Hkv, D] into row slot % block_size of block slot // block_size of the caches,
+    in place; negative slots are skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    block_size = k_cache.shape[1]
+    k_cache[slots // block_size, slots % block_size] = k[keep]
+    v_cache[slots // block_size, slots % block_size] = v[keep]

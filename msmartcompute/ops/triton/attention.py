@@ -5,7 +5,9 @@ online softmax in base 2 (log2(e) folded into the scale), causal blocks past the
 diagonal skipped. Backward: delta = rowsum(dO * O) in torch, then one kernel for dK/dV
 (one program per kv block and kv head, looping over the query heads of its group, so
 no atomics) and one for dQ, both recomputing P from the saved log-sum-exp.
-Tensors are made contiguous [B, heads, S, D] first.
+The forward reads q/k/v through their strides; the backward makes them contiguous first.
+Every grid is one-dimensional (block x batch x head folded into x, whose limit is 2^31 - 1):
+y and z stop at 65535, which B * H passes.
 """
 from __future__ import annotations
 
@@ -21,24 +23,27 @@ _LN2 = 0.6931471805599453
 
 @triton.jit
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,  # [B, H, SQ, D], [B, HKV, SK, D] x2, [B, H, SQ, D], [B, H, SQ] fp32
-    H, GROUP, SQ, SK,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,  # [B, H, SQ, D], [B, HKV, SK, D] x2 (any strides, unit on D), out
+                                            # [B, H, SQ, D] and lse [B, H, SQ] fp32 contiguous
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    H, GROUP, SQ, SK, M_BLOCKS,
     scale_log2,  # scale * log2(e)
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    pid_m = pid % M_BLOCKS
+    bh = (pid // M_BLOCKS).to(tl.int64)
     b, h = bh // H, bh % H
-    kv_head = b * (H // GROUP) + h // GROUP
-    q_base = q_ptr + bh * SQ * HEAD_DIM
-    k_base = k_ptr + kv_head * SK * HEAD_DIM
-    v_base = v_ptr + kv_head * SK * HEAD_DIM
+    kv_h = h // GROUP
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + kv_h * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_h * stride_vh
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     cols0 = tl.arange(0, BLOCK_N)
     offset = SK - SQ  # causal: query i sees keys j <= i + offset
 
-    q = tl.load(q_base + rows[:, None] * HEAD_DIM + dims[None, :], mask=rows[:, None] < SQ, other=0.0)
+    q = tl.load(q_base + rows[:, None] * stride_qs + dims[None, :], mask=rows[:, None] < SQ, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -47,7 +52,7 @@ def _attn_fwd_kernel(
         hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M + offset)
     for start in range(0, hi, BLOCK_N):
         cols = start + cols0
-        kt = tl.load(k_base + cols[None, :] * HEAD_DIM + dims[:, None], mask=cols[None, :] < SK, other=0.0)
+        kt = tl.load(k_base + cols[None, :] * stride_ks + dims[:, None], mask=cols[None, :] < SK, other=0.0)
         s = tl.dot(q, kt) * scale_log2  # [BLOCK_M, BLOCK_N]
         valid = cols[None, :] < SK
         if CAUSAL:
@@ -58,7 +63,7 @@ def _attn_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * HEAD_DIM + dims[None, :], mask=cols[:, None] < SK, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :], mask=cols[:, None] < SK, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     acc = acc / l_i[:, None]
@@ -71,12 +76,13 @@ def _attn_fwd_kernel(
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,  # [B,H,SQ,D], [B,HKV,SK,D] x2, [B,H,SQ,D], [B,H,SQ] x2
     dk_ptr, dv_ptr,  # [B, HKV, SK, D] x2
-    H, GROUP, SQ, SK,
+    H, GROUP, SQ, SK, N_BLOCKS,
     scale, scale_log2,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    kv_head = tl.program_id(1).to(tl.int64)  # b * HKV + kv head
+    pid = tl.program_id(0)
+    pid_n = pid % N_BLOCKS
+    kv_head = (pid // N_BLOCKS).to(tl.int64)  # b * HKV + kv head
     hkv = H // GROUP
     b = kv_head // hkv
     first_head = b * H + (kv_head % hkv) * GROUP
@@ -118,12 +124,13 @@ def _attn_bwd_dkdv_kernel(
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,  # as _attn_bwd_dkdv_kernel
     dq_ptr,  # [B, H, SQ, D]
-    H, GROUP, SQ, SK,
+    H, GROUP, SQ, SK, M_BLOCKS,
     scale, scale_log2,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    pid_m = pid % M_BLOCKS
+    bh = (pid // M_BLOCKS).to(tl.int64)
     b, h = bh // H, bh % H
     kv_head = b * (H // GROUP) + h // GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -180,17 +187,19 @@ def _bwd_config(head_dim: int) -> tuple[int, int, int]:
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, H, Sq, D], lse float32 [B, H, Sq], natural log)."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    """(out [B, H, Sq, D], lse float32 [B, H, Sq], natural log). q/k/v are read through their
+    strides (a KV-cache slice is not copied); only a non-unit stride on D forces a copy."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, SQ, D = q.shape
     HKV, SK = k.shape[1], k.shape[2]
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, SQ, dtype=torch.float32, device=q.device)
     block_m, block_n, warps = _fwd_config(D)
-    grid = (triton.cdiv(SQ, block_m), B * H)
+    m_blocks = triton.cdiv(SQ, block_m)
     if q.numel() > 0:
-        _attn_fwd_kernel[grid](q, k, v, out, lse, H, H // HKV, SQ, SK, scale * _LOG2E,
-                               CAUSAL=causal, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        _attn_fwd_kernel[(m_blocks * B * H,)](
+            q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, H // HKV, SQ, SK, m_blocks,
+            scale * _LOG2E, CAUSAL=causal, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return out, lse
 
 
@@ -207,10 +216,11 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         return dq, dk.zero_(), dv.zero_()
     block_m, block_n, warps = _bwd_config(D)
     meta = dict(CAUSAL=causal, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(SK, block_n), B * HKV)](
-        q, k, v, grad_out, lse, delta, dk, dv, H, H // HKV, SQ, SK, scale, scale * _LOG2E, **meta)
-    _attn_bwd_dq_kernel[(triton.cdiv(SQ, block_m), B * H)](
-        q, k, v, grad_out, lse, delta, dq, H, H // HKV, SQ, SK, scale, scale * _LOG2E, **meta)
+    n_blocks, m_blocks = triton.cdiv(SK, block_n), triton.cdiv(SQ, block_m)
+    _attn_bwd_dkdv_kernel[(n_blocks * B * HKV,)](
+        q, k, v, grad_out, lse, delta, dk, dv, H, H // HKV, SQ, SK, n_blocks, scale, scale * _LOG2E, **meta)
+    _attn_bwd_dq_kernel[(m_blocks * B * H,)](
+        q, k, v, grad_out, lse, delta, dq, H, H // HKV, SQ, SK, m_blocks, scale, scale * _LOG2E, **meta)
     return dq, dk, dv
 
 
@@ -238,10 +248,12 @@ def _specs():
     """(kernel, signature, constexprs) lowered ahead of time for sm_80/sm_90 by CI."""
     specs = []
     ints = {"H": "i32", "GROUP": "i32", "SQ": "i32", "SK": "i32"}
+    m_blocks, n_blocks = {"M_BLOCKS": "i32"}, {"N_BLOCKS": "i32"}
     for dtype in ("fp16", "bf16"):
         for head_dim, (bm, bn) in ((64, (128, 64)), (128, (128, 64))):
             fwd = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
-                   "lse_ptr": "*fp32", **ints, "scale_log2": "fp32"}
+                   "lse_ptr": "*fp32", **{f"stride_{t}{d}": "i32" for t in "qkv" for d in "bhs"}, **ints, **m_blocks,
+                   "scale_log2": "fp32"}
             bwd_in = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "do_ptr": f"*{dtype}",
                       "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
             for causal in (False, True):
@@ -249,9 +261,9 @@ def _specs():
                 specs.append((_attn_fwd_kernel, fwd, const))
                 bconst = {"CAUSAL": causal, "HEAD_DIM": head_dim, "BLOCK_M": 64, "BLOCK_N": 64}
                 specs.append((_attn_bwd_dkdv_kernel, {**bwd_in, "dk_ptr": f"*{dtype}", "dv_ptr": f"*{dtype}", **ints,
-                                                      "scale": "fp32", "scale_log2": "fp32"}, bconst))
+                                                      **n_blocks, "scale": "fp32", "scale_log2": "fp32"}, bconst))
                 specs.append((_attn_bwd_dq_kernel, {**bwd_in, "dq_ptr": f"*{dtype}", **ints,
-                                                    "scale": "fp32", "scale_log2": "fp32"}, bconst))
+                                                    **m_blocks, "scale": "fp32", "scale_log2": "fp32"}, bconst))
     return specs
 
 
