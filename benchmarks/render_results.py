@@ -1,7 +1,7 @@
 """Render the committed result files (benchmarks/results/*.json) into the results sections of
 README.md and benchmarks/README.md, between the marker comments. Each file names its machine or card, date
 and torch/CUDA versions; the renderer knows the load benchmark (serving-load), the served
-transformer (gpu-serving), the GPU kernel scripts ({"card", "results": [...]}) and
+transformer (gpu-serving), the generation load benchmark (generation-load), the GPU kernel scripts ({"card", "results": [...]}) and
 pytest-benchmark JSON, and lists anything else by name.
 
     python benchmarks/render_results.py [--check]   # --check: exit 1 if README.md is stale
@@ -58,6 +58,24 @@ def serving_load(data: dict) -> list[str]:
     return out
 
 
+def generation_load(data: dict) -> list[str]:
+    out = ["| target | generated tokens/s (median of rounds) | TTFT p50 s | TTFT p99 s | latency p99 s | errors |",
+           "|---|---:|---:|---:|---:|---:|"]
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    for target in dict.fromkeys(r["target"] for r in data["runs"]):
+        rs = [r for r in data["runs"] if r["target"] == target]
+        out.append(f"| {target} | {fmt(med([r['tokens_per_s'] for r in rs]))} | "
+                   f"{fmt(med([r['ttft_p50_s'] for r in rs]), 3)} | {fmt(med([r['ttft_p99_s'] for r in rs]), 3)} | "
+                   f"{fmt(med([r['latency_p99_s'] for r in rs]), 3)} | {sum(r['errors'] for r in rs)} |")
+    out += ["", "| goal | ratio (median) | rounds | target | met |", "|---|---:|---|---:|---|"]
+    for g in data.get("goals", []):
+        if g.get("median") is None:
+            continue
+        out.append(f"| {g['ours']} / {g['baseline']}, {g['metric']} | {g['median']:.2f}x | "
+                   f"{', '.join(f'{x:.2f}' for x in g['ratios'])} | {g['goal']} | {'yes' if g['met'] else 'no'} |")
+    return out
+
+
 def gpu_serving(data: dict) -> list[str]:
     out = ["| weights | concurrent requests | tokens/s | vs bf16 |", "|---|---:|---:|---:|"]
     for r in data["rows"]:
@@ -96,6 +114,8 @@ def render_file(path: Path) -> list[str]:
     lines = [f"### {path.name}", "", f"Machine: **{machine}**; date {date}; torch {torch_v}; CUDA {cuda}.", ""]
     if data.get("suite") == "serving-load":
         lines += serving_load(data)
+    elif data.get("suite") == "generation-load":
+        lines += generation_load(data)
     elif data.get("suite") == "gpu-serving":
         lines += gpu_serving(data)
     elif isinstance(data.get("results"), list):

@@ -144,6 +144,9 @@ def test_errors_in_openai_shape(server, client):
         client.completions.create(model="chat-llama", prompt="x", temperature=5)
     assert err.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="chat-llama", prompt=["x"] * 20, n=16)
+    assert err.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as err:
         client.embeddings.create(model="chat-llama", input="x")
     assert err.value.body["param"] == "model"
     bad = openai.OpenAI(base_url=server.base_url + "/v1", api_key="msc_nobody_" + "x" * 36, max_retries=0)

@@ -307,3 +307,19 @@ def test_bf16_checkpoint_and_mixed_precision(tmp_path):
     assert half.dtype == torch.bfloat16 and half.module.embed.weight.dtype == torch.bfloat16
     assert half.module.inv_freq.dtype == torch.float32  # rotary frequencies stay exact
     assert rel_err(half.logits(ids), want) <= 0.05
+
+
+def test_chat_template_is_sandboxed():
+    """A chat template is data from the checkpoint folder: it cannot reach Python internals."""
+    from msmartcompute.models.tokenizer import Tokenizer
+
+    messages = [{"role": "user", "content": "hi"}]
+    ok = Tokenizer(None, [], "<s>", "</s>", "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert ok.render_chat(messages) == "<s>hi"
+    for template in ("{{ ''.__class__.__mro__[1].__subclasses__() }}",
+                     "{{ messages.append(1) }}",  # immutable sandbox: no mutation either
+                     "{{ raise_exception('no system role') }}"):
+        with pytest.raises(ValueError):
+            Tokenizer(None, [], None, None, template).render_chat(messages)
+    with pytest.raises(ValueError, match="no chat template"):
+        Tokenizer(None, [], None, None, None).render_chat(messages)

@@ -243,7 +243,7 @@ def test_unload_fails_the_requests_still_queued(tmp_path):
         rt.close()
 
 
-def test_generation_batches_group_by_options_and_count_tokens(tmp_path):
+def test_generation_batches_mixed_options_and_counts_tokens(tmp_path):
     rt = make_runtime(tmp_path, max_queue_delay_ms=30)
     try:
         rt.registry.load({"model_id": "lm", "model_type": "transformer", "max_sequence_length": 32,
@@ -267,8 +267,8 @@ def test_generation_batches_group_by_options_and_count_tokens(tmp_path):
             np.testing.assert_array_equal(np.asarray(res["output_data"]), alone.output_data)
             assert res["tokens_generated"] == req["input_data"].shape[0] * req["options"]["max_tokens"]
         m = rt.metrics()
-        sizes = {int(k): v for k, v in m["batch_sizes"].items()}
-        assert sum(k * v for k, v in sizes.items()) == 12 and max(sizes) > 1  # mixed options, still batched
+        # one step per token of the longest, not per request: mixed options share the steps
+        assert m["generation"]["lm"]["steps"] < sum(r["options"]["max_tokens"] for r in requests) / 2
         assert m["tokens_per_second"] > 0
     finally:
         rt.close()

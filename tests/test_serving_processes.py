@@ -168,3 +168,17 @@ def test_fronts_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", "import sys, msmartcompute.serving.front, msmartcompute.serving.supervisor;"
                           "print('torch' in sys.modules)"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_every_engine_call_of_the_api_is_an_operation():
+    """A front reaches only runtime/operations.py: an API call missing there would work in one
+    process (tests) and fail in `msmartcompute serve`."""
+    import re
+    from pathlib import Path
+
+    from msmartcompute.runtime.operations import OPERATIONS
+
+    api = Path(__file__).resolve().parents[1] / "msmartcompute" / "api"
+    called = {m for f in api.glob("*.py")
+              for m in re.findall(r"\bruntime\.([a-z_]+(?:\.[a-z_]+)?)\(", f.read_text())}
+    assert called and called <= OPERATIONS, sorted(called - OPERATIONS)

@@ -25,8 +25,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+def _env(repo: Path = REPO) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
     env.pop("TRITON_INTERPRET", None)
     return env
 
@@ -65,11 +65,12 @@ def session_cpu_s(sid: int) -> float:
 class Process:
     """A server process in its own session (so stop() ends it and anything it started)."""
 
-    def __init__(self, argv: list[str], workdir: Path, health_url: str):
+    def __init__(self, argv: list[str], workdir: Path, health_url: str, repo: Path = REPO):
+        """repo: the source tree the server runs from (another checkout for a baseline)."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "server.out"
         self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=self._log, stderr=subprocess.STDOUT,
+        self.process = subprocess.Popen(argv, cwd=repo, env=_env(repo), stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         try:
             _wait_http(self.process, health_url, 90, self.log_path)
@@ -96,7 +97,7 @@ class Process:
 
 
 def ours(name: str, spec: dict, state_dir: Path, runtime: dict, threads: int | None = None,
-         extra_args: tuple = ()) -> tuple[Process, Target]:
+         extra_args: tuple = (), repo: Path = REPO) -> tuple[Process, Target]:
     """`msmartcompute serve` with auth and rate limiting on (one admin key with a high limit),
     logging at WARNING, the model preloaded from the config file."""
     port = free_port()
@@ -112,7 +113,8 @@ def ours(name: str, spec: dict, state_dir: Path, runtime: dict, threads: int | N
     cfg = state_dir / "config.json"
     cfg.write_text(json.dumps(config))
     proc = Process([sys.executable, "-m", "msmartcompute.cli", "serve", "--config", str(cfg), "--port", str(port),
-                    "--state-dir", str(state_dir), *extra_args], state_dir, f"http://127.0.0.1:{port}/health")
+                    "--state-dir", str(state_dir), *extra_args], state_dir, f"http://127.0.0.1:{port}/health",
+                   repo)
     model_id = spec["model_id"]
     prefix = b'{"model_id":"' + model_id.encode() + b'","input_data":'
     target = Target(name, "127.0.0.1", port, "/api/v1/inference",

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import falcon
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..runtime.errors import InvalidInputData
 from .envelope import ok
@@ -57,11 +57,29 @@ class _ReadingsCollector:
     def __init__(self, runtime):
         self.runtime = runtime
 
+    # per-model generation metrics (runtime/generation/): counters, the rest are gauges
+    GENERATION_COUNTERS = ("tokens_generated", "steps", "cancelled_sequences", "preempted")
+
     def collect(self):
-        for name, value in self.runtime.metrics().items():
+        metrics = self.runtime.metrics()
+        yield from self._generation(metrics.get("generation") or {})
+        for name, value in metrics.items():
             if name in self.FROM_INSTRUMENTS or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             yield GaugeMetricFamily(f"msmartcompute_{name}", name.replace("_", " "), value=value)
+
+    def _generation(self, per_model: dict):
+        families = {}
+        for model_id, stats in sorted(per_model.items()):
+            for name, value in stats.items():
+                if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                if name not in families:
+                    kind = CounterMetricFamily if name in self.GENERATION_COUNTERS else GaugeMetricFamily
+                    families[name] = kind(f"msmartcompute_generation_{name}", f"generation: {name.replace('_', ' ')}",
+                                          labels=["model_id"])
+                families[name].add_metric([model_id], value)
+        yield from families.values()
 
 
 class PrometheusResource:

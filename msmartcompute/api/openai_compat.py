@@ -22,6 +22,7 @@ from ..runtime.errors import InvalidInputData
 from .schemas import MAX_ROWS
 
 MAX_N = 16
+MAX_CHOICES = 256
 
 
 def _bad(field: str, message: str):
@@ -93,6 +94,8 @@ def _cut(text: str, stops: list[str], reason: str) -> tuple[str, str]:
 def _generate(runtime, model_id: str, prompts: list[str], body: dict, *, framed: bool) -> tuple[dict, list]:
     """Run prompts x n through the model: (runtime result, [(text, finish_reason)] per choice)."""
     n = _get(body, "n", int, 1, lambda v: 1 <= v <= MAX_N, f"an integer in [1, {MAX_N}]")
+    if len(prompts) * n > MAX_CHOICES:  # every choice is a row of one batch
+        raise _bad("n", f"prompts x n = {len(prompts) * n} choices, more than the limit of {MAX_CHOICES}")
     stops = _stops(body)
     request = {"model_id": model_id, "input_text": [p for p in prompts for _ in range(n)],
                "options": _sampling(body)}

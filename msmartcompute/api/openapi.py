@@ -54,7 +54,8 @@ OPERATIONS = [
     ("get", "/api/v1/models", "List loaded models", None, {"models": {"type": "array", "items": _MODEL}}, True),
     ("get", "/api/v1/models/{model_id}", "One loaded model", None, _MODEL["properties"], True),
     ("delete", "/api/v1/models/{model_id}", "Unload a model (admin)", None, {"model_id": _STR, "message": _STR}, True),
-    ("post", "/api/v1/inference", "Synchronous inference", schemas.Inference,
+    ("post", "/api/v1/inference", "Synchronous inference (decoders: options.stream for Server-Sent Events)",
+     schemas.Inference,
      {**_TEXT_OUT, "request_id": _STR, "output_data": _ROWS, "inference_time": _NUM, "tokens_generated": _INT,
       "memory_used": _INT}, True),
     ("post", "/api/v1/inference/async", "Queue asynchronous inference", schemas.Inference,
@@ -194,6 +195,10 @@ def build_document() -> dict:
         if not secured:
             op["security"] = []
         paths.setdefault(path, {})[method] = op
+    paths["/api/v1/inference"]["post"]["responses"]["200"]["content"]["text/event-stream"] = {
+        "schema": {"type": "string", "description": "with options.stream (decoders): Server-Sent Events, one "
+                   "`data:` event {request_id, token_ids: [new ids per row]} per generation step, then "
+                   "`event: done` with the envelope above (or `event: error` with the error envelope)"}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "MSmartCompute API", "version": msmartcompute.__version__,

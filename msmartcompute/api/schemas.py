@@ -55,6 +55,7 @@ class TransformerParameters(Body):
     num_heads: _int(1, 1024)
     num_kv_heads: _int(1, 1024) | None = None
     intermediate_size: _int(1, 1 << 20) | None = None
+    eos_token_id: _int(0, 1 << 24, "transformer: the token that ends a generated row") | None = None
 
 
 class PretrainedParameters(Body):
@@ -108,6 +109,9 @@ class LoadModel(Body):
     virtual_gpu_id: Id | None = None
     priority: _int(0, 100, "scheduling priority on a vGPU with the priority policy") | None = None
     seed: Seed | None = None
+    kv_cache_memory: Annotated[int, Meta(ge=1, le=2**50, description=(
+        "transformer: bytes of its paged KV cache (default: enough for max_batch_size sequences of "
+        "max_sequence_length, within the free memory of its virtual GPU or device)"))] | None = None
     parameters: Annotated[dict, Meta(description="by model_type: mlp -> MLPParameters; transformer, encoder "
                                                  "-> TransformerParameters (PretrainedParameters with a model_path); "
                                                  "torchscript, exported -> ProgramParameters")] | None = None
@@ -124,6 +128,18 @@ class InferenceOptions(Body):
     seed: Seed | None = None
     timeout: Annotated[Timeout, Meta(description="seconds before REQUEST_TIMEOUT (default from the server "
                                                  "config)")] | None = None
+    # extensions for decoders (transformer models), see models/sampling.py
+    top_k: _int(0, 1 << 24, "keep the k most likely tokens (0: all)") | None = None
+    stop_token_ids: Annotated[list[_int(0, 1 << 24)], Meta(
+        max_length=64, description="token ids that end a row (not part of its output)")] | None = None
+    stop: Annotated[str | list[str], Meta(description=(
+        "a string or a list of strings that end a row (models with a tokenizer); the text is cut "
+        "before it"))] | None = None
+    ignore_eos: Annotated[bool, Meta(description="keep generating past the model's EOS token")] | None = None
+    stream: Annotated[bool, Meta(description=(
+        "answer with Server-Sent Events (text/event-stream): one `data:` event {request_id, token_ids: "
+        "[new ids per row]} per generation step, then `event: done` with the usual response envelope "
+        "(or `event: error` with the error envelope)"))] | None = None
 
 
 class Inference(Body):

@@ -14,6 +14,7 @@ class Prepared:
     options: dict                   # normalised options (temperature, top_p, max_tokens, seed, ...)
     batch_key: tuple                # requests with equal batch_key may share one run() call
     rows: int                       # number of rows this request contributes
+    sampling: object = None         # decoders: the request's models.sampling.SamplingParams
 
 
 @dataclass

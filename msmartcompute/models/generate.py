@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention_context import DenseKVCache
-from .transformer import sample
+from .sampling import sample
 
 
 def new_cache(model, batch: int, capacity: int, pad: torch.Tensor) -> DenseKVCache:

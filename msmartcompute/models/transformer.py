@@ -3,14 +3,13 @@
 Pre-norm blocks (RMSNorm -> attention -> residual, RMSNorm -> GELU MLP -> residual),
 rotary positions (no learned position table, so no length-sized parameter and per-row
 position ids make left-padded batches exact), grouped-query attention when num_kv_heads
-< num_heads, untied lm_head. Generation: prefill the prompt, then decode_one_token per
-new token against the cache; temperature 0 is greedy, else nucleus sampling with top_p
-drawn from a per-request torch.Generator, so a request's tokens depend only on its seed.
+< num_heads, untied lm_head.
 
-Batches: prompts of different lengths are left-padded; each row keeps only its real tokens in
-its own blocks of a paged KV cache (ops.reshape_and_cache / ops.paged_attention), and rotary
-positions start at 0 at each row's first token, so a row generates what it would alone (up to
-float rounding of the batched matmuls). No path computes attention over padding."""
+Served generation runs on the generation engine (runtime/generation/): `TransformerModel.step`
+runs one iteration of many sequences over the paged KV cache (the same `Decoder.forward` with
+`caches` and a `CacheStep`). The dense path below (`generate`: one left-padded batch, each row
+keeping only its real tokens in its own blocks, rotary positions from 0 at each row's first
+token) is the reference it is tested against. Sampling and its options: models/sampling.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from torch import nn
 from msmartcompute import ops
 
 from .base import Output, Prepared, ServedModel, to_numpy, token_rows
-from .sampling import sampling_options
+from .paged import ChunkInput, group_chunks, kv_bytes_per_block
+from .sampling import SamplingParams, sample
 from .spec import build_module, flag, int_param, max_sequence_length, tensor_cores
 
 
@@ -217,25 +217,6 @@ def decode_one_token(model: Decoder, token: torch.Tensor, position: torch.Tensor
     return model(token, position, caches=caches, step=step)[:, -1]
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """logits [R, V] -> token ids [R]: argmax at temperature 0, else nucleus sampling.
-
-    One uniform draw per row from `generator`, mapped through the cumulative distribution of
-    the smallest set of most likely tokens whose mass reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)    # [R, V]
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs           # mass of the tokens ahead
-    kept = torch.where(before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
-    kept[:, 0] = sorted_probs[:, 0]                               # the top token always stays
-    cdf = kept.cumsum(dim=-1)                                     # [R, V]
-    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device) * cdf[:, -1:]
-    pick = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)  # [R, 1]
-    return order.gather(-1, pick).squeeze(-1)
-
-
 KV_BLOCK_SIZE = 16  # tokens per cache block
 
 
@@ -243,10 +224,7 @@ KV_BLOCK_SIZE = 16  # tokens per cache block
 def generate(model: Decoder, prompts: list[torch.Tensor], max_tokens: int, temperature: float,
              top_p: float, generators: list[torch.Generator | None]) -> list[torch.Tensor]:
     """prompts[i] [R_i, S_i] token ids -> generated ids [R_i, max_tokens] per request, as one
-    left-padded batch. generators[i] draws request i's samples (None when greedy).
-
-    Each batch row owns its own blocks of the paged caches and stores only its real tokens, so no
-    step attends to padding or costs more than the row's own history."""
+    left-padded batch. generators[r] draws the samples of row r of the batch (None when greedy)."""
     cfg = model.cfg
     device = model.embed.weight.device
     dtype = model.embed.weight.dtype
@@ -264,11 +242,10 @@ def generate(model: Decoder, prompts: list[torch.Tensor], max_tokens: int, tempe
         block = block_table.gather(1, index.clamp(min=0) // KV_BLOCK_SIZE).long()
         return torch.where(index >= 0, block * KV_BLOCK_SIZE + index % KV_BLOCK_SIZE, -1)
 
-    def pick(logits: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B], each request its own draws
+    def pick(logits: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B], each row its own draws
         if temperature == 0:
             return logits.argmax(dim=-1)
-        return torch.cat([sample(part, temperature, top_p, g)
-                          for part, g in zip(logits.split(rows), generators)])
+        return torch.cat([sample(logits[r:r + 1], temperature, top_p, g) for r, g in enumerate(generators)])
 
     index = torch.arange(s, device=device)[None, :] - (s - lengths)[:, None]  # [B, S]: token index, < 0 = padding
     step = CacheStep(block_table, slots(index).flatten(), lengths.to(torch.int32))
@@ -284,28 +261,38 @@ def generate(model: Decoder, prompts: list[torch.Tensor], max_tokens: int, tempe
 # ---- served model ------------------------------------------------------------------------------
 
 class TransformerModel(ServedModel):
-    """Options: temperature (>= 0, default 1; 0 = greedy), top_p (in (0, 1], default 1),
-    max_tokens (>= 1, default min(16, room left); prompt + max_tokens <= max_sequence_length),
-    seed (integer; default a fresh random one, returned in the normalised options).
-    batch_key = (temperature, top_p, max_tokens): the seed is not in it because every request
-    samples from its own generator inside the shared batch."""
+    """Options (models/sampling.py): temperature (>= 0, default 1; 0 = greedy), top_p (in
+    (0, 1], default 1), top_k, max_tokens (>= 1, default min(16, room left); prompt +
+    max_tokens <= max_sequence_length), seed (default a fresh random one, returned in the
+    normalised options), stop_token_ids, ignore_eos; `parameters.eos_token_id` names the EOS.
+
+    Served by the generation engine (runtime/generation/): `new_kv_cache` and `step` run one
+    iteration over a paged cache. `run` is the dense path, one left-padded batch run to
+    max_tokens (batch_key = (temperature, top_p, max_tokens)); it is the reference the engine
+    is tested against and what `generate` uses."""
 
     model_type = "transformer"
+    generative = True
+    decode = None                    # token ids -> text; the home decoder has no tokenizer
     trainable = optimizable = language_model = True
 
     def __init__(self, spec: dict, device: torch.device):
         self.config = TransformerConfig.from_spec(spec)
         self.device = device
         self.tensor_cores = flag(spec, "enable_tensor_cores")
+        eos = (spec.get("parameters") or {}).get("eos_token_id")
+        self.eos_token_id = None if eos is None else int_param(spec["parameters"], "eos_token_id", minimum=0)
         self.module, self.dtype = build_module(lambda: Decoder(self.config), spec, device)
 
     def prepare(self, input_data, options: dict) -> Prepared:
         limit = self.config.max_sequence_length
         tokens = token_rows(input_data, self.config.vocab_size, limit)  # [rows, S]
-        options = sampling_options(options, tokens.shape[1], limit)
-        temperature, top_p, max_tokens = options["temperature"], options["top_p"], options["max_tokens"]
-        return Prepared(tensor=tokens.to(self.device), options=options,
-                        batch_key=("generate", temperature, top_p, max_tokens), rows=tokens.shape[0])
+        options = dict(options or {})
+        params = SamplingParams.from_options(options, prompt_len=tokens.shape[1], limit=limit,
+                                             vocab_size=self.config.vocab_size, has_tokenizer=self.decode is not None)
+        options.update(params.normalised())
+        return Prepared(tensor=tokens.to(self.device), options=options, rows=tokens.shape[0], sampling=params,
+                        batch_key=("generate", params.temperature, params.top_p, params.max_tokens))
 
     def data_rows(self, data) -> torch.Tensor:
         return token_rows(data, self.config.vocab_size, self.config.max_sequence_length)
@@ -314,24 +301,41 @@ class TransformerModel(ServedModel):
     def output_width(self) -> int:
         return self.config.vocab_size
 
-    def _generator(self, seed: int, temperature: float) -> torch.Generator | None:
-        if temperature == 0:
-            return None
-        return torch.Generator(device=self.device).manual_seed(seed)
-
     def run(self, batch: list[Prepared]) -> list[Output]:
-        first = batch[0].options
+        first = batch[0].sampling
         if any(p.batch_key != batch[0].batch_key for p in batch):
             raise ValueError("run() was given requests with different batch keys")
         with tensor_cores(self.tensor_cores, self.device):
-            results = generate(self.module, [p.tensor for p in batch], first["max_tokens"],
-                               first["temperature"], first["top_p"],
-                               [self._generator(p.options["seed"], first["temperature"]) for p in batch])
+            results = generate(self.module, [p.tensor for p in batch], first.max_tokens,
+                               first.temperature, first.top_p,
+                               [p.sampling.generator(r, self.device) for p in batch for r in range(p.rows)])
         return [Output(output_data=to_numpy(r), tokens_generated=r.numel()) for r in results]
 
     def generate(self, token_ids, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None) -> torch.Tensor:
-        """One request's generated ids [rows, max_tokens]."""
+        """One request's generated ids [rows, max_tokens] (the dense path)."""
         p = self.prepare(token_ids, {"max_tokens": max_tokens, "temperature": temperature,
                                      "top_p": top_p, "seed": seed})
         return torch.from_numpy(self.run([p])[0].output_data)
+
+    # ---- the generation engine's face ------------------------------------------------------
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        cfg = self.config
+        return kv_bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+
+    def new_kv_cache(self, num_blocks: int, block_size: int) -> list[PagedKVCache]:
+        """The decoder's paged KV cache: one PagedKVCache per layer."""
+        cfg = self.config
+        return [PagedKVCache(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, self.device, self.dtype)
+                for _ in range(cfg.num_layers)]
+
+    def step(self, caches: list[PagedKVCache], chunks: list[ChunkInput]) -> torch.Tensor:
+        """One generation step over many sequences -> logits [N, V] of the sampling chunks, in
+        order: one paged forward per group of equal-length chunks (models/paged.py)."""
+        logits = []
+        with tensor_cores(self.tensor_cores, self.device):
+            for g in group_chunks(chunks, caches[0].k.shape[1], self.device):
+                step = CacheStep(g.block_table, g.slot_mapping, g.seq_lens)
+                out = self.module(g.tokens, g.positions, caches=caches, step=step, last_only=True)  # [B, 1, V]
+                logits.append(out[g.sampled_rows, -1])
+        return torch.cat(logits)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -43,7 +44,8 @@ class Pending:
     deadline: float                   # time.monotonic() by which it must be done
     enqueued_at: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
-    abandoned: bool = False           # the caller timed out: skip it
+    abandoned: bool = False           # the caller timed out or went away: skip it / stop it
+    stream: "queue.SimpleQueue | None" = None  # decoders: token events as they come (generation/worker.py)
     decode_text: object = None        # for an input_text request: output_data -> output_text
     prompt_tokens: int | None = None  # for an input_text request: the tokens its text became
 

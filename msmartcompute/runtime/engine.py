@@ -26,6 +26,7 @@ from . import clock, devices
 from .access import require_admin
 from .batching import Executor
 from .caller import Caller
+from .generation.worker import GenerationWorker
 from .errors import InternalError, MSCError
 from .inference import Inference
 from .jobs import JobRunner
@@ -143,8 +144,12 @@ class Runtime:
         self.meter.persist(self.metrics())
         self.meter.prune_history(clock.now() - self.config.metrics_retention_s)
 
-    def _executor_for(self, device: int, vgpu_id: str | None) -> Executor:
+    def _executor_for(self, device: int, vgpu_id: str | None, generative: bool = False) -> Executor | GenerationWorker:
+        """The worker of a vGPU (or device): the batching Executor, or for decoders the
+        GenerationWorker; both share the device's time through its DeviceScheduler."""
         key = f"vgpu:{vgpu_id}" if vgpu_id else f"device:{device}"
+        if generative:
+            key = f"generation:{key}"
         with self._executors_lock:
             ex = self.executors.get(key)
             if ex is None:
@@ -154,9 +159,12 @@ class Runtime:
                 else:
                     policy, units = "round_robin", max(1, self.vgpus.device_free(device)[1])
                 cuda = self.vgpus.device(device).torch_device
-                ex = Executor(key, policy, self.vgpus.schedulers[device], units,
-                              self.config.max_queue_delay_ms / 1000.0, self.meter,
-                              cuda if cuda.type == "cuda" else None)
+                if generative:
+                    ex = GenerationWorker(key, policy, self.vgpus.schedulers[device], units, self.meter)
+                else:
+                    ex = Executor(key, policy, self.vgpus.schedulers[device], units,
+                                  self.config.max_queue_delay_ms / 1000.0, self.meter,
+                                  cuda if cuda.type == "cuda" else None)
                 self.executors[key] = ex
             return ex
 
@@ -191,9 +199,10 @@ class Runtime:
         require_admin(caller, "delete a virtual GPU")
         self.vgpus.delete(vgpu_id)
         with self._executors_lock:
-            ex = self.executors.pop(f"vgpu:{vgpu_id}", None)
-        if ex is not None:
-            ex.close(InternalError(f"virtual GPU {vgpu_id} was deleted"))
+            closing = [self.executors.pop(k, None) for k in (f"vgpu:{vgpu_id}", f"generation:vgpu:{vgpu_id}")]
+        for ex in closing:
+            if ex is not None:
+                ex.close(InternalError(f"virtual GPU {vgpu_id} was deleted"))
         return {"virtual_gpu_id": vgpu_id, "message": "Virtual GPU destroyed successfully"}
 
     # ---- metrics --------------------------------------------------------------------------------
@@ -206,7 +215,10 @@ class Runtime:
         with self._executors_lock:
             executors = list(self.executors.values())
         depths = {m: d for ex in executors for m, d in ex.depths().items()}
-        return self.meter.snapshot(sum(depths.values()) + self.jobs.count("queued"), depths)
+        snapshot = self.meter.snapshot(sum(depths.values()) + self.jobs.count("queued"), depths)
+        snapshot["generation"] = {m: s for ex in executors if isinstance(ex, GenerationWorker)
+                                  for m, s in ex.snapshots().items()}
+        return snapshot
 
     def metrics_history(self, start_time: datetime | None = None, end_time: datetime | None = None,
                         interval: int = 60) -> list[dict]:

@@ -1,6 +1,7 @@
 """The inference service: POST /inference (sync, batch, async) and GET /inference/{id}.
 
-A request goes through its model's batch queue (batching.py); `inference_time` is seconds end
+A request goes through its model's batch queue (batching.py), a decoder's through its
+generation worker (generation/worker.py; `infer_stream` streams its tokens); `inference_time` is seconds end
 to end (queue wait + run). `memory_used`: on CUDA the allocator's peak growth during the run
 that served it; on the host the bytes of this request's input and output tensors. Async
 requests are persisted jobs (jobs.py) that take the same path from a worker thread and are
@@ -8,8 +9,10 @@ run again after a restart. A request may send input_text in place of input_data 
 with a tokenizer; its result then carries output_text, finish_reasons and prompt_tokens."""
 from __future__ import annotations
 
+import queue as queue_module
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Iterator
 
 import numpy as np
 import orjson
@@ -18,6 +21,7 @@ from . import clock, ids
 from .access import require_owner
 from .batching import Executor, Pending, Result
 from .caller import Caller
+from .generation.worker import STREAM_END, GenerationWorker
 from .errors import InvalidInputData, MSCError, NotFound, RequestTimeout
 from .jobs import JobRunner, error_dict
 from .metrics import Metrics
@@ -65,6 +69,45 @@ class Inference:
     def infer(self, request: dict) -> dict:
         """Run one request through its model's batch queue."""
         return self._infer(request, ids.request_id(self.store))
+
+    def infer_stream(self, request: dict) -> Iterator[dict]:
+        """A decoder request whose tokens come as they are sampled. Checked and queued now (a
+        bad request raises here, before anything streams); the iterator then yields
+        {"request_id", "token_ids": [new ids per input row]} per step that produced any, and
+        last the response infer() would give (an MSCError if it failed or timed out).
+        Closing the iterator early (the client went away) cancels the request: it leaves
+        the batch at the next step and its KV blocks are freed."""
+        t0 = time.perf_counter()
+        rid = ids.request_id(self.store)
+        try:
+            executor, pending = self._enqueue(request, rid, stream=True)
+        except MSCError as exc:
+            self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
+            raise
+        return self._stream_events(executor, pending, t0, request["model_id"])
+
+    def _stream_events(self, executor: GenerationWorker, pending: Pending, t0: float,
+                       model_id: str) -> Iterator[dict]:
+        try:
+            while time.monotonic() < pending.deadline:
+                try:
+                    event = pending.stream.get(timeout=min(1.0, max(0.0, pending.deadline - time.monotonic())))
+                except queue_module.Empty:
+                    continue
+                ended = event is STREAM_END
+                while not ended and not pending.stream.empty():  # a slow reader gets what piled up as one event
+                    more = pending.stream.get_nowait()
+                    ended = more is STREAM_END
+                    if not ended:
+                        event = {"token_ids": [a + b for a, b in zip(event["token_ids"], more["token_ids"])]}
+                if event is not STREAM_END:
+                    yield {"request_id": pending.request_id, **event}
+                if ended:
+                    break
+            yield self._finish(executor, pending, t0, model_id)
+        finally:
+            if not pending.future.done():
+                executor.abandon(pending)
 
     def infer_batch(self, requests: list[dict]) -> dict:
         """All requests are queued before any is awaited, so they can share batches."""
@@ -158,15 +201,21 @@ class Inference:
         model_id = request.get("model_id")
         return model_id if isinstance(model_id, str) and model_id in self.registry.models else "-"
 
-    def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False) -> tuple[Executor, Pending]:
+    def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False,
+                 stream: bool = False) -> tuple[Executor, Pending]:
         entry = self.registry.entry(request.get("model_id"))
         model, executor = entry.model, entry.executor
+        if stream and not isinstance(executor, GenerationWorker):
+            raise InvalidInputData(f"options.stream needs a decoder (transformer) model; "
+                                   f"{entry.model_id!r} is a {entry.spec.get('model_type')} model",
+                                   {"field": "options.stream"})
         prepared, prompt_tokens = prepare(model, request)
         # options.timeout is the documented field; a top-level "timeout" is accepted too
         timeout = (request.get("options") or {}).get("timeout", request.get("timeout", self.request_timeout_s))
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidInputData("timeout must be a positive number of seconds", {"field": "timeout"})
-        pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout))
+        pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout),
+                          stream=queue_module.SimpleQueue() if stream else None)
         if prompt_tokens is not None:
             pending.decode_text, pending.prompt_tokens = model.decode_text, prompt_tokens
         queue = executor.submit(entry.model_id, pending, may_run_inline)

@@ -80,7 +80,7 @@ def _bucket_quantile(cumulative: dict[float, float], q: float) -> float | None:
     return None
 
 
-def _percentile(values, q: float) -> float | None:
+def percentile(values, q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
@@ -165,8 +165,8 @@ class Metrics:
                 "throughput": len(self._done) / span,
                 "tokens_per_second": sum(t for _, t in self._done) / span,
                 "latency": statistics.median(latency) if latency else None,
-                "latency_p50": _percentile(latency, 0.5),
-                "latency_p99": _percentile(latency, 0.99),
+                "latency_p50": percentile(latency, 0.5),
+                "latency_p99": percentile(latency, 0.99),
                 "request_latency_p50": counts["request_latency_p50"],
                 "request_latency_p99": counts["request_latency_p99"],
                 "active_requests": self.active,

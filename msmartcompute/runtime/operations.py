@@ -4,7 +4,8 @@ nothing else is reachable. No torch here: front processes import it."""
 
 OPERATIONS = frozenset({
     "registry.load", "registry.list", "registry.get", "registry.unload",
-    "inference.infer", "inference.infer_batch", "inference.submit", "inference.get", "inference.chat_prompt",
+    "inference.infer", "inference.infer_stream", "inference.infer_batch", "inference.submit", "inference.get",
+    "inference.chat_prompt",
     "training.train", "training.submit", "training.get",
     "optimization.optimize",
     "sessions.create", "sessions.get", "sessions.delete",

@@ -37,6 +37,7 @@ from . import clock, optimize
 from .access import require_admin
 from .batching import Executor, ModelQueue
 from .caller import Caller
+from .generation.worker import GenerationQueue, pool_blocks
 from .errors import InvalidInputData, InvalidModelId, ModelAlreadyLoaded, MSCError, insufficient_memory
 from .store import Store
 from .vgpu import VGPUManager
@@ -101,7 +102,7 @@ def _positive_int(spec: dict, name: str, default: int) -> int:
 
 class Registry:
     def __init__(self, store: Store, vgpus: VGPUManager, model_roots: list[Path],
-                 executor_for: Callable[[int, str | None], Executor], max_batch_size: int, max_queue_size: int):
+                 executor_for: Callable[[int, str | None, bool], Executor], max_batch_size: int, max_queue_size: int):
         self.store = store
         self.vgpus = vgpus
         self.model_roots = [Path(os.path.realpath(r)) for r in model_roots]
@@ -229,9 +230,19 @@ class Registry:
                 del model
                 release_memory()
                 raise
+            generative = getattr(model, "generative", False)
+            if generative:
+                try:
+                    queue = self._generation_queue(model_id, model, spec, device, vgpu_id or None, max_batch, priority)
+                except MSCError:
+                    self.vgpus.release(("model", model_id))
+                    del model
+                    release_memory()
+                    raise
+            else:
+                queue = ModelQueue(model_id, model, max_batch, self.max_queue_size, priority)
             load_time = time.perf_counter() - t0
-            executor = self.executor_for(device, vgpu_id or None)
-            queue = ModelQueue(model_id, model, max_batch, self.max_queue_size, priority)
+            executor = self.executor_for(device, vgpu_id or None, generative)
             executor.add(queue)
             self.models[model_id] = LoadedModel(model_id, dict(spec), model, int(memory), clock.now(),
                                                 load_time, device, vgpu_id or None, executor, queue)
@@ -269,6 +280,20 @@ class Registry:
         # a request's input freed meanwhile can only lower the delta; never report below the tensors
         return model, max(grown, model.tensor_bytes())
 
+    def _generation_queue(self, model_id: str, model, spec: dict, device: int, vgpu_id: str | None,
+                          max_running: int, priority: int) -> GenerationQueue:
+        """A decoder's KV pool and scheduler. The pool is reserved in the ledger beside the
+        weights (key ("kv", model_id)), so the vGPU's quota bounds the tokens it can hold."""
+        requested = spec.get("kv_cache_memory")
+        if requested is not None and (not isinstance(requested, int) or isinstance(requested, bool) or requested < 1):
+            raise InvalidInputData(f"kv_cache_memory must be a number of bytes >= 1, got {requested!r}",
+                                   {"field": "kv_cache_memory"})
+        free = self.vgpus.vgpu_free(vgpu_id) if vgpu_id else self.vgpus.device_free(device)[0]
+        blocks = pool_blocks(model, free, max_running, requested_bytes=requested)
+        queue = GenerationQueue(model_id, model, max_running, self.max_queue_size, priority, blocks)
+        self.vgpus.reserve(("kv", model_id), queue.kv_cache_bytes, device=device, vgpu=vgpu_id)
+        return queue
+
     def unload(self, model_id: str, caller: Caller | None = None, *, forget: bool = True) -> dict:
         require_admin(caller, "unload a model")
         with self._lock:
@@ -281,6 +306,7 @@ class Registry:
             entry.executor.remove(model_id, InvalidModelId(f"model {model_id!r} was unloaded",
                                                            {"model_id": model_id}))
             self.vgpus.release(("model", model_id))
+            self.vgpus.release(("kv", model_id))
             if forget:
                 self.store.delete("models", model_id)
             entry.model = entry.queue = entry.executor = None

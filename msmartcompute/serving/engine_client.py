@@ -33,10 +33,17 @@ def engine_pid(pid_file: Path) -> int | None:
     """The pid of the live engine process, or None while there is none."""
     try:
         pid = int(pid_file.read_text())
-        os.kill(pid, 0)
-        return pid
     except (OSError, ValueError):
         return None
+    return pid if _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
 
 
 class EngineClient:
@@ -46,6 +53,7 @@ class EngineClient:
         self.context = zmq.Context.instance()
         self._local = threading.local()
         self._ids = itertools.count(1)
+        self._pid: int | None = None  # the engine's, read from pid_file again only once it is gone
         for op in OPERATIONS:
             service, _, method = op.rpartition(".")
             if service:
@@ -69,19 +77,28 @@ class EngineClient:
             sock.connect(self.address)
         return sock
 
+    def _engine(self) -> int:
+        pid = self._pid
+        if pid is None or not _alive(pid):
+            pid = self._pid = engine_pid(self.pid_file)
+            if pid is None:
+                raise _unavailable()
+        return pid
+
     def call(self, op: str, *args, **kwargs):
-        pid = engine_pid(self.pid_file)
-        if pid is None:
-            raise _unavailable()
+        pid = self._engine()
         sock, call_id = self._socket(), next(self._ids)
-        # IMMEDIATE: writable only while connected; a new socket or a restarted engine takes a moment
-        if not sock.poll(_CONNECT_MS, zmq.POLLOUT):
-            raise _unavailable()
+        frames = protocol.encode(protocol.Call(call_id, op, list(args), kwargs))
         try:
-            sock.send_multipart(protocol.encode(protocol.Call(call_id, op, list(args), kwargs)),
-                                flags=zmq.NOBLOCK, copy=False)
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            raise _unavailable() from None
+            # IMMEDIATE: writable only while connected; a new socket or a restarted engine takes a moment
+            if not sock.poll(_CONNECT_MS, zmq.POLLOUT):
+                raise _unavailable() from None
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                raise _unavailable() from None
         first = self._receive(sock, call_id, pid)
         if first.last:
             return first.value
@@ -99,7 +116,7 @@ class EngineClient:
                     exc.code = reply.error["code"]
                     raise exc
                 return reply
-            if engine_pid(self.pid_file) != pid:
+            if not _alive(pid):
                 raise errors.EngineUnavailable(
                     "the engine process stopped while serving this request; it is being restarted, "
                     "retry shortly", {"retry": True})

@@ -28,7 +28,10 @@ DRAIN_TIMEOUT_S = 30.0
 def waitress_settings(config) -> dict:
     """The one place the waitress settings of every front are decided."""
     return {"threads": config.threads, "ident": "msmartcompute", "max_request_body_size": config.max_body_bytes,
-            "clear_untrusted_proxy_headers": True}
+            "clear_untrusted_proxy_headers": True,
+            # flush each write at once: a streamed token must not wait for 18 kB of output
+            # (waitress' default send_bytes) or for the request's end
+            "send_bytes": 1}
 
 
 def main(argv: list[str] | None = None) -> int:
