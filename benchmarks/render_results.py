@@ -37,15 +37,33 @@ def fmt(v, digits=1) -> str:
     return "-" if v is None else f"{v:,.{digits}f}"
 
 
+def sig(v: float) -> str:
+    """Three significant figures at any scale, never a rounded-away 0.0."""
+    if v == 0 or abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+# A measurement whose spread (IQR, or the range of rounds) exceeds half its median says
+# nothing beyond its order of magnitude: its rate and ratio are not shown.
+NOISE = 0.5
+
+
+def spread_pct(low: float, high: float, median: float) -> float:
+    return (high - low) / median if median else float("inf")
+
+
 def serving_load(data: dict) -> list[str]:
-    out = ["| case | target | c | req/s (median of rounds) | p50 ms | p99 ms | server CPU ms/req | errors |",
-           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| case | target | c | req/s (median of rounds) | req/s min-max | p50 ms | p99 ms | server CPU ms/req "
+           "| errors |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     groups: dict[tuple, list[dict]] = {}
     for r in data["runs"]:
         groups.setdefault((r["case"], r["target"], r["concurrency"]), []).append(r)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     for (case, target, c), rs in groups.items():
-        out.append(f"| {case} | {target} | {c} | {fmt(med([r['requests_per_s'] for r in rs]))} | "
+        rates = [r['requests_per_s'] for r in rs]
+        noisy = " (noise)" if spread_pct(min(rates), max(rates), med(rates)) > NOISE else ""
+        out.append(f"| {case} | {target} | {c} | {fmt(med(rates))}{noisy} | {fmt(min(rates))}-{fmt(max(rates))} | "
                    f"{fmt(med([r['p50_ms'] for r in rs]), 2)} | {fmt(med([r['p99_ms'] for r in rs]), 2)} | "
                    f"{fmt(med([r.get('server_cpu_ms_per_request', float('nan')) for r in rs]), 3)} | "
                    f"{sum(r['errors'] for r in rs)} |")
@@ -53,8 +71,10 @@ def serving_load(data: dict) -> list[str]:
     for g in data.get("goals", []):
         if "median" not in g:
             continue
+        noisy = spread_pct(min(g["ratios"]), max(g["ratios"]), g["median"]) > NOISE
+        met = "noise: rounds disagree" if noisy else ("yes" if g["met"] else "no")
         out.append(f"| {g['ours']} / {g['baseline']} at c={g['concurrency']}, {g['metric']} | {g['median']:.2f}x | "
-                   f"{', '.join(f'{x:.2f}' for x in g['ratios'])} | {g['goal']} | {'yes' if g['met'] else 'no'} |")
+                   f"{', '.join(f'{x:.2f}' for x in g['ratios'])} | {g['goal']} | {met} |")
     return out
 
 
@@ -99,12 +119,17 @@ def kernel_rows(data: dict) -> list[str]:
 
 
 def pytest_benchmark(data: dict) -> list[str]:
-    out = ["| benchmark | median | rate |", "|---|---:|---:|"]
+    out = [f"Median of the rounds, its interquartile range (IQR, q1-q3) and the rounds; a row whose IQR "
+           f"exceeds {NOISE:.0%} of its median is marked noise and its rate left out.", "",
+           "| benchmark | median | IQR (q1-q3) | rounds | rate |", "|---|---:|---:|---:|---:|"]
     for b in data["benchmarks"]:
+        st = b["stats"]
         info = b.get("extra_info") or {}
-        rate = next((f"{info[k]:,.1f} {k}" for k in ("TFLOP/s", "GB/s", "tokens/s", "requests/s")
-                     if isinstance(info.get(k), (int, float))), "-")
-        out.append(f"| {b['name']} | {b['stats']['median'] * 1e6:,.1f} us | {rate} |")
+        noisy = spread_pct(st["q1"], st["q3"], st["median"]) > NOISE
+        rate = "noise" if noisy else next((f"{sig(info[k])} {k}" for k in ("TFLOP/s", "GB/s", "tokens/s", "requests/s")
+                                           if isinstance(info.get(k), (int, float))), "-")
+        out.append(f"| {b['name']} | {sig(st['median'] * 1e6)} us | {sig(st['q1'] * 1e6)}-{sig(st['q3'] * 1e6)} us | "
+                   f"{st['rounds']} | {rate} |")
     return out
 
 

@@ -1,6 +1,7 @@
 // Writes new keys and values into a paged KV cache by slot mapping (vLLM's reshape_and_cache):
 // token n's k/v rows [Hkv, D] go to block slot / block_size, row slot % block_size. One block per
-// token, its threads over Hkv * D elements; a negative slot (padding) writes nothing.
+// token, its threads over Hkv * D elements; a negative slot (padding) writes nothing, and so does
+// a slot past the cache (checked here, since the host cannot read the slots without a sync).
 #include <algorithm>
 
 #include "launchers.h"
@@ -12,7 +13,7 @@ template <typename E>  // the element's bits: uint16_t (fp16/bf16) or uint32_t (
 __global__ void write_kv_cache_kernel(const __grid_constant__ KvCacheWrite w) {
   const int64_t n = blockIdx.x;
   const int64_t slot = w.slot_mapping[n];
-  if (slot < 0) return;
+  if (slot < 0 || slot >= w.capacity) return;  // padding, or past the cache: nothing written
   const int64_t block = slot / w.block_size, row = slot % w.block_size;
   const E* k = static_cast<const E*>(w.k) + n * w.k_stride[0];
   const E* v = static_cast<const E*>(w.v) + n * w.v_stride[0];

@@ -116,6 +116,7 @@ struct KvCacheWrite {
   const int64_t* slot_mapping = nullptr;  // [N]
   int64_t k_stride[3] = {}, v_stride[3] = {}, k_cache_stride[4] = {}, v_cache_stride[4] = {};
   int64_t N = 0, Hkv = 0, D = 0, block_size = 0;
+  int64_t capacity = 0;  // blocks * block_size: larger slots write nothing
 };
 // element_bytes: 2 (fp16/bf16) or 4 (fp32); the copy moves bits, so any dtype of that size works.
 cudaError_t launch_write_kv_cache(const KvCacheWrite& w, int element_bytes, cudaStream_t stream);

@@ -46,14 +46,25 @@ def _is_loopback(host: str) -> bool:
 def serve(args: argparse.Namespace) -> int:
     """The supervisor: one engine process, --workers front processes (serving/supervisor.py)."""
     from .runtime.keys import KeyStore
-    from .runtime.store import STORE_FILENAME, Store
+    from .runtime.statedir import StateDirBusy, StateDirLock
+    from .runtime.store import STORE_FILENAME, Store, StoreDamaged
     from .serving.supervisor import Supervisor, default_workers
 
     config = _config(args, {"host": args.host, "port": args.port, "threads": args.threads})
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+        # one server per state dir, decided before anything in it is read: this process (the
+        # supervisor) holds the lock for its life; its children do not inherit the descriptor
+        state_lock = StateDirLock(config.state_dir).acquire()
+    except StateDirBusy as exc:
+        raise CliError(f"refusing to start: {exc}") from None
+    except OSError as exc:
+        raise CliError(f"state dir {config.state_dir}: {exc.strerror or exc}") from None
+    try:
         store = Store(Path(config.state_dir) / STORE_FILENAME)
+    except StoreDamaged as exc:
+        raise CliError(f"refusing to start: {exc}") from None
     except OSError as exc:
         raise CliError(f"state dir {config.state_dir}: {exc.strerror or exc}") from None
     try:  # before any process starts: the engine is the only writer of the store once serving
@@ -83,13 +94,16 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as exc:  # port in use, address not on this machine, privileged port
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise CliError(f"cannot listen on {config.host}:{config.port}: {reason}", 1) from None
-    return supervisor.run()
+    try:
+        return supervisor.run()
+    finally:
+        state_lock.release()
 
 
 def keys_command(args: argparse.Namespace) -> int:
     from .runtime.ids import check_id
     from .runtime.keys import KeyStore
-    from .runtime.store import STORE_FILENAME, Store
+    from .runtime.store import STORE_FILENAME, Store, StoreDamaged
 
     config = _config(args, {})
     path = Path(config.state_dir) / STORE_FILENAME
@@ -105,6 +119,8 @@ def keys_command(args: argparse.Namespace) -> int:
         return 0
     try:
         store = Store(path)
+    except StoreDamaged as exc:
+        raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"state dir {config.state_dir}: {exc.strerror or exc}") from None
     keys = KeyStore(store)
@@ -122,6 +138,39 @@ def keys_command(args: argparse.Namespace) -> int:
             print(f"revoked {revoked['role']} key {revoked['key_id']} of user {revoked['user_id']}")
     finally:
         store.close()
+    return 0
+
+
+def store_command(args: argparse.Namespace) -> int:
+    """`store backup FILE`: a consistent copy while the server runs (SQLite online backup).
+    `store restore FILE`: replace the store with a checked backup; the server must be stopped."""
+    from .runtime.statedir import StateDirBusy, StateDirLock
+    from .runtime.store import STORE_FILENAME, Store, StoreDamaged, restore
+
+    config = _config(args, {})
+    path = Path(config.state_dir) / STORE_FILENAME
+    try:
+        if args.store_command == "backup":
+            if not path.exists():
+                raise CliError(f"no store at {path}", 1)
+            store = Store(path)
+            try:
+                store.backup(args.file)
+            finally:
+                store.close()
+            print(f"backed up {path} to {args.file}", file=sys.stderr)
+        else:
+            lock = StateDirLock(config.state_dir).acquire()
+            try:
+                kept = restore(args.file, path)
+            finally:
+                lock.release()
+            print(f"restored {path} from {args.file}"
+                  + (f"; the replaced store is kept as {kept}" if kept else ""), file=sys.stderr)
+    except (StoreDamaged, StateDirBusy, FileExistsError) as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"{exc.filename or path}: {exc.strerror or exc}") from None
     return 0
 
 
@@ -200,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = ksub.add_parser("revoke", help="revoke a key, given the key or its id", parents=[state])
     r.add_argument("key", help="the key id (as `keys list` shows it) or the whole msc_... key")
     k.set_defaults(func=keys_command)
+
+    s = sub.add_parser("store", help="back up or restore the state dir's SQLite store", parents=[state])
+    ssub = s.add_subparsers(dest="store_command", required=True)
+    ssub.add_parser("backup", help="copy the store to FILE, also while the server runs",
+                    parents=[state]).add_argument("file")
+    ssub.add_parser("restore", help="replace the store with FILE (stop the server first)",
+                    parents=[state]).add_argument("file")
+    s.set_defaults(func=store_command)
 
     t = sub.add_parser("train", help="train a model on a server from a JSON request file")
     t.add_argument("--url", default="http://127.0.0.1:8080", help="server URL (default http://127.0.0.1:8080)")

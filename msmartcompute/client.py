@@ -2,15 +2,23 @@
 
     client = MSmartComputeClient("http://localhost:8080/api/v1", "your-api-key")
     client.load_model({"model_id": "m", "model_type": "mlp", "parameters": {...}})
-    result = client.inference("m", [[0.1, 0.2, 0.3]])
+    result = client.inference("m", [[0.1, 0.2, 0.3]])   # lists or numpy arrays
+
+Every method returns the answer's fields without the envelope (`success`, `error`, `timestamp`);
+the list methods (list_models, list_allocations, list_virtual_gpus, list_jobs, metrics_history)
+return the list and metrics() the metrics object, as in the JS SDK. An error answer raises the
+MSmartComputeError subclass of its code; no answer at all (refused, reset, timed out) raises
+ConnectionFailedError. One keep-alive connection per thread is reused across calls.
 """
 from __future__ import annotations
 
+import http.client
 import json
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+
+ENVELOPE_FIELDS = ("success", "error", "timestamp")
 
 
 class MSmartComputeError(Exception):
@@ -40,47 +48,107 @@ class ConnectionFailedError(MSmartComputeError):  # noqa: E302
 _ERRORS = {cls.code: cls for cls in MSmartComputeError.__subclasses__()}
 
 
+def _json_default(value):
+    """numpy arrays and scalars (and anything with .tolist(), e.g. a CPU torch tensor) as JSON."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot send a {type(value).__name__} as JSON")
+
+
+# A kept-alive connection the server closed while idle fails on first use: reconnect once.
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, http.client.CannotSendRequest)
+
+
 class MSmartComputeClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8080/api/v1", api_key: str | None = None,
                  timeout: float = 60.0, max_retries: int = 3):
         self.base_url = base_url.rstrip("/")
+        parts = urllib.parse.urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url must be http(s)://host[:port]/api/v1, got {base_url!r}")
+        self._scheme, self._netloc, self._prefix = parts.scheme, parts.netloc, parts.path
         self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = timeout
         self.max_retries = max_retries
+        self._local = threading.local()  # http.client connections are not thread-safe: one per thread
 
     # --- transport -------------------------------------------------------------------
-    def _request(self, method: str, path: str, body: dict | None = None, params: dict | None = None) -> dict:
-        url = self.base_url + path
-        if params:
-            url += "?" + urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-        data = None if body is None else json.dumps(body).encode()
-        for attempt in range(self.max_retries + 1):
-            request = urllib.request.Request(url, data=data, method=method, headers=self.headers)
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection and whether it was used before."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, True
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        self._local.conn = cls(self._netloc, timeout=self.timeout)
+        return self._local.conn, False
+
+    def close(self) -> None:
+        """Close this thread's connection (the next call opens a new one)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _send(self, method: str, target: str, data: bytes | None) -> tuple[int, dict, bytes]:
+        while True:
+            conn, reused = self._connection()
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.load(response)
-            except urllib.error.HTTPError as err:
-                retry_after = err.headers.get("Retry-After")
-                if err.code == 429 and retry_after and attempt < self.max_retries:
-                    time.sleep(float(retry_after))
-                    continue
-                raise self._error(err) from None
-            except (urllib.error.URLError, OSError) as err:
-                reason = getattr(err, "reason", err)
+                conn.request(method, target, body=data, headers=self.headers)
+                response = conn.getresponse()
+                payload = response.read()
+            except _STALE as err:
+                self.close()
+                if reused:
+                    continue  # the server closed it while idle: once more on a fresh connection
+                raise ConnectionFailedError("CONNECTION_FAILED", f"{self.base_url} closed the connection: {err}",
+                                            {"url": self.base_url + target}) from None
+            except (OSError, http.client.HTTPException) as err:  # refused, unreachable, timed out
+                self.close()
+                reason = "no answer within {:g} s".format(self.timeout) if isinstance(err, TimeoutError) else err
                 raise ConnectionFailedError("CONNECTION_FAILED", f"cannot reach {self.base_url}: {reason}",
-                                            {"url": url}) from None
+                                            {"url": self.base_url + target}) from None
+            if response.will_close:
+                self.close()
+            return response.status, dict(response.getheaders()), payload
+
+    def _request(self, method: str, path: str, body: dict | None = None, params: dict | None = None) -> dict:
+        target = self._prefix + path
+        if params:
+            target += "?" + urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+        data = None if body is None else json.dumps(body, default=_json_default).encode()
+        for attempt in range(self.max_retries + 1):
+            status, headers, payload = self._send(method, target, data)
+            if status == 429 and headers.get("Retry-After") and attempt < self.max_retries:
+                time.sleep(float(headers["Retry-After"]))
+                continue
+            if status >= 400:
+                raise self._error(status, payload)
+            try:
+                answer = json.loads(payload)
+            except ValueError:
+                raise MSmartComputeError(f"HTTP_{status}", "the answer is not JSON", {}, status) from None
+            return {k: v for k, v in answer.items() if k not in ENVELOPE_FIELDS} if isinstance(answer, dict) \
+                else answer
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _error(err: urllib.error.HTTPError) -> MSmartComputeError:
+    def _error(status: int, payload: bytes) -> MSmartComputeError:
         try:
-            payload = json.load(err)["error"]
-            code, message, details = payload["code"], payload["message"], payload.get("details")
+            error = json.loads(payload)["error"]
+            code, message, details = error["code"], error["message"], error.get("details")
         except (ValueError, KeyError, TypeError):
-            code, message, details = f"HTTP_{err.code}", err.reason, {}
-        return _ERRORS.get(code, MSmartComputeError)(code, message, details, err.code)
+            code, message, details = f"HTTP_{status}", payload[:200].decode(errors="replace"), {}
+        return _ERRORS.get(code, MSmartComputeError)(code, message, details, status)
 
     # --- health --------------------------------------------------------------------------
     def health(self) -> dict:
@@ -166,6 +234,10 @@ class MSmartComputeClient:
         if calibration_data is not None:
             body["calibration_data"] = calibration_data
         return self._request("POST", f"/models/{urllib.parse.quote(model_id, safe='')}/optimize", body)
+
+    def list_jobs(self, limit: int = 50) -> list[dict]:
+        """The latest async inference and training jobs, newest first."""
+        return self._request("GET", "/jobs", params={"limit": limit})["jobs"]
 
     # --- sessions --------------------------------------------------------------------------
     def create_session(self, user_id: str, model_id: str) -> dict:

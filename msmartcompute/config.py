@@ -1,6 +1,6 @@
 """Server configuration: defaults < config file (JSON or TOML) < MSC_* env < flags.
 
-File sections: [server] (host, port, state_dir, threads, log_level, max_body_bytes),
+File sections: [server] (host, port, state_dir, threads, log_level, max_body_bytes, cors_origins),
 [security] (api_keys = [{key, user_id, role}], rate_limit_per_minute,
 rate_limit_burst, rate_limit_enabled), [inference] and [virtualization] (fields of
 runtime.engine.RuntimeConfig), and [[models]] (load specs preloaded at start).
@@ -22,6 +22,7 @@ class ServerConfig:
     threads: int = 32      # >= the concurrency batching should serve: a queued request holds its thread
     log_level: str = "INFO"
     max_body_bytes: int = 64 * 1024 * 1024
+    cors_origins: list = field(default_factory=list)  # browser origins allowed cross-origin ("*": any)
     rate_limit_per_minute: int = 1000
     rate_limit_burst: int = 100
     rate_limit_enabled: bool = True
@@ -30,13 +31,13 @@ class ServerConfig:
     models: list = field(default_factory=list)     # load specs preloaded at start
 
 
-_SERVER_KEYS = ("host", "port", "state_dir", "threads", "log_level", "max_body_bytes")
+_SERVER_KEYS = ("host", "port", "state_dir", "threads", "log_level", "max_body_bytes", "cors_origins")
 _SECURITY_KEYS = ("rate_limit_per_minute", "rate_limit_burst", "rate_limit_enabled")
 _ENV = {
     "host": "MSC_HOST", "port": "MSC_PORT", "state_dir": "MSC_STATE_DIR", "threads": "MSC_THREADS",
     "log_level": "MSC_LOG_LEVEL", "max_body_bytes": "MSC_MAX_BODY_BYTES",
     "rate_limit_per_minute": "MSC_RATE_LIMIT_PER_MINUTE", "rate_limit_burst": "MSC_RATE_LIMIT_BURST",
-    "rate_limit_enabled": "MSC_RATE_LIMIT_ENABLED",
+    "rate_limit_enabled": "MSC_RATE_LIMIT_ENABLED", "cors_origins": "MSC_CORS_ORIGINS",
 }
 _INT_KEYS = {"port", "threads", "max_body_bytes", "rate_limit_per_minute", "rate_limit_burst"}
 
@@ -49,6 +50,11 @@ def _coerce(name: str, value):
             raise ValueError(f"{name} must be an integer, got {value!r}") from None
     if name == "state_dir":
         return Path(value)
+    if name == "cors_origins":  # a list, or one comma-separated string (the environment variable)
+        origins = value.split(",") if isinstance(value, str) else value
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            raise ValueError(f"cors_origins must be a list of origins, got {value!r}")
+        return [o.strip().rstrip("/") for o in origins if o.strip()]
     if name == "rate_limit_enabled":
         return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
     return str(value)

@@ -83,3 +83,38 @@ def test_rate_limit_headers_and_429(tmp_path):
     assert [int(r.headers["X-RateLimit-Remaining"]) for r in failed[:5]] == [999, 998, 997, 996, 995]
     assert_error(failed[5], 429, "RATE_LIMIT_EXCEEDED")
     runtime.close()
+
+
+def test_the_first_key_closes_an_open_server_at_once_and_for_good(tmp_path):
+    """Before: started with no keys, the server stayed open after `keys create` until a restart."""
+    from msmartcompute.runtime.keys import KeyStore
+    from msmartcompute.runtime.store import STORE_FILENAME, Store
+
+    runtime = make_runtime(tmp_path / "state")
+    try:
+        api = Api(runtime)  # no key yet: open
+        assert_ok(api.post("/api/v1/models", MLP_SPEC))
+        cli_keys = KeyStore(Store(tmp_path / "state" / STORE_FILENAME))  # `msmartcompute keys create`, elsewhere
+        user = cli_keys.create("alice", "user")
+        # the same app, no restart: no key, a made-up key, a user key may no longer unload
+        assert_error(api.delete("/api/v1/models/mlp-small"), 401, "UNAUTHORIZED")
+        assert_error(api.as_("msc_madeup_" + "x" * 32).delete("/api/v1/models/mlp-small"), 401, "UNAUTHORIZED")
+        assert_error(api.as_(user).delete("/api/v1/models/mlp-small"), 403, "FORBIDDEN")
+        assert cli_keys.revoke(user.split("_")[1])  # no key left: still closed, never open again
+        assert_error(api.get("/api/v1/models"), 401, "UNAUTHORIZED")
+        assert_error(Api(runtime).delete("/api/v1/models/mlp-small"), 401, "UNAUTHORIZED")  # a new app too
+    finally:
+        runtime.close()
+
+
+def test_client_request_ids_are_echoed_only_when_short_and_plain(tmp_path):
+    """Before: any X-Request-ID was echoed and logged, whatever its length or content."""
+    runtime = make_runtime(tmp_path / "state")
+    try:
+        api = Api(runtime)
+        assert api.get("/health", headers={"X-Request-ID": "trace-42"}).headers["X-Request-ID"] == "trace-42"
+        for bad in ("x" * 129, "a b", "id\\tforged 200 GET /"):
+            got = api.get("/health", headers={"X-Request-ID": bad}).headers["X-Request-ID"]
+            assert got != bad and got.startswith("r_") and len(got) == 18
+    finally:
+        runtime.close()

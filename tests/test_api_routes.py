@@ -69,7 +69,8 @@ def test_model_path_outside_the_roots_is_refused(api):
     ({"model_id": "mlp-small"}, "body.input_data"),
     ({"model_id": "mlp-small", "input_data": [[1, 2, 3, 4], [1, 2]]}, "body.input_data"),
     ({"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]], "batch_size": 2}, "body.batch_size"),
-    ({"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]], "sequence_length": 5}, "body.sequence_length"),
+    ({"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]] * 17, "sequence_length": 2 ** 20},
+     "body.sequence_length"),
     ({"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]], "options": {"temperature": -1}},
      "body.options.temperature"),
     ({"model_id": 5, "input_data": [[1.0]]}, "body.model_id"),
@@ -77,6 +78,31 @@ def test_model_path_outside_the_roots_is_refused(api):
 def test_inference_validation_names_the_field(loaded, body, field):
     error = assert_error(loaded.post("/api/v1/inference", body), 400, "INVALID_INPUT_DATA")
     assert error["details"]["field"] == field
+
+
+def test_sequence_length_pads_and_truncates_rows(loaded):
+    def infer(rows, **fields):
+        return assert_ok(loaded.post("/api/v1/inference", {"model_id": "mlp-small", "input_data": rows,
+                                                           **fields}), "output_data")["output_data"]
+
+    assert infer([[1, 2]], sequence_length=4) == infer([[1, 2, 0, 0]])
+    assert infer([[1, 2, 3, 4, 5, 6]], sequence_length=4) == infer([[1, 2, 3, 4]])
+    ragged = infer([[0.5], [1, 2, 3, 4, 5]], sequence_length=4, batch_size=2)  # rows may differ in length
+    assert ragged == infer([[0.5, 0, 0, 0], [1, 2, 3, 4]])
+
+
+def test_transformer_takes_integral_floats_as_token_ids(loaded):
+    assert_ok(loaded.post("/api/v1/models", {"model_id": "lm", "model_type": "transformer", "parameters": {
+        "vocab_size": 50, "hidden_size": 16, "num_layers": 1, "num_heads": 2}}))
+    body = {"model_id": "lm", "input_data": [[1.0, 2.0]], "options": {"max_tokens": 3, "temperature": 0}}
+    as_floats = assert_ok(loaded.post("/api/v1/inference", body), "output_data")["output_data"]
+    as_ints = assert_ok(loaded.post("/api/v1/inference", {**body, "input_data": [[1, 2]]}))["output_data"]
+    assert as_floats == as_ints and len(as_floats[0]) == 3
+    # the seed's own example rows are float features: the error says what to send instead
+    error = assert_error(loaded.post("/api/v1/inference", {"model_id": "lm", "input_data": [[0.1, 0.2, 0.3]]}),
+                         400, "INVALID_INPUT_DATA")
+    assert "token ids" in error["message"] and "got 0.1 at row 0, column 0" in error["message"]
+    assert "mlp" in error["message"]
 
 
 def test_inference_wrong_width_and_unknown_model(loaded):
@@ -94,6 +120,17 @@ def test_malformed_json_and_wrong_content(loaded):
     r = loaded.client.simulate_post("/api/v1/inference", body="", headers={"Content-Type": "application/json"})
     assert_error(r, 400, "INVALID_INPUT_DATA")
     assert_error(loaded.post("/api/v1/inference", [1, 2]), 400, "INVALID_INPUT_DATA")
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data"])
+def test_a_body_that_is_not_json_gets_415_naming_the_header(loaded, content_type):
+    body = '{"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]]}'  # curl -d without -H sends a form type
+    r = loaded.client.simulate_post("/api/v1/inference", body=body, headers={"Content-Type": content_type})
+    error = assert_error(r, 415, "INVALID_INPUT_DATA")
+    assert content_type in error["message"] and "Content-Type: application/json" in error["message"]
+    assert "required" not in error["message"]
+    # with no Content-Type at all the body is read as JSON
+    assert loaded.client.simulate_post("/api/v1/inference", body=body).status_code == 200
 
 
 def test_too_large_body(tmp_path):
@@ -166,6 +203,44 @@ def test_metrics(loaded):
                  "INVALID_INPUT_DATA")
     prom = loaded.get("/metrics")
     assert prom.status_code == 200 and "msmartcompute_requests_total" in prom.text
+
+
+def test_metrics_per_model_and_devices(loaded):
+    for _ in range(3):
+        assert_ok(loaded.post("/api/v1/inference", {"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]] * 2}))
+    metrics = assert_ok(loaded.get("/api/v1/metrics"))["metrics"]
+    model = metrics["models"]["mlp-small"]
+    assert model["requests_per_second"] > 0 and sum(model["batch_sizes"].values()) >= 1
+    assert 0 < model["latency_p50"] <= model["latency_p99"] and model["queue_depth"] == 0
+    device = metrics["devices"][0]
+    assert device["index"] == 0 and 0 < device["memory_unreserved"] <= device["memory_total"]
+    assert_ok(loaded.delete("/api/v1/models/mlp-small"))
+    assert "mlp-small" not in assert_ok(loaded.get("/api/v1/metrics"))["metrics"]["models"]
+
+
+def test_jobs_list_training_progress_and_owners(loaded):
+    loaded = Api(loaded.runtime, open_mode=False)
+    admin = loaded.keys.create("ops", "admin")
+    alice = loaded.keys.create("alice", "user")
+    trained = assert_ok(loaded.as_(alice).post("/api/v1/training/async", {
+        "model_id": "mlp-small", "training_data": [[0, 1, 0, 1], [1, 0, 1, 0]], "labels": [0, 2], "epochs": 4}))
+    assert_ok(loaded.as_(admin).post("/api/v1/inference/async", {"model_id": "mlp-small",
+                                                                 "input_data": [[1, 2, 3, 4]]}))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        jobs = assert_ok(loaded.as_(admin).get("/api/v1/jobs"), "jobs")["jobs"]
+        if all(j["status"] == "completed" for j in jobs):
+            break
+        time.sleep(0.05)
+    assert [j["kind"] for j in jobs] == ["inference", "training"]  # newest first
+    training = jobs[1]
+    assert training["request_id"] == trained["request_id"] and training["model_id"] == "mlp-small"
+    assert training["status"] == "completed" and training["epochs_completed"] == 4
+    assert len(training["loss_history"]) == 4 and training["current_loss"] == training["loss_history"][-1]
+    assert [j["request_id"] for j in assert_ok(loaded.as_(alice).get("/api/v1/jobs"))["jobs"]] == \
+        [trained["request_id"]]  # a user sees only their own
+    assert_error(loaded.as_(admin).get("/api/v1/jobs", params={"limit": "0"}), 400, "INVALID_INPUT_DATA")
+
 
 
 def test_resources(loaded):

@@ -141,3 +141,33 @@ def test_config_precedence(tmp_path):
     path.write_text('[nonsense]\nx = 1\n')
     with pytest.raises(ValueError, match="unknown section"):
         load_config(path, environ={})
+
+
+def test_cors_is_off_by_default_and_allows_only_configured_origins(tmp_path):
+    import falcon.testing
+
+    from msmartcompute.api import create_app
+    from msmartcompute.api.app import ApiConfig
+    from msmartcompute.config import load_config
+    from msmartcompute.runtime.engine import Runtime, RuntimeConfig
+
+    runtime = Runtime(RuntimeConfig(state_dir=tmp_path))
+    try:
+        origin = {"Origin": "https://app.example"}
+        off = falcon.testing.TestClient(create_app(runtime))
+        assert "Access-Control-Allow-Origin" not in off.simulate_get("/api/v1/models", headers=origin).headers
+        origins = load_config(None, environ={"MSC_CORS_ORIGINS": "https://app.example, https://b.example/"}).cors_origins
+        assert origins == ["https://app.example", "https://b.example"]
+        on = falcon.testing.TestClient(create_app(runtime, ApiConfig(cors_origins=tuple(origins))))
+        allowed = on.simulate_get("/api/v1/models", headers=origin)
+        assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert "X-Request-ID" in allowed.headers["Access-Control-Expose-Headers"]
+        preflight = on.simulate_options("/api/v1/inference", headers={
+            **origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert preflight.status_code == 200 and "POST" in preflight.headers["Access-Control-Allow-Methods"]
+        assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
+        other = on.simulate_get("/api/v1/models", headers={"Origin": "https://evil.example"})
+        assert "Access-Control-Allow-Origin" not in other.headers
+    finally:
+        runtime.close()

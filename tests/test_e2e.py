@@ -2,14 +2,15 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 
 import numpy as np
 import pytest
 
-from live_server import LiveServer
-from msmartcompute.client import (InvalidInputDataError, InvalidModelIdError, MSmartComputeClient,
-                                  UnauthorizedError)
+from live_server import LiveServer, free_port
+from msmartcompute.client import (ConnectionFailedError, InvalidInputDataError, InvalidModelIdError,
+                                  MSmartComputeClient, MSmartComputeError, UnauthorizedError)
 
 ADMIN_KEY = "msc_e2eadmin_" + "s3cret" * 6
 
@@ -109,6 +110,26 @@ def test_python_sdk(server):
     client.unload_model("py-mlp")
 
 
+def test_python_sdk_keep_alive_numpy_shapes_and_connection_errors(server):
+    client = MSmartComputeClient(server.base_url + "/api/v1", ADMIN_KEY)
+    client.load_model({"model_id": "ka-mlp", "model_type": "mlp",
+                       "parameters": {"input_size": 3, "hidden_sizes": [4], "output_size": 2}})
+    local_address = client._local.conn.sock.getsockname()
+    rows = np.array([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], dtype=np.float32)
+    from_numpy = client.inference("ka-mlp", rows, options={"timeout": np.float64(30)})
+    from_lists = client.inference("ka-mlp", rows.tolist())
+    assert from_numpy["output_data"] == from_lists["output_data"]
+    assert client._local.conn.sock.getsockname() == local_address  # one connection for all the calls
+    # the fields without the envelope, from every kind of call
+    for answer in (from_numpy, client.health(), client.get_model("ka-mlp"), client.unload_model("ka-mlp")):
+        assert not {"success", "error", "timestamp"} & set(answer)
+    client._local.conn.sock.shutdown(socket.SHUT_RDWR)  # a dropped idle connection: reconnects once
+    assert client.health()["status"] == "healthy"
+    with pytest.raises(ConnectionFailedError) as failed:
+        MSmartComputeClient(f"http://127.0.0.1:{free_port()}/api/v1", timeout=5).health()
+    assert isinstance(failed.value, MSmartComputeError) and "cannot reach" in failed.value.message
+
+
 def test_python_sdk_training_and_optimize(server):
     client = MSmartComputeClient(server.base_url + "/api/v1", ADMIN_KEY)
     client.load_model({"model_id": "py-train", "model_type": "mlp",
@@ -138,4 +159,4 @@ def test_js_sdk(server):
     result = subprocess.run(["node", "--test", "sdk/js/"], cwd=root, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "# fail 0" in result.stdout and "# pass 3" in result.stdout
+    assert "# fail 0" in result.stdout and "# pass 4" in result.stdout

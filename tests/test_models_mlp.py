@@ -105,6 +105,14 @@ def test_malicious_pickle_is_refused(tmp_path, writer):
     assert not marker.exists()
 
 
+def test_a_json_model_path_is_called_json_not_a_pickle(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"input_size": 7}')
+    with pytest.raises(ValueError, match="is a JSON file, not weights") as refused:
+        build_model(spec(model_path=str(path)), CPU)
+    assert "pickle" not in str(refused.value) and "refused" not in str(refused.value)
+
+
 @pytest.mark.parametrize("data,message", [
     ([[1.0] * 6], "7 values"),
     ([[1.0] * 7, [1.0] * 6], "rectangular"),

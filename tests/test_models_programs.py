@@ -77,8 +77,11 @@ def test_torchscript_bad_width_is_a_value_error(tmp_path):
     path = tmp_path / "net.pt"
     save_program("torchscript", path)
     model = build_model({"model_type": "torchscript", "model_path": str(path)}, CPU)
-    with pytest.raises(ValueError, match="program failed"):
+    with pytest.raises(ValueError, match="program failed") as failed:
         model.run([model.prepare(np.zeros((2, 3)), {})])
+    # the interpreter's own error, not its "The following operation failed" preamble
+    assert "mat1 and mat2 shapes cannot be multiplied (2x3 and 5x4)" in str(failed.value)
+    assert "TorchScript interpreter" not in str(failed.value)
     sized = build_model({"model_type": "torchscript", "model_path": str(path), "parameters": {"input_size": 5}}, CPU)
     with pytest.raises(ValueError, match="5 values"):
         sized.prepare(np.zeros((2, 3)), {})
@@ -87,13 +90,40 @@ def test_torchscript_bad_width_is_a_value_error(tmp_path):
 @pytest.mark.parametrize("extra,message", [
     ({}, "needs model_path"),
     ({"model_path": "/nonexistent/net.pt"}, "does not exist"),
-    ({"model_path": __file__}, "could not be loaded"),
+    ({"model_path": __file__}, "is a text file, not a TorchScript program"),
     ({"model_path": "x", "enable_quantization": True}, "enable_quantization"),
     ({"model_path": "x", "enable_mixed_precision": True}, "enable_mixed_precision"),
 ])
 def test_program_refusals(extra, message):
     with pytest.raises(ValueError, match=message):
         build_model({"model_type": "torchscript", **extra}, CPU)
+
+
+@pytest.mark.parametrize("saved,loaded_as,message", [
+    ("torchscript", "exported", "is a TorchScript program .*load it as model_type 'torchscript'"),
+    ("exported", "torchscript", "is an exported program .*load it as model_type 'exported'"),
+    ("json", "torchscript", "is a JSON file, not a TorchScript program"),
+    ("json", "exported", "is a JSON file, not an exported program"),
+])
+def test_a_file_of_another_kind_is_named(tmp_path, saved, loaded_as, message):
+    path = tmp_path / "model.file"
+    if saved == "json":
+        path.write_text(json.dumps({"vocab_size": 100, "hidden_size": 16}))
+    else:
+        save_program(saved, path)
+    with pytest.raises(ValueError, match=message) as refused:
+        build_model({"model_type": loaded_as, "model_path": str(path)}, CPU)
+    assert "pickle" not in str(refused.value)
+
+
+def test_a_broken_exported_archive_says_why(tmp_path):
+    good, bad = tmp_path / "good.pt2", tmp_path / "bad.pt2"
+    save_program("exported", good)
+    _rewrite_archive(good, bad, lambda name, data: b"{not json" if name.endswith("models/model.json") else data)
+    with pytest.raises(ValueError, match="could not be loaded") as failed:
+        build_model({"model_type": "exported", "model_path": str(bad)}, CPU)
+    assert "JSONDecodeError: Expecting property name" in str(failed.value)
+    assert "warnings above" not in str(failed.value)
 
 
 class _Evil:

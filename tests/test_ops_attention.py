@@ -299,6 +299,56 @@ def test_gpu_strided_gradients():
         assert max_err(ours, ref64) <= allowed_error(ref64, baseline, dtype, S * D, D ** 0.5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+@pytest.mark.parametrize("shape", [([3000, 17, 5000], 1, 8, 2, 16), ([1, 700], 4, 4, 4, 5), ([500, 41], 40, 4, 1, 32),
+                                   ([0, 9], 2, 2, 2, 16)], ids=str)
+def test_gpu_paged_attention_cuda_paths(shape, head_dim):
+    # The CUDA paged kernel: long contexts split across blocks (decode), GQA, odd block sizes,
+    # chunked prefill (Sq > 16), an empty sequence and queries that see no key.
+    from test_ops_paged_attention import check_against_reference, make_cache
+
+    lens, sq, h, hkv, bs = shape
+    for dtype in (torch.float16, torch.bfloat16):
+        inputs = make_cache((lens, sq, h, hkv, head_dim, bs), dtype, "cuda")
+        out = ops.paged_attention(*inputs, backend="cuda")
+        check_against_reference(out, inputs, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+@pytest.mark.parametrize("lens", [([300, 1, 0, 77], [300, 5, 3, 200]), ([1, 4, 16], [900, 4, 33]),
+                                  ([129, 130], [129, 130])], ids=str)
+def test_gpu_varlen_attention_cuda_paths(lens, head_dim):
+    # The CUDA varlen kernels, forward and backward (D 256 backward: Triton), GQA, causal rows that
+    # see no key, decode-like batches (every sequence <= 16 queries).
+    from test_ops_varlen_attention import cu_seqlens
+
+    lens_q, lens_k = lens
+    h, hkv = 4, 2
+    for dtype in (torch.float16, torch.bfloat16):
+        for causal in (False, True):
+            q = torch.randn(sum(lens_q), h, head_dim, device="cuda").to(dtype).requires_grad_()
+            k = torch.randn(sum(lens_k), hkv, head_dim, device="cuda").to(dtype).requires_grad_()
+            v = torch.randn(sum(lens_k), hkv, head_dim, device="cuda").to(dtype).requires_grad_()
+            cu_q, cu_k = cu_seqlens(lens_q, "cuda"), cu_seqlens(lens_k, "cuda")
+            out = ops.varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, backend="cuda")
+            grad = torch.randn_like(out)
+            ours = torch.autograd.grad(out, (q, k, v), grad)
+
+            def run_reference(compute_dtype):
+                leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+                o = reference.varlen_attention_reference(*leaves, cu_q, cu_k, causal, compute_dtype=compute_dtype)
+                return o, torch.autograd.grad(o, leaves, grad.to(compute_dtype))
+
+            ref64, grads64 = run_reference(torch.float64)
+            baseline, grads = run_reference(dtype)
+            assert max_err(out, ref64) <= allowed_error(ref64, baseline, dtype, max(lens_k) * head_dim)
+            terms = max(max(lens_q) * h // hkv, max(lens_k)) * head_dim
+            for name, g, r, b in zip("qkv", ours, grads64, grads):
+                assert max_err(g, r) <= allowed_error(r, b, dtype, terms, head_dim ** 0.5), (name, dtype, causal)
+
+
 def test_triton_kernels_lower_to_tensor_cores():
     # The interpreter cannot show what the compiler makes of the kernels: lower the forward and
     # backward for real targets (no GPU needed) and look for mma.sync (sm_80) / wgmma (sm_90).

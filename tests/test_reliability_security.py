@@ -132,8 +132,10 @@ def test_malicious_pickles_and_programs_are_refused_and_nothing_runs(env):
 
     cases = [({**MLP_CKPT_SPEC, "model_path": "evil.pkl"}, "not a weights-only checkpoint"),
              ({**MLP_CKPT_SPEC, "model_path": "evil.pt"}, "not a weights-only checkpoint"),
-             ({"model_id": "p", "model_type": "torchscript", "model_path": "evil.pt"}, "could not be loaded"),
-             ({"model_id": "p", "model_type": "exported", "model_path": "evil.pkl"}, "could not be loaded")]
+             ({"model_id": "p", "model_type": "torchscript", "model_path": "evil.pt"},
+              "is a torch checkpoint (torch.save), not a TorchScript program"),
+             ({"model_id": "p", "model_type": "exported", "model_path": "evil.pkl"},
+              "is a Python pickle, not an exported program")]
     cases += [({"model_id": "p", "model_type": "exported", "model_path": p.name}, "") for p in programs]
     for spec, why in cases:
         error = assert_error(api.post("/api/v1/models", spec), 400, "INVALID_INPUT_DATA")
@@ -164,6 +166,8 @@ def test_request_limits(env, monkeypatch):
         "timeout": {"input_data": [[1, 2, 3, 4]], "options": {"timeout": 3601}},
         "over float32": {"input_data": [[1e39, 0, 0, 0]]},
         "over int64": {"input_data": [[18446744073709551615] * 4]},  # would wrap to -1
+        "just over int64": {"input_data": [[2 ** 63, 1, 2, 3]]},  # numpy would make it a float
+        "over int64 beside a float": {"input_data": [[2 ** 63, 0.5, 2, 3]]},
         "batch_size mismatch": {"input_data": [[1, 2, 3, 4]], "batch_size": 2},
     }
     for what, body in bad.items():

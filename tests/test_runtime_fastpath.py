@@ -1,6 +1,7 @@
 """Dynamic batching as served: batching off runs one request per forward, on groups waiting
 requests into one forward, the idle fast path and the drain keep every answer right under
 concurrency; request ids stay unique across restarts; cached key lookups expire."""
+import re
 import threading
 import time
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from msmartcompute.runtime import ids
 from msmartcompute.runtime.engine import Runtime, RuntimeConfig
 from msmartcompute.runtime.keys import KeyStore
 from msmartcompute.runtime.store import Store
@@ -73,13 +75,14 @@ def test_concurrent_callers_each_get_their_own_answer(tmp_path, delay_ms):
         rt.close()
 
 
-def test_request_ids_stay_unique_across_restarts(tmp_path):
-    seen = []
-    for _ in range(2):
-        store = Store(tmp_path / "s.sqlite3")
-        seen += [store.next_in_block("req", block=10) for _ in range(25)]
-        store.close()
-    assert len(set(seen)) == len(seen) and seen == sorted(seen)
+def test_public_ids_keep_the_seed_shape_and_are_random():
+    reqs = [ids.request_id() for _ in range(2000)]
+    assert len(set(reqs)) == len(reqs)
+    assert all(re.fullmatch(r"req_\d{10}_[0-9a-f]{16}", r) for r in reqs)
+    suffixes = [int(r.rsplit("_", 1)[1], 16) for r in reqs]
+    assert suffixes != sorted(suffixes)  # not a sequence: nothing to count or guess
+    assert re.fullmatch(r"alloc_\d{10}_[0-9a-f]{16}", ids.allocation_id())
+    assert re.fullmatch(r"alice_[0-9a-f]{16}", ids.session_id("alice"))
 
 
 def test_a_key_revoked_elsewhere_stops_working_within_the_ttl(tmp_path):

@@ -172,3 +172,34 @@ def test_load_unload_20_times_returns_memory(runtime):
     assert runtime.registry.total_memory() == 0
     growth = rss_bytes() - baseline_rss
     assert growth < 0.02 * baseline_rss, f"RSS grew {growth} bytes over 20 load/unload cycles"
+
+
+def test_loading_unloading_and_serving_one_id_from_many_threads(runtime):
+    """Before: an inference racing an unload hit a removed queue (KeyError -> HTTP 500)."""
+    import threading
+
+    outcomes, unexpected = [], []
+
+    def worker(i):
+        for j in range(30):
+            try:
+                op = (i + j) % 3
+                if op == 0:
+                    runtime.registry.load(mlp_spec("race", input_size=4, hidden=(8,), output_size=2))
+                elif op == 1:
+                    runtime.registry.unload("race")
+                else:
+                    runtime.inference.infer({"model_id": "race", "input_data": np.ones((1, 4), np.float32)})
+                outcomes.append("ok")
+            except (InvalidModelId, ModelAlreadyLoaded) as exc:
+                outcomes.append(exc.code)
+            except Exception as exc:  # anything else would be a 500
+                unexpected.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not unexpected, unexpected[:5]
+    assert outcomes.count("ok") > 0 and len(outcomes) == 16 * 30

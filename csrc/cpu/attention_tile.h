@@ -65,6 +65,16 @@ void attend_keys(TileBuffers& buf, TileState& state, int64_t nq, int64_t D, int6
   k_hi = std::min(k_hi, last);
   for (int64_t j0 = k_lo; j0 < k_hi; j0 += kBlockK) {
     const int64_t nk = std::min(kBlockK, k_hi - j0);
+    // Rows of a paged cache (or of one head in [S, H, D]) lie a page or more apart, where the
+    // hardware prefetchers stop: ask for the next block's rows while this one is computed.
+    for (int64_t j = j0 + kBlockK; j < std::min(k_hi, j0 + 2 * kBlockK); ++j) {
+      const char* kr = reinterpret_cast<const char*>(k_row(j));
+      const char* vr = reinterpret_cast<const char*>(v_row(j));
+      for (int64_t byte = 0; byte < D * static_cast<int64_t>(sizeof(T)); byte += 64) {
+        __builtin_prefetch(kr + byte);
+        __builtin_prefetch(vr + byte);
+      }
+    }
     if (nk < kBlockK) std::fill(buf.kt.begin(), buf.kt.end(), 0.f);
     for (int64_t j = 0; j < nk; ++j) {
       const T* kr = k_row(j0 + j);

@@ -13,12 +13,14 @@ from ..runtime.keys import KeyStore
 from . import errors, openai_compat
 from .allocations import AllocationResource, AllocationsResource
 from .health import HealthResource
+from .jobs import JobsResource
 from .inference import (AsyncInferenceResource, BatchInferenceResource, InferenceResource,
                         InferenceResultResource)
 from .metrics import MetricsHistoryResource, MetricsResource, PrometheusResource
 from .middleware import Auth, BodyLimit, RateLimit, RequestContext
 from .models import ModelResource, ModelsResource, OptimizeResource
 from .openapi import OpenApiResource
+from .pages import STATIC_DIR, STATIC_PREFIX, PageResource
 from .ratelimit import RateLimitConfig, RateLimiter
 from .sessions import SessionResource, SessionsResource
 from .training import AsyncTrainingResource, TrainingResource, TrainingResultResource
@@ -33,6 +35,9 @@ class ApiConfig:
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     # No keys and open_mode: every request is served with full access (loopback only; the CLI checks).
     open_mode: bool | None = None  # None: open exactly when no key exists
+    # Browser origins allowed to call the API (CORS), e.g. ("https://app.example",) or ("*",).
+    # Empty (the default): no CORS headers, so browsers refuse cross-origin calls.
+    cors_origins: tuple[str, ...] = ()
 
 
 def _orjson_default(value):
@@ -60,7 +65,12 @@ def create_app(runtime, config: ApiConfig | None = None, keys: KeyStore | None =
     # one process, one Instruments: in-process the runtime's, in a front its own (multiprocess files)
     meter = getattr(runtime, "meter", None)
     instruments = meter.instruments if meter is not None else Instruments()
+    cors = [falcon.CORSMiddleware(
+        allow_origins="*" if "*" in config.cors_origins else list(config.cors_origins),
+        expose_headers=["X-Request-ID", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+                        "Retry-After"])] if config.cors_origins else []
     app = falcon.App(middleware=[
+        *cors,
         RequestContext(instruments),
         BodyLimit(config.max_body_bytes),
         Auth(keys, open_mode, limiter),
@@ -76,6 +86,9 @@ def create_app(runtime, config: ApiConfig | None = None, keys: KeyStore | None =
     app.add_route("/health", health)
     app.add_route(f"{API_PREFIX}/health", health)
     app.add_route(f"{API_PREFIX}/openapi.json", OpenApiResource())
+    app.add_route(f"{API_PREFIX}/docs", PageResource("docs.html"))
+    app.add_route("/dashboard", PageResource("dashboard.html"))
+    app.add_static_route(STATIC_PREFIX.rstrip("/"), str(STATIC_DIR))
     app.add_route("/metrics", PrometheusResource(runtime, instruments))
     routes = {
         "/models": ModelsResource(runtime),
@@ -88,6 +101,7 @@ def create_app(runtime, config: ApiConfig | None = None, keys: KeyStore | None =
         "/training": TrainingResource(runtime),
         "/training/async": AsyncTrainingResource(runtime),
         "/training/{request_id}": TrainingResultResource(runtime),
+        "/jobs": JobsResource(runtime),
         "/sessions": SessionsResource(runtime),
         "/sessions/{session_id}": SessionResource(runtime),
         "/metrics": MetricsResource(runtime),

@@ -75,6 +75,9 @@ def handle_http_error(req, resp, exc: falcon.HTTPError, params) -> None:
     elif status == 405:
         allowed = (exc.headers or {}).get("Allow", "")
         message = f"Method {req.method} is not allowed on {req.path}" + (f"; allowed: {allowed}" if allowed else "")
+    elif status == 415:
+        message = (f"Content-Type {req.content_type} is not accepted: send the body as JSON with the header "
+                   "'Content-Type: application/json'")
     else:
         message = exc.description or exc.title or "Request failed"
     for name, value in (exc.headers or {}).items():

@@ -7,12 +7,20 @@ import orjson
 
 from ..runtime.errors import InvalidInputData, MSCError
 from .envelope import error, ok
-from .schemas import BatchInference, Inference, as_matrix, parse
+from .schemas import MAX_ELEMENTS, BatchInference, Inference, as_matrix, parse
+
+
+def fit_rows(rows: list, width: int, path: str) -> list:
+    """sequence_length: every row cut to its first `width` values or padded with 0 at the end."""
+    if len(rows) * width > MAX_ELEMENTS:
+        raise InvalidInputData(f"{path}.sequence_length {width} x {len(rows)} rows is more than the limit of "
+                               f"{MAX_ELEMENTS} values", {"field": f"{path}.sequence_length"})
+    return [row[:width] if len(row) >= width else row + [0] * (width - len(row)) for row in rows]
 
 
 def prepare_request(body: dict, path: str = "body") -> dict:
-    """input_data as a numpy matrix, checked against batch_size / sequence_length when given;
-    or input_text (a string or a list of strings), which the model's tokenizer turns into rows."""
+    """input_data as a numpy matrix, fitted to sequence_length and checked against batch_size when
+    given; or input_text (a string or a list of strings), which the model's tokenizer turns into rows."""
     if body.get("input_text") is not None:
         if body.get("input_data") is not None:
             raise InvalidInputData(f"{path}: give input_data or input_text, not both", {"field": f"{path}.input_text"})
@@ -24,15 +32,13 @@ def prepare_request(body: dict, path: str = "body") -> dict:
     if body.get("input_data") is None:
         raise InvalidInputData(f"{path}.input_data is required (or input_text for a model with a tokenizer)",
                                {"field": f"{path}.input_data"})
-    matrix = as_matrix(body["input_data"], f"{path}.input_data")
-    rows, cols = matrix.shape
-    if body.get("batch_size") is not None and body["batch_size"] != rows:
-        raise InvalidInputData(f"{path}.batch_size is {body['batch_size']} but input_data has {rows} rows",
-                               {"field": f"{path}.batch_size", "rows": rows})
-    if body.get("sequence_length") is not None and body["sequence_length"] != cols:
-        raise InvalidInputData(
-            f"{path}.sequence_length is {body['sequence_length']} but input_data rows have {cols} values",
-            {"field": f"{path}.sequence_length", "columns": cols})
+    rows = body["input_data"]
+    if body.get("sequence_length") is not None:
+        rows = fit_rows(rows, body["sequence_length"], path)
+    matrix = as_matrix(rows, f"{path}.input_data")
+    if body.get("batch_size") is not None and body["batch_size"] != matrix.shape[0]:
+        raise InvalidInputData(f"{path}.batch_size is {body['batch_size']} but input_data has "
+                               f"{matrix.shape[0]} rows", {"field": f"{path}.batch_size", "rows": matrix.shape[0]})
     request = dict(body)
     request["input_data"] = matrix
     request["options"] = dict(body.get("options") or {})

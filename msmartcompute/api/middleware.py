@@ -1,21 +1,30 @@
 """Per-request middleware: request id, auth, rate limit, body limit, access log, metrics."""
 from __future__ import annotations
 
-import itertools
 import logging
+import re
+import secrets
 import time
 
 import falcon
 
 from ..runtime.errors import RateLimitExceeded, Unauthorized
+from .pages import STATIC_PREFIX
 from .ratelimit import RateLimiter
 
 access_log = logging.getLogger("msmartcompute.access")
 
-# Open to everyone, keys or not.
-PUBLIC_PATHS = frozenset({"/health", "/api/v1/health", "/api/v1/openapi.json"})
+# Open to everyone, keys or not: health, the API's description and the browser pages (which hold
+# no data: they call the API with the key the user types in).
+PUBLIC_PATHS = frozenset({"/health", "/api/v1/health", "/api/v1/openapi.json", "/api/v1/docs", "/dashboard"})
 
-_request_ids = itertools.count(1)
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(STATIC_PREFIX)
+
+# A client's X-Request-ID is echoed and logged only if it is a short plain token; anything
+# else (long, spaces, control characters: a forged log line) is replaced by a fresh random id.
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class RequestContext:
@@ -26,7 +35,9 @@ class RequestContext:
         self.instruments = instruments
 
     def process_request(self, req, resp):
-        req.context.request_id = req.get_header("X-Request-ID") or f"r{next(_request_ids)}"
+        given = req.get_header("X-Request-ID")
+        req.context.request_id = (given if given and _CLIENT_REQUEST_ID.fullmatch(given)
+                                  else f"r_{secrets.token_hex(8)}")
         req.context.started = time.perf_counter()
         req.context.caller = None
 
@@ -36,7 +47,7 @@ class RequestContext:
         status = resp.status_code if hasattr(resp, "status_code") else int(str(resp.status)[:3])
         access_log.info("%s %s %d %.1fms %s", req.method, req.path, status, elapsed * 1000,
                         req.context.get("request_id"))
-        if req.path not in PUBLIC_PATHS and req.path != "/metrics":
+        if not is_public(req.path) and req.path != "/metrics":
             route = req.uri_template or "unmatched"  # a template, never the raw path: label values stay few
             try:
                 self.instruments.requests.labels(route, req.method, str(status)).inc()
@@ -70,9 +81,9 @@ class Auth:
         raise Unauthorized(message)
 
     def process_request(self, req, resp):
-        if req.path in PUBLIC_PATHS or req.method == "OPTIONS":
+        if is_public(req.path) or req.method == "OPTIONS":
             return
-        if self.open_mode:
+        if self.open_mode and self.keys.is_open():  # started open: closed by the first key created
             req.context.caller = None  # full access
             return
         header = req.get_header("Authorization") or ""
@@ -90,7 +101,7 @@ class RateLimit:
         self.limiter = limiter
 
     def process_request(self, req, resp):
-        if not self.limiter.config.enabled or req.path in PUBLIC_PATHS or req.method == "OPTIONS":
+        if not self.limiter.config.enabled or is_public(req.path) or req.method == "OPTIONS":
             return
         caller = req.context.get("caller")
         check_rate(self.limiter, f"user:{caller.user_id}" if caller is not None else f"ip:{req.remote_addr}", resp)

@@ -44,6 +44,11 @@ _TRAINING_RESULT = {"request_id": _STR, "status": _STR, "final_loss": _NULLABLE_
                     "current_loss": _NULLABLE_NUM, "model_updated": {"type": "boolean", "nullable": True},
                     "error": {**_ERROR_ITEM, "nullable": True}}
 _NULLABLE_STR = {"type": "string", "nullable": True}
+_JOB = {"type": "object", "properties": {
+    "request_id": _STR, "kind": {"type": "string", "enum": ["inference", "training"]}, "status": _STR,
+    "model_id": _NULLABLE_STR, "owner": _NULLABLE_STR, "created_at": _TIME, "started_at": {**_TIME, "nullable": True},
+    "completed_at": {**_TIME, "nullable": True}, "error": _NULLABLE_STR, "epochs": {"type": "integer", "nullable": True},
+    "epochs_completed": _INT, "current_loss": _NULLABLE_NUM, "loss_history": {"type": "array", "items": _NUM}}}
 
 # (method, path, summary, request schema or None, response fields, auth needed, admin only)
 OPERATIONS = [
@@ -79,6 +84,8 @@ OPERATIONS = [
      {"request_id": _STR, "status": _STR, "estimated_completion": _TIME}, True),
     ("get", "/api/v1/training/{request_id}", "Progress or result of an asynchronous training", None,
      _TRAINING_RESULT, True),
+    ("get", "/api/v1/jobs", "The latest async inference and training jobs, newest first (a user sees theirs)",
+     None, {"jobs": {"type": "array", "items": _JOB}}, True),
     ("post", "/api/v1/sessions", "Create a session", schemas.Session, _SESSION, True),
     ("get", "/api/v1/sessions/{session_id}", "Read a session", None, _SESSION, True),
     ("delete", "/api/v1/sessions/{session_id}", "End a session", None, {"session_id": _STR, "message": _STR}, True),
@@ -109,6 +116,8 @@ _QUERY = {
         {"name": "interval", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 86400},
          "example": 300},
     ],
+    "/api/v1/jobs": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500},
+                      "example": 20}],
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
+import falcon
 import msgspec
 import numpy as np
 from msgspec import Meta, Struct
@@ -150,7 +151,8 @@ class Inference(Body):
                                            "folder has a tokenizer (one row per string); the response then also "
                                            "carries output_text. One of input_data / input_text is required")] | None = None
     batch_size: _int(1, MAX_ROWS) | None = None
-    sequence_length: _int(1, 1_048_576) | None = None
+    sequence_length: _int(1, 1_048_576, "each input_data row is cut to its first sequence_length values or "
+                                        "padded with 0 at the end (rows may then differ in length)") | None = None
     data_type: Literal["float32", "float16", "bfloat16", "int64", "int32"] | None = None
     session_id: Annotated[str, Meta(min_length=1, max_length=2 * MAX_ID_LENGTH)] | None = None
     timeout: Annotated[Timeout, Meta(description="same as options.timeout (kept for clients that send it "
@@ -245,9 +247,18 @@ EXAMPLES: dict[type, dict] = {
 }
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
 def parse(req, body_type: type) -> dict:
     """The request's JSON body decoded into `body_type` (unknown fields refused), as a dict of
     the fields it sets; the error names the field."""
+    if req.content_type and not _is_json(req.content_type):
+        # a form or text/plain body (curl -d without -H, a cross-site form) is refused, not guessed at:
+        # read as JSON it would let any web page post to an open loopback server without a preflight
+        raise falcon.HTTPUnsupportedMediaType()
     raw = req.bounded_stream.read()
     if not raw:
         raise InvalidInputData("the request body is empty: send a JSON object", {"field": "body"})
@@ -338,6 +349,11 @@ def as_matrix(value, path: str = "body.input_data") -> np.ndarray:
             _fail(path, "holds an integer beyond the int64 range", None)
         return array.astype(np.int64, copy=False)
     if array.dtype.kind == "f":
+        # numpy turns an integer past int64 into a float silently: look for one, only when a
+        # value that large is there at all (a vectorized test; the scan is the rare path)
+        if np.abs(array).max() >= 2.0 ** 63 and any(
+                type(x) is int and not -2 ** 63 <= x < 2 ** 63 for row in value for x in row):
+            _fail(path, "holds an integer beyond the int64 range", None)
         with np.errstate(over="ignore"):  # overflow becomes inf, refused just below
             array = array.astype(np.float32)
         if not np.isfinite(array).all():

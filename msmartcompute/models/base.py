@@ -145,9 +145,13 @@ def float_rows(input_data, width: int | None = None) -> torch.Tensor:
 def token_rows(input_data, vocab_size: int, max_length: int) -> torch.Tensor:
     """[rows, seq] int64 CPU tensor of token ids from one request's input_data."""
     arr = _as_array(input_data)
-    if arr.dtype.kind == "f":
-        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
-            raise ValueError("input_data rows are token ids and must be integers")
+    if arr.dtype.kind == "f":  # integral floats (1.0) are token ids too
+        integral = np.isfinite(arr) & (arr == np.round(arr))
+        if not integral.all():
+            row, col = np.argwhere(~integral)[0].tolist()
+            raise ValueError(f"this model reads input_data as token ids: integers in [0, {vocab_size}) "
+                             f"(its vocab_size); got {arr[row, col]:g} at row {row}, column {col}. "
+                             "Rows of float features go to an mlp model")
         arr = arr.astype(np.int64)
     t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
     low, high = int(t.min()), int(t.max())

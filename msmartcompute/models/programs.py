@@ -8,6 +8,7 @@ program whose batch dimension is static runs each request on its own."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import threading
@@ -17,6 +18,7 @@ import zipfile
 import torch
 
 from .base import Output, Prepared, ServedModel, float_rows, is_out_of_memory, to_numpy
+from .checkpoint import describe_kind, file_kind
 from .spec import flag, tensor_cores
 
 
@@ -52,26 +54,81 @@ def _refuse_plain_pickles(path: str) -> None:
                          "only tensors and graph code are accepted in an exported program")
 
 
+def error_line(exc: BaseException) -> str:
+    """The line of a torch error that says what went wrong. TorchScript puts its two tracebacks
+    first and the real error ("RuntimeError: mat1 and mat2 shapes cannot be multiplied ...")
+    last; most other errors say it first."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("The following operation failed in the TorchScript interpreter"):
+        return lines[-1]
+    return lines[0].split(" This is an internal miniz error.")[0]
+
+
+class _LastLoggedError(logging.Handler):
+    """torch.export.load logs the real cause of a failure as a warning, then raises "check the
+    warnings above": this keeps that cause so the error can say it."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.cause: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.cause = record.exc_info[1]
+
+
+@contextlib.contextmanager
+def _export_load_cause():
+    handler = _LastLoggedError()
+    logger = logging.getLogger("torch.export")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def _check_file(kind: str, path: str) -> None:
+    """Refuse a file of another kind before torch reads it, saying what it is."""
+    found = file_kind(path)
+    if found != kind:
+        hint = {"torchscript": " (load it as model_type 'torchscript')",
+                "exported": " (load it as model_type 'exported')",
+                "json": " (model sizes go in `parameters`, not in model_path)"}.get(found, "")
+        raise ValueError(f"model_path {path!r} is {describe_kind(found)}, not "
+                         f"{describe_kind(kind)}{hint}")
+
+
 def _load(kind: str, path: str, device: torch.device):
+    try:
+        _check_file(kind, path)
+    except FileNotFoundError:
+        raise ValueError(f"model_path {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"model_path {path!r} is a directory, not {describe_kind(kind)}") from None
+    if kind == "exported":
+        _refuse_plain_pickles(path)
     try:
         if kind == "torchscript":
             with warnings.catch_warnings():  # TorchScript is deprecated upstream; still served
                 warnings.simplefilter("ignore", FutureWarning)
                 return torch.jit.load(path, map_location=device), None
-        _refuse_plain_pickles(path)
-        with _weights_only_everywhere():
-            program = torch.export.load(path)
+        with _weights_only_everywhere(), _export_load_cause() as logged:
+            try:
+                program = torch.export.load(path)
+            except RuntimeError:
+                if logged.cause is None:
+                    raise
+                raise logged.cause from None
         return program.module().to(device), program
-    except ValueError:
-        raise
-    except FileNotFoundError:
-        raise ValueError(f"model_path {path!r} does not exist") from None
     except pickle.UnpicklingError as exc:  # weights_only refused a payload
         raise ValueError(f"model_path {path!r} was refused: it holds pickled Python objects, and "
                          f"programs may only hold tensors ({str(exc).splitlines()[0]})") from None
     except Exception as exc:
-        raise ValueError(f"model_path {path!r} could not be loaded as a {kind} program: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise ValueError(f"model_path {path!r} could not be loaded as {describe_kind(kind)}: "
+                         f"{type(exc).__name__}: {error_line(exc)}") from None
 
 
 def _input_shape(program) -> list[int | None] | None:
@@ -126,11 +183,11 @@ class ProgramModel(ServedModel):
         try:
             with tensor_cores(self.tensor_cores, self.device):
                 y = self.module(x)
-        except RuntimeError as exc:  # the program rejected this input (shape, dtype, ...)
+        except (RuntimeError, AssertionError) as exc:  # the program rejected this input (shape, guard, ...)
             if is_out_of_memory(exc):  # out of memory is not bad input: the runtime maps it
                 raise
             raise ValueError(f"the {self.model_type} program failed on input of shape {tuple(x.shape)}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                             f"{error_line(exc)}") from None
         if isinstance(y, (tuple, list)) and len(y) == 1:
             y = y[0]
         if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:

@@ -6,7 +6,7 @@ import torch
 
 from . import reference
 from ._backend import extension_loaded
-from .attention import choose_backend
+from .attention import CUDA_BACKWARD_HEAD_DIMS, choose_backend
 
 
 def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k) -> None:
@@ -90,9 +90,9 @@ if extension_loaded():
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         args = (grad_out.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
                 ctx.max_seqlen_k, ctx.causal, ctx.scale)
-        if q.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key("msmartcompute::varlen_attention_bwd",
-                                                                            "CUDA"):
-            from .triton import varlen_attention as triton_varlen  # a CUDA forward without its backward yet
+        cuda_backward = torch._C._dispatch_has_kernel_for_dispatch_key("msmartcompute::varlen_attention_bwd", "CUDA")
+        if q.is_cuda and (q.shape[-1] not in CUDA_BACKWARD_HEAD_DIMS or not cuda_backward):
+            from .triton import varlen_attention as triton_varlen  # the CUDA backward stops at head dim 128
 
             dq, dk, dv = triton_varlen.varlen_attention_bwd(*args)
         else:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.base import is_out_of_memory
-from .errors import InternalError, InvalidInputData, MSCError, QueueFull, RequestTimeout, insufficient_memory, last_line
+from .errors import InternalError, InvalidInputData, InvalidModelId, MSCError, QueueFull, RequestTimeout, insufficient_memory, last_line
 from .vgpu import DeviceScheduler
 
 log = logging.getLogger("msmartcompute.runtime.batching")
@@ -170,14 +170,15 @@ class Executor:
                     p = q.items.popleft()
                     if not p.future.done():
                         p.future.set_exception(reason)
-                q.model = None
 
     def submit(self, model_id: str, pending: Pending, may_run_inline: bool = False) -> ModelQueue | None:
         """Queue `pending` for the worker. With may_run_inline and an idle executor it is not
         queued: the executor is marked busy and its queue returned, and the caller must then
         call run_inline(queue, pending) at once."""
         with self._cond:
-            q = self.queues[model_id]
+            q = self.queues.get(model_id)
+            if q is None:  # unloaded since the caller looked the model up
+                raise InvalidModelId(f"model {model_id!r} was unloaded", {"model_id": model_id})
             if may_run_inline and not self._busy and not self._stop and not any(
                     x.items for x in self.queues.values()):
                 self._busy = True
@@ -329,7 +330,8 @@ class Executor:
         queue.device_time_s += run_s
         if len(outputs) != len(group):
             raise InternalError(f"model returned {len(outputs)} outputs for {len(group)} requests")
-        self.metrics.record_batch(queue.model_id, len(group))
+        finished = time.monotonic()
+        self.metrics.record_batch(queue.model_id, len(group), [finished - p.enqueued_at for p in group])
         for p, out in zip(group, outputs):
             if cuda is None:
                 memory = int(p.prepared.tensor.nbytes) + _nbytes(out.output_data)

@@ -216,9 +216,35 @@ class Runtime:
             executors = list(self.executors.values())
         depths = {m: d for ex in executors for m, d in ex.depths().items()}
         snapshot = self.meter.snapshot(sum(depths.values()) + self.jobs.count("queued"), depths)
+        loaded = {m["model_id"] for m in self.registry.list()}
+        for model_id in set(snapshot["models"]) - loaded:  # unloaded since: its figures go with it
+            self.meter.forget_model(model_id)
+            del snapshot["models"][model_id]
+        snapshot["devices"] = [{"index": d.index, "name": d.name, "memory_total": d.memory_capacity,
+                                "memory_unreserved": self.vgpus.device_free(d.index)[0],
+                                "compute_units": d.compute_units} for d in self.vgpus.devices]
         snapshot["generation"] = {m: s for ex in executors if isinstance(ex, GenerationWorker)
                                   for m, s in ex.snapshots().items()}
         return snapshot
+
+    def list_jobs(self, owner: str | None = None, limit: int = 50) -> list[dict]:
+        """The latest async inference and training jobs, newest first (only `owner`'s when given):
+        {request_id, kind, status, model_id, owner, created_at, started_at, completed_at, error}, and
+        for training epochs, epochs_completed, current_loss, loss_history."""
+        out = []
+        for job in self.jobs.recent(limit, owner):
+            item = {"request_id": job["id"], "kind": job["kind"], "status": job["status"],
+                    "model_id": job["model_id"], "owner": job["owner"],
+                    **{k: clock.iso(job[k]) if job[k] else None for k in ("created_at", "started_at", "completed_at")},
+                    "error": (job["error"] or {}).get("message")}
+            if job["kind"] == "training":
+                progress = (job["result"] or {}) if job["status"] == "completed" else (job["progress"] or {})
+                history = progress.get("loss_history") or []
+                item.update(epochs=(job["progress"] or {}).get("epochs"),
+                            epochs_completed=progress.get("epochs_completed", len(history)),
+                            current_loss=history[-1] if history else None, loss_history=history)
+            out.append(item)
+        return out
 
     def metrics_history(self, start_time: datetime | None = None, end_time: datetime | None = None,
                         interval: int = 60) -> list[dict]:

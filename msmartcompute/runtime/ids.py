@@ -1,9 +1,12 @@
-"""Public ids: `req_<unix>_<n>`, `alloc_<unix>_<n>`, sessions `<user_id>_<n>`; n from a counter
-persisted in the store, so ids never repeat across restarts. Also the one rule for the ids
+"""Public ids: `req_<unix>_<random>`, `alloc_<unix>_<random>`, sessions `<user_id>_<random>`
+(the seed's shapes), vGPUs `vgpu_<n>`. The random part is 64 bits from `secrets`: ids never
+repeat across restarts and cannot be guessed or counted (a sequence would tell how busy the
+server is and name other users' objects). Also the one rule for the ids
 callers choose (model, user, virtual GPU ids), shared by the API's schemas and the CLI."""
 from __future__ import annotations
 
 import re
+import secrets
 import time
 
 from .store import Store
@@ -20,17 +23,20 @@ def check_id(value: str, what: str) -> str:
     return value
 
 
-def request_id(store: Store) -> str:
-    # one store write per 1000 requests: a write per request was ~9% of the serving time
-    return f"req_{int(time.time())}_{store.next_in_block('req')}"
+def _random() -> str:
+    return secrets.token_hex(8)
 
 
-def allocation_id(store: Store) -> str:
-    return f"alloc_{int(time.time())}_{store.next_counter('alloc')}"
+def request_id() -> str:
+    return f"req_{int(time.time())}_{_random()}"
 
 
-def session_id(store: Store, user_id: str) -> str:
-    return f"{user_id}_{store.next_counter('session')}"
+def allocation_id() -> str:
+    return f"alloc_{int(time.time())}_{_random()}"
+
+
+def session_id(user_id: str) -> str:
+    return f"{user_id}_{_random()}"
 
 
 def vgpu_id(store: Store) -> str:

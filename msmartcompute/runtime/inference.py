@@ -68,7 +68,7 @@ class Inference:
 
     def infer(self, request: dict) -> dict:
         """Run one request through its model's batch queue."""
-        return self._infer(request, ids.request_id(self.store))
+        return self._infer(request, ids.request_id())
 
     def infer_stream(self, request: dict) -> Iterator[dict]:
         """A decoder request whose tokens come as they are sampled. Checked and queued now (a
@@ -78,7 +78,7 @@ class Inference:
         Closing the iterator early (the client went away) cancels the request: it leaves
         the batch at the next step and its KV blocks are freed."""
         t0 = time.perf_counter()
-        rid = ids.request_id(self.store)
+        rid = ids.request_id()
         try:
             executor, pending = self._enqueue(request, rid, stream=True)
         except MSCError as exc:
@@ -114,7 +114,7 @@ class Inference:
         t0 = time.perf_counter()
         queued = []
         for request in requests:
-            rid = ids.request_id(self.store)
+            rid = ids.request_id()
             try:
                 queued.append((rid, request, *self._enqueue(request, rid), None))
             except MSCError as exc:
@@ -139,7 +139,7 @@ class Inference:
         the recent inference latency)."""
         entry = self.registry.entry(request.get("model_id"))
         prepare(entry.model, request)
-        rid = ids.request_id(self.store)
+        rid = ids.request_id()
         stored = {k: v for k, v in request.items() if k != "input_data"}
         stored["request_id"] = rid
         if request.get("input_data") is not None:

@@ -61,6 +61,16 @@ class JobRunner:
         row = self.store.connect().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _row(row)
 
+    def recent(self, limit: int = 50, owner: str | None = None) -> list[dict]:
+        """The latest jobs, newest first, without their request payloads (model_id kept)."""
+        where, args = ("WHERE owner = ?", (owner,)) if owner is not None else ("", ())
+        rows = self.store.connect().execute(
+            "SELECT id, kind, owner, status, created_at, started_at, completed_at, error, progress, "
+            "CASE WHEN kind = 'training' THEN result END AS result, "  # inference results can be big
+            f"json_extract(request, '$.model_id') AS model_id FROM jobs {where} "
+            "ORDER BY created_at DESC, rowid DESC LIMIT ?", (*args, int(limit))).fetchall()
+        return [_row(row) for row in rows]
+
     def set_progress(self, job_id: str, progress: dict) -> None:
         """A running job's progress, readable by get() while it runs (training: epochs, loss)."""
         self.store.connect().execute("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))

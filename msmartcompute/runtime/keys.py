@@ -17,6 +17,7 @@ from .ids import check_id
 from .store import Store
 
 NAMESPACE = "api_keys"
+AUTH_NAMESPACE, REQUIRED = "auth", "keys_required"  # set by the first key: never open again
 ROLES = ("admin", "user")
 
 
@@ -34,6 +35,17 @@ class KeyStore:
         self.store = store
         self.record_ttl_s = record_ttl_s
         self._records: dict[str, tuple[float, dict | None]] = {}  # key_id -> (expires, record)
+        self._closed = False  # once keys are required, for the life of this process
+
+    def is_open(self) -> bool:
+        """True while no key was ever created. Read from the store on every call until it turns
+        False (open mode is loopback-only development use), so a key created by another process
+        (`msmartcompute keys create` beside a running server) closes the server at once; revoking
+        every key afterwards leaves it closed (a persisted flag), never open again."""
+        if self._closed:
+            return False
+        self._closed = bool(self.store.get(AUTH_NAMESPACE, REQUIRED) or self.store.items(NAMESPACE))
+        return not self._closed
 
     def _record(self, key_id: str) -> dict | None:
         now = time.monotonic()
@@ -54,6 +66,7 @@ class KeyStore:
         check_id(user_id, "user_id")
         key_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
+        self.store.put(AUTH_NAMESPACE, REQUIRED, True)  # first: never a key beside an open server
         self.store.put(NAMESPACE, key_id, {"user_id": user_id, "role": role, "digest": _digest(secret),
                                            "created_at": time.time()})
         return f"msc_{key_id}_{secret}"
@@ -66,6 +79,7 @@ class KeyStore:
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         self._records.pop(parts[1], None)
+        self.store.put(AUTH_NAMESPACE, REQUIRED, True)  # first: never a key beside an open server
         self.store.put(NAMESPACE, parts[1], {"user_id": user_id, "role": role, "digest": _digest(parts[2]),
                                              "created_at": time.time()})
 

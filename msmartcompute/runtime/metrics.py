@@ -21,6 +21,9 @@ What the fields mean:
   batch_sizes                       how many run() calls had each batch size (msmartcompute_batch_size;
                                     exact up to 32, then by bucket upper bound).
   queue_depth / queue_depth_max     requests waiting per model now / the most ever seen waiting.
+  models                            per model: requests_per_second (over the window), latency_p50 /
+                                    latency_p99 (queue wait + run, in the engine), batch_sizes,
+                                    queue_depth, queue_depth_max.
   gpu_utilization, temperature,     NVML readings (None with no GPU);
   power_usage
   memory_utilization                device memory used / total (NVML), else host memory in use.
@@ -87,6 +90,13 @@ def percentile(values, q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+class _ModelStats:
+    def __init__(self):
+        self.batch_sizes: collections.Counter = collections.Counter()
+        self.latency = collections.deque(maxlen=_RECENT)
+        self.done = collections.deque()  # monotonic times of served requests in the window
+
+
 class Metrics:
     def __init__(self, store: Store, window_s: float = 60.0):
         self.store = store
@@ -98,6 +108,7 @@ class Metrics:
         self._latency = collections.deque(maxlen=_RECENT)
         self._done = collections.deque()  # (monotonic time, tokens) of completed inferences in the window
         self.queue_depth: dict[str, int] = {}
+        self.models: dict[str, _ModelStats] = {}
 
     # ---- recording --------------------------------------------------------------------------
     def record_request(self, ok: bool, latency_s: float, route: str = "-", method: str = "-",
@@ -121,8 +132,15 @@ class Metrics:
             self._done.append((now, int(tokens)))
             self._trim(now)
 
-    def record_batch(self, model_id: str, size: int) -> None:
+    def record_batch(self, model_id: str, size: int, latencies_s: list[float] = ()) -> None:
+        """One run() of `size` requests; latencies_s: each request's queue wait + run."""
         self.instruments.batch_size.labels(model_id).observe(size)
+        now = time.monotonic()
+        with self._lock:
+            stats = self.models.setdefault(model_id, _ModelStats())
+            stats.batch_sizes[size] += 1
+            stats.latency.extend(latencies_s)
+            stats.done.extend([now] * size)
 
     def record_queue_depth(self, model_id: str, depth: int) -> None:
         self.instruments.queue_depth.labels(model_id).set(depth)
@@ -137,6 +155,14 @@ class Metrics:
     def _trim(self, now: float) -> None:
         while self._done and self._done[0][0] < now - self.window_s:
             self._done.popleft()
+        for stats in self.models.values():
+            while stats.done and stats.done[0] < now - self.window_s:
+                stats.done.popleft()
+
+    def forget_model(self, model_id: str) -> None:
+        with self._lock:
+            self.models.pop(model_id, None)
+            self.queue_depth.pop(model_id, None)
 
     # ---- reading ----------------------------------------------------------------------------
     def recent_latency(self) -> float | None:
@@ -179,6 +205,14 @@ class Metrics:
                 "batch_sizes": counts["batch_sizes"],
                 "queue_depth": dict(depths or {}),
                 "queue_depth_max": dict(self.queue_depth),
+                "models": {model_id: {
+                    "requests_per_second": len(stats.done) / span,
+                    "latency_p50": percentile(stats.latency, 0.5),
+                    "latency_p99": percentile(stats.latency, 0.99),
+                    "batch_sizes": {str(k): v for k, v in sorted(stats.batch_sizes.items())},
+                    "queue_depth": (depths or {}).get(model_id, 0),
+                    "queue_depth_max": self.queue_depth.get(model_id, 0),
+                } for model_id, stats in self.models.items()},
             }
 
     # ---- history ----------------------------------------------------------------------------

@@ -11,5 +11,5 @@ OPERATIONS = frozenset({
     "sessions.create", "sessions.get", "sessions.delete",
     "allocations.allocate", "allocations.get", "allocations.list", "allocations.deallocate",
     "vgpus.create", "vgpus.describe", "vgpus.list", "delete_vgpu",
-    "health", "metrics", "metrics_history",
+    "health", "metrics", "metrics_history", "list_jobs",
 })

@@ -309,7 +309,8 @@ class Registry:
             self.vgpus.release(("kv", model_id))
             if forget:
                 self.store.delete("models", model_id)
-            entry.model = entry.queue = entry.executor = None
+            # callers that looked the entry up a moment ago still hold it: they are refused at
+            # submit (the queue is gone) and the model is freed when the last of them returns
             del entry
             release_memory()
             return {"model_id": model_id, "message": "Model unloaded successfully"}

@@ -48,7 +48,7 @@ class Allocations:
             self.expire()
             gpu = request.get("gpu_id")
             gpu = self.vgpus.least_loaded() if gpu is None else self.vgpus.device(int(gpu)).index
-            aid = ids.allocation_id(self.store)
+            aid = ids.allocation_id()
             self.vgpus.reserve(("alloc", aid), memory, compute_units, device=gpu)
             start = clock.now()
             record = {"allocation_id": aid, "user_id": user_id, "gpu_id": gpu, "memory_size": memory,

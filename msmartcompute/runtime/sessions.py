@@ -26,7 +26,7 @@ class Sessions:
             raise InvalidInputData("user_id is required", {"field": "user_id"})
         require_owner(caller, user_id, f"a session for user {user_id!r}")
         now = clock.now()
-        record = {"session_id": ids.session_id(self.store, user_id), "user_id": user_id, "model_id": model_id,
+        record = {"session_id": ids.session_id(user_id), "user_id": user_id, "model_id": model_id,
                   "created_at": now, "expires_at": now + self.ttl_s}
         self.store.put("sessions", record["session_id"], record)
         return _public(record)

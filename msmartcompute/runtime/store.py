@@ -3,10 +3,17 @@
 Everything persistent goes through this one small interface. Each thread gets
 its own connection (sqlite3 connections are not shared across threads); WAL lets
 readers proceed while one writer commits.
+
+Opening checks the file (`PRAGMA quick_check`) and refuses a damaged one with StoreDamaged
+rather than starting on an empty or half-readable store: a store that lost its keys would
+otherwise serve open. The file and its -wal/-shm are readable by the owner only (0600).
+`backup()` / `restore()` copy with SQLite's online backup API (a consistent copy while
+the server writes).
 """
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -63,14 +70,53 @@ MIGRATIONS: list[str] = [
 STORE_FILENAME = "msmartcompute.sqlite3"  # inside the state dir
 
 
+class StoreDamaged(RuntimeError):
+    """The store file is not a readable SQLite database; nothing was changed."""
+
+
+def _restore_hint(path: Path) -> str:
+    return (f"restore a backup with `msmartcompute store restore BACKUP --state-dir {path.parent}` "
+            f"(or move {path.name} away to start from an empty store)")
+
+
+def check_file(path: Path) -> None:
+    """Raise StoreDamaged unless `path` is a whole SQLite database that passes quick_check.
+    A WAL store's main file holds at least its header page once created, so 0 bytes is damage."""
+    if path.exists() and path.stat().st_size == 0:
+        raise StoreDamaged(f"store {path} is empty (0 bytes) although it exists: it was truncated; "
+                           + _restore_hint(path))
+    try:
+        conn = sqlite3.connect(path, timeout=30)
+        try:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise StoreDamaged(f"store {path} cannot be read ({exc}); " + _restore_hint(path)) from None
+    if problems != ["ok"]:
+        shown = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+        raise StoreDamaged(f"store {path} is damaged: {shown}; " + _restore_hint(path))
+
+
+def _owner_only(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.chmod(f"{path}{suffix}", 0o600)
+        except FileNotFoundError:
+            pass
+
+
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            check_file(self.path)
+        else:  # created owner-only before SQLite writes anything into it
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         self._local = threading.local()
-        self._blocks: dict[str, tuple[int, int]] = {}   # name -> (next, last) of a reserved range
-        self._blocks_lock = threading.Lock()
         self._migrate()
+        _owner_only(self.path)
 
     def connect(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -132,23 +178,46 @@ class Store:
             "INSERT INTO counters(name, value) VALUES (?, 1) "
             "ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value", (name,)).fetchone()[0]
 
-    def next_in_block(self, name: str, block: int = 1000) -> int:
-        """The next value of a persisted counter, reserving `block` values at a time: one write
-        per `block` calls instead of one per call (a hot path: request ids). Values stay unique
-        across threads, processes and restarts; a restart skips the rest of a reserved block."""
-        with self._blocks_lock:
-            nxt, last = self._blocks.get(name, (1, 0))
-            if nxt > last:
-                last = self.connect().execute(
-                    "INSERT INTO counters(name, value) VALUES (?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET value = value + ? RETURNING value",
-                    (name, block, block)).fetchone()[0]
-                nxt = last - block + 1
-            self._blocks[name] = (nxt + 1, last)
-            return nxt
+    def backup(self, dest: str | Path) -> None:
+        """A consistent copy of the live store into `dest` (a new file, 0600), while others write."""
+        dest = Path(dest)
+        if dest.exists():
+            raise FileExistsError(f"{dest} exists; a backup never overwrites a file")
+        os.close(os.open(dest, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
+        target = sqlite3.connect(dest)
+        try:
+            self.connect().backup(target)
+        finally:
+            target.close()
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def restore(backup: str | Path, path: str | Path) -> Path | None:
+    """Replace the store at `path` with a copy of `backup` (checked first). The store must not
+    be open anywhere (the caller holds the state-dir lock). The replaced file, if any, is kept
+    beside it as `<name>.replaced-<unix>`; returns that path."""
+    backup, path = Path(backup), Path(path)
+    check_file(backup)
+    kept = path.with_name(f"{path.name}.replaced-{int(time.time())}")
+    if not path.exists():
+        kept = None
+    for suffix in ("", "-wal", "-shm"):  # the journal moves with its file: never replayed onto the copy
+        if Path(f"{path}{suffix}").exists():
+            if kept is None:
+                Path(f"{path}{suffix}").unlink()
+            else:
+                Path(f"{path}{suffix}").rename(f"{kept}{suffix}")
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
+    source, target = sqlite3.connect(backup), sqlite3.connect(path)
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+    check_file(path)
+    return kept

@@ -300,7 +300,7 @@ class Training:
     def train(self, request: dict, caller: Caller | None = None) -> dict:
         """Train synchronously: {request_id, final_loss, loss_history, training_time,
         epochs_completed, model_updated, seed}."""
-        return self._train(request, ids.request_id(self.store), caller)
+        return self._train(request, ids.request_id(), caller)
 
     def submit(self, request: dict, caller: Caller | None = None) -> dict:
         """Queue a training job (validated now). estimated_completion: now + (jobs ahead / job
@@ -310,7 +310,7 @@ class Training:
         if plan.save_path is not None:
             require_admin(caller, "save trained weights (save_path)")
             self.registry.resolve_save_path(plan.save_path)
-        rid = ids.request_id(self.store)
+        rid = ids.request_id()
         stored = dict(request, request_id=rid, caller=None if caller is None else [caller.user_id, caller.role])
         for key in ("training_data", "labels"):
             if stored.get(key) is not None:

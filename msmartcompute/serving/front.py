@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(Path(config.state_dir) / "msmartcompute.sqlite3")
     rate_limit = RateLimitConfig(config.rate_limit_per_minute, config.rate_limit_burst, config.rate_limit_enabled)
     app = create_app(engine, ApiConfig(max_body_bytes=config.max_body_bytes, open_mode=args.open_mode,
-                                       rate_limit=rate_limit),
+                                       rate_limit=rate_limit, cors_origins=tuple(config.cors_origins)),
                      keys=KeyStore(store), limiter=RemoteRateLimiter(engine, rate_limit))
     listener = socket.socket(fileno=args.listen_fd)
     server = waitress.create_server(app, sockets=[listener], **waitress_settings(config))

@@ -1,6 +1,10 @@
 // MSmartCompute JavaScript SDK: the seed's MSmartComputeClient with every endpoint.
-// No dependencies (Node 18+ fetch). Errors throw MSmartComputeError carrying the API's code;
-// a 429 is retried after Retry-After; wait() polls an async job until it ends.
+// No dependencies (fetch: Node 20+ or a browser). Errors throw MSmartComputeError carrying the
+// API's code (CONNECTION_FAILED when no answer came, REQUEST_TIMEOUT when timeoutMs passed,
+// ABORTED when the caller's AbortSignal fired); a 429 is retried after Retry-After; wait()
+// polls an async job until it ends. Methods return the answer's fields without the envelope
+// (success, error, timestamp); the list methods return the list; as the Python SDK does.
+// Types: msmartcompute.d.mts.
 
 export class MSmartComputeError extends Error {
   constructor(code, message, details = {}, status = undefined) {
@@ -13,17 +17,41 @@ export class MSmartComputeError extends Error {
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const ENVELOPE = new Set(['success', 'error', 'timestamp']);
+const withoutEnvelope = (payload) => Object.fromEntries(Object.entries(payload).filter(([k]) => !ENVELOPE.has(k)));
 const enc = encodeURIComponent;
 const trainingBody = (modelId, trainingData, labels, fields) => ({
   model_id: modelId, training_data: trainingData, ...(labels === undefined ? {} : { labels }), ...fields,
 });
 
 export class MSmartComputeClient {
-  constructor(baseUrl = 'http://127.0.0.1:8080/api/v1', apiKey = undefined, { maxRetries = 3 } = {}) {
+  // timeoutMs: per HTTP call (default 60 s); signal: an AbortSignal that cancels every call.
+  constructor(baseUrl = 'http://127.0.0.1:8080/api/v1', apiKey = undefined,
+    { maxRetries = 3, timeoutMs = 60000, signal = undefined } = {}) {
     this.baseUrl = baseUrl.replace(/\/+$/, '');
     this.headers = { 'Content-Type': 'application/json', Accept: 'application/json' };
     if (apiKey) this.headers.Authorization = `Bearer ${apiKey}`;
     this.maxRetries = maxRetries;
+    this.timeoutMs = timeoutMs;
+    this.signal = signal;
+  }
+
+  // The same client with other call options: client.withOptions({ signal }).inference(...).
+  withOptions({ timeoutMs = this.timeoutMs, signal = this.signal } = {}) {
+    const copy = Object.create(Object.getPrototypeOf(this));
+    return Object.assign(copy, this, { timeoutMs, signal });
+  }
+
+  async fetchOnce(url, init) {
+    const timeout = AbortSignal.timeout(this.timeoutMs);
+    const signal = this.signal ? AbortSignal.any([this.signal, timeout]) : timeout;
+    try {
+      return await fetch(url, { ...init, signal });
+    } catch (err) {
+      if (this.signal?.aborted) throw new MSmartComputeError('ABORTED', `${init.method} ${url} was aborted`);
+      if (timeout.aborted) throw new MSmartComputeError('REQUEST_TIMEOUT', `no answer from ${url} within ${this.timeoutMs} ms`);
+      throw new MSmartComputeError('CONNECTION_FAILED', `cannot reach ${this.baseUrl}: ${err.cause?.code || err.message}`);
+    }
   }
 
   async request(method, path, body = undefined, params = undefined) {
@@ -33,7 +61,7 @@ export class MSmartComputeClient {
       if ([...query].length) url += `?${query}`;
     }
     for (let attempt = 0; ; attempt += 1) {
-      const response = await fetch(url, {
+      const response = await this.fetchOnce(url, {
         method,
         headers: this.headers,
         body: body === undefined ? undefined : JSON.stringify(body),
@@ -53,7 +81,7 @@ export class MSmartComputeClient {
         throw new MSmartComputeError(err.code || `HTTP_${response.status}`, err.message || response.statusText,
           err.details || {}, response.status);
       }
-      return payload;
+      return withoutEnvelope(payload);
     }
   }
 
@@ -86,6 +114,7 @@ export class MSmartComputeClient {
         throw new MSmartComputeError('JOB_FAILED', `${requestId} failed: ${result.error?.message}`, { error: result.error });
       }
       if (Date.now() > deadline) throw new MSmartComputeError('REQUEST_TIMEOUT', `${requestId} still ${result.status}`);
+      if (this.signal?.aborted) throw new MSmartComputeError('ABORTED', `waiting for ${requestId} was aborted`);
       await sleep(pollMs);
       pollMs = Math.min(pollMs * 1.5, 1000);
     }
@@ -106,6 +135,8 @@ export class MSmartComputeClient {
   createSession(userId, modelId) { return this.request('POST', '/sessions', { user_id: userId, model_id: modelId }); }
   getSession(sessionId) { return this.request('GET', `/sessions/${enc(sessionId)}`); }
   endSession(sessionId) { return this.request('DELETE', `/sessions/${enc(sessionId)}`); }
+
+  async listJobs(limit = 50) { return (await this.request('GET', '/jobs', undefined, { limit })).jobs; }
 
   async metrics() { return (await this.request('GET', '/metrics')).metrics; }
   async metricsHistory({ startTime, endTime, interval = 60 } = {}) {

@@ -17,6 +17,7 @@ test('every endpoint through the JS SDK', { skip: !baseUrl }, async () => {
     parameters: { input_size: 3, hidden_sizes: [5], output_size: 2 },
   });
   assert.equal(loaded.model_id, 'js-mlp');
+  assert.deepEqual(['success', 'error', 'timestamp'].filter((k) => k in loaded), []);  // no envelope
   assert.ok((await client.listModels()).some((m) => m.model_id === 'js-mlp'));
   assert.equal((await client.getModel('js-mlp')).model_type, 'mlp');
 
@@ -93,4 +94,25 @@ test('training and optimization through the JS SDK', { skip: !baseUrl }, async (
   assert.deepEqual(out.output_data.map((r) => (r[1] > r[0] ? 1 : 0)), y);
 
   await client.unloadModel('js-train');
+});
+
+test('timeouts, AbortSignal and connection errors are typed', async () => {
+  const { createServer } = await import('node:http');
+  const silent = createServer(() => {});  // accepts, never answers
+  await new Promise((resolve) => silent.listen(0, '127.0.0.1', resolve));
+  const url = `http://127.0.0.1:${silent.address().port}/api/v1`;
+  try {
+    await assert.rejects(new MSmartComputeClient(url, undefined, { timeoutMs: 200 }).health(),
+      (err) => err instanceof MSmartComputeError && err.code === 'REQUEST_TIMEOUT' && err.status === undefined);
+    const controller = new AbortController();
+    const call = new MSmartComputeClient(url).withOptions({ signal: controller.signal }).listModels();
+    setTimeout(() => controller.abort(), 50);
+    await assert.rejects(call, (err) => err.code === 'ABORTED');
+  } finally {
+    silent.closeAllConnections();
+    silent.close();
+  }
+  // the port is closed now: nothing listens there
+  await assert.rejects(new MSmartComputeClient(url, undefined, { timeoutMs: 5000 }).health(),
+    (err) => err.code === 'CONNECTION_FAILED');
 });

@@ -32,7 +32,7 @@ from ...models.base import Output
 from ...models.paged import ChunkInput, cache_bytes
 from ...models.sampling import StopChecker, sample_rows
 from ..batching import Pending, Result, choose_queue, map_run_error
-from ..errors import InsufficientMemory, MSCError, QueueFull, RequestTimeout
+from ..errors import InsufficientMemory, InvalidModelId, MSCError, QueueFull, RequestTimeout
 from ..vgpu import DeviceScheduler
 from .blocks import BlockManager
 from .scheduler import Chunk, Scheduler, Sequence
@@ -147,7 +147,9 @@ class GenerationWorker:
 
     def submit(self, model_id: str, pending: Pending, may_run_inline: bool = False) -> None:
         with self._cond:
-            q = self.queues[model_id]
+            q = self.queues.get(model_id)
+            if q is None:  # unloaded since the caller looked the model up
+                raise InvalidModelId(f"model {model_id!r} was unloaded", {"model_id": model_id})
             if len(q.requests) >= q.max_queue_size:
                 raise QueueFull(f"queue of model {model_id!r} is full ({q.max_queue_size} requests)",
                                 {"model_id": model_id, "max_queue_size": q.max_queue_size})
