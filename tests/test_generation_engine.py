@@ -82,6 +82,18 @@ def test_greedy_in_a_continuous_batch_equals_each_request_alone(rt):
     assert g["time_to_first_token_p99"] is not None and g["inter_token_latency_p50"] is not None
 
 
+def test_per_model_metrics_count_generation_requests_and_steps(rt):
+    # the dashboard's model columns (requests/s, p50/p99, formed batches) cover decoders too
+    rt.registry.load(lm_spec())
+    concurrently(rt, [request(prompt(i, 5 + i), max_tokens=6) for i in range(4)])
+    model = rt.metrics()["models"]["lm"]
+    assert model["requests_per_second"] > 0
+    assert model["latency_p50"] is not None and model["latency_p99"] >= model["latency_p50"]
+    steps = model["batch_sizes"]
+    assert sum(steps.values()) >= 6                       # one entry per generation step
+    assert max(int(size) for size in steps) <= 4
+
+
 def test_sampled_tokens_depend_only_on_the_seed(rt):
     rt.registry.load(lm_spec())
     model = rt.registry.entry("lm").model

@@ -134,13 +134,22 @@ class Metrics:
 
     def record_batch(self, model_id: str, size: int, latencies_s: list[float] = ()) -> None:
         """One run() of `size` requests; latencies_s: each request's queue wait + run."""
+        self.record_formed_batch(model_id, size)
+        self.record_finished(model_id, latencies_s)
+
+    def record_formed_batch(self, model_id: str, size: int) -> None:
+        """One forward over `size` requests (a generation step counts its sequences)."""
         self.instruments.batch_size.labels(model_id).observe(size)
+        with self._lock:
+            self.models.setdefault(model_id, _ModelStats()).batch_sizes[size] += 1
+
+    def record_finished(self, model_id: str, latencies_s: list[float]) -> None:
+        """Requests answered now; latencies_s: each one's queue wait + run."""
         now = time.monotonic()
         with self._lock:
             stats = self.models.setdefault(model_id, _ModelStats())
-            stats.batch_sizes[size] += 1
             stats.latency.extend(latencies_s)
-            stats.done.extend([now] * size)
+            stats.done.extend([now] * len(latencies_s))
 
     def record_queue_depth(self, model_id: str, depth: int) -> None:
         self.instruments.queue_depth.labels(model_id).set(depth)

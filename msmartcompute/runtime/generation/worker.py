@@ -292,6 +292,8 @@ class GenerationWorker:
                 q.scheduler.finish(c.seq)
                 r.rows_done += 1
         q.stats.record_step(len(tokens))
+        # the dashboard's per-model columns: a step is the batch continuous batching forms
+        self.metrics.record_formed_batch(q.model_id, len(plan))
         for r, rows in new.items():
             if r.pending.stream is not None:
                 r.pending.stream.put({"token_ids": [rows.get(i, []) for i in range(len(r.seqs))]})
@@ -300,6 +302,7 @@ class GenerationWorker:
                 with self._cond:
                     q.requests.remove(r)
                 _answer(r, q=q, batch_size=len(plan))
+                self.metrics.record_finished(q.model_id, [now - r.pending.enqueued_at])
 
     def _reset_cache(self, q: GenerationQueue) -> None:
         """A new cache in the model's dtype; running sequences are recomputed into it."""
