@@ -46,6 +46,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _running(pid: int) -> bool:
+    """_alive, and not a zombie: a killed engine stays one until the supervisor reaps it, and
+    kill(0) still succeeds on it. Read on the slow paths only (a /proc read per check)."""
+    if not _alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc: kill(0) is all we can know
+
+
 class EngineClient:
     def __init__(self, address: str, pid_file: Path):
         self.address = address
@@ -95,6 +107,9 @@ class EngineClient:
             # IMMEDIATE: writable only while connected; a new socket or a restarted engine takes a moment
             if not sock.poll(_CONNECT_MS, zmq.POLLOUT):
                 raise _unavailable() from None
+            if not _running(pid):  # connected to the engine that replaced the one we called
+                self._pid = None
+                raise _unavailable()
             try:
                 sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -116,7 +131,7 @@ class EngineClient:
                     exc.code = reply.error["code"]
                     raise exc
                 return reply
-            if not _alive(pid):
+            if not _running(pid):
                 raise errors.EngineUnavailable(
                     "the engine process stopped while serving this request; it is being restarted, "
                     "retry shortly", {"retry": True})
