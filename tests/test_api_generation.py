@@ -55,6 +55,15 @@ def test_stream_then_disconnect_mid_stream(live_server):
     status, raw = call(live_server, "POST", "/api/v1/inference",
                        {**body, "options": {"stream": True, "top_p": 2}})
     assert status == 400 and json.loads(raw)["error"]["code"] == "INVALID_INPUT_DATA"  # refused before streaming
+    # an error the engine raises before the first event (a model id that does not exist) is plain
+    # JSON in the envelope, not an empty 415 under text/event-stream (a fuzz finding)
+    conn = http.client.HTTPConnection("127.0.0.1", live_server.port, timeout=60)
+    conn.request("POST", "/api/v1/inference", body=json.dumps({**body, "model_id": "nope", "options": {"stream": True}}),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 404 and resp.getheader("Content-Type").startswith("application/json")
+    assert json.loads(resp.read())["error"]["code"] == "INVALID_MODEL_ID"
+    conn.close()
 
     # a client that goes away after its first token: the request leaves the batch
     long = json.dumps({**body, "options": {"max_tokens": 4000, "temperature": 0, "stream": True}}).encode()

@@ -54,6 +54,7 @@ _OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "inv
 
 def _respond(req, resp: falcon.Response, status: str, code: str, message: str, details: dict | None) -> None:
     resp.status = status
+    resp.content_type = falcon.MEDIA_JSON  # a resource may have set another type before it failed
     if req.path.startswith("/v1/"):  # OpenAI's shape: {"error": {message, type, param, code}}
         number = int(status.split()[0])
         kind = _OPENAI_TYPES.get(number, "server_error" if number >= 500 else "invalid_request_error")

@@ -52,9 +52,11 @@ class InferenceResource:
     def on_post(self, req, resp):
         request = prepare_request(parse(req, Inference))
         if request["options"].get("stream"):
+            # call first: an error before the first event is a plain JSON error, not an SSE response
+            events = self.runtime.inference.infer_stream(request)
             resp.content_type = "text/event-stream"
             resp.set_header("Cache-Control", "no-cache")
-            resp.stream = server_sent_events(self.runtime.inference.infer_stream(request))
+            resp.stream = server_sent_events(events)
             return
         resp.media = ok(self.runtime.inference.infer(request))
 
