@@ -51,8 +51,8 @@ class RequestContext:
         if not is_public(req.path) and req.path != "/metrics":
             route = req.uri_template or "unmatched"  # a template, never the raw path: label values stay few
             try:
-                self.instruments.requests.labels(route, req.method, str(status)).inc()
-                self.instruments.request_seconds.labels(route).observe(elapsed)
+                self.instruments.labelled(self.instruments.requests, route, req.method, str(status)).inc()
+                self.instruments.labelled(self.instruments.request_seconds, route).observe(elapsed)
             except Exception:  # metrics must never turn a served response into an error
                 access_log.exception("recording metrics failed")
 

@@ -274,6 +274,7 @@ class Executor:
                         self._busy = True
                         return q, batch
                     continue
+                q = None  # hold no model's queue while waiting: an unloaded model must be freed now
                 self._cond.wait(None if wake is None else max(0.0, wake - now))
             return None
 
