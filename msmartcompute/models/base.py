@@ -15,6 +15,12 @@ class Prepared:
     batch_key: tuple                # requests with equal batch_key may share one run() call
     rows: int                       # number of rows this request contributes
     sampling: object = None         # decoders: the request's models.sampling.SamplingParams
+    lengths: "list[int] | None" = None  # decoders: each row's prompt length when rows are left-padded
+
+    def prompts(self) -> list[list[int]]:
+        """A decoder request's prompt rows without their left padding."""
+        rows = self.tensor.tolist()
+        return rows if self.lengths is None else [r[len(r) - n:] for r, n in zip(rows, self.lengths)]
 
 
 @dataclass
@@ -22,6 +28,7 @@ class Output:
     output_data: "np.ndarray | list[list]"  # the rows to return for this request
     tokens_generated: int           # real count (0 for non-generative models)
     finish_reasons: "list[str] | None" = None  # per generated row: "stop" (end of sequence) or "length"
+    texts: "list[str] | None" = None  # decoders with a tokenizer: each row's text, cut before a stop string
 
 
 class ServedModel:
