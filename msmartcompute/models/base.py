@@ -3,6 +3,7 @@ shared rules for turning one request's input_data into a checked tensor."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -15,6 +16,17 @@ class Prepared:
     batch_key: tuple                # requests with equal batch_key may share one run() call
     rows: int                       # number of rows this request contributes
     sampling: object = None         # decoders: the request's models.sampling.SamplingParams
+    stop: "Callable[[], bool] | None" = None  # set by the runtime: nobody waits for this request any more
+
+
+class Stopped(Exception):
+    """A run of several steps stopped early: every request in it answered stop() (their
+    deadline passed, or their callers went away). No output is returned."""
+
+
+def all_stopped(batch: "list[Prepared]") -> bool:
+    """Whether a multi-step run over `batch` may stop: no request in it is still wanted."""
+    return all(p.stop is not None and p.stop() for p in batch)
 
 
 @dataclass

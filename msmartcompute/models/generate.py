@@ -3,13 +3,17 @@
 One batch of prompts (any lengths, left-padded) is prefilled in one forward, then decoded
 one token per step. Each row stops at its first end-of-sequence id (not returned) or after
 max_tokens; the batch stops when every row has. Sampling is transformer.sample: greedy at
-temperature 0, else nucleus sampling from each request's own generator."""
+temperature 0, else nucleus sampling from each request's own generator. A caller's
+should_stop() ends it between steps (the runtime: every request's deadline has passed)."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .attention_context import DenseKVCache
+from .base import Stopped
 from .sampling import sample
 
 
@@ -22,10 +26,12 @@ def new_cache(model, batch: int, capacity: int, pad: torch.Tensor) -> DenseKVCac
 @torch.inference_mode()
 def generate(model, prompts: list[torch.Tensor], max_tokens: int, temperature: float, top_p: float,
              generators: list[torch.Generator | None], rows_per_generator: list[int],
-             eos_ids: frozenset[int] = frozenset()) -> tuple[list[list[int]], list[str]]:
+             eos_ids: frozenset[int] = frozenset(),
+             should_stop: Callable[[], bool] | None = None) -> tuple[list[list[int]], list[str]]:
     """prompts: 1-D id tensors, one per row. generators[i] draws for the next
     rows_per_generator[i] rows. Returns each row's generated ids and its finish reason
-    ("stop" at an end-of-sequence id, else "length")."""
+    ("stop" at an end-of-sequence id, else "length"). should_stop() is polled before every
+    decode step; True raises base.Stopped (nobody waits for the rows any more)."""
     device = model.embed.weight.device
     b, s = len(prompts), max(p.numel() for p in prompts)
     pad = torch.tensor([s - p.numel() for p in prompts], device=device)                 # [B]
@@ -53,6 +59,8 @@ def generate(model, prompts: list[torch.Tensor], max_tokens: int, temperature: f
         done |= stopped
         if i == max_tokens - 1 or bool(done.all()):
             break
+        if should_stop is not None and should_stop():
+            raise Stopped(f"after {i + 1} of {max_tokens} tokens")
         position = positions[:, -1:] + i + 1                                              # [B, 1]
         h = model.hidden(next_ids[:, None], position, cache)
         cache.advance(1)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import bert, hf
 from .attention_context import NoCache
-from .base import Output, Prepared, ServedModel, token_rows
+from .base import Output, Prepared, ServedModel, all_stopped, token_rows
 from .generate import generate
 from .gpt2 import GPT2, GPT2Config
 from .llama import Llama, LlamaConfig
@@ -243,7 +243,8 @@ class PretrainedDecoder(PretrainedModel):
                       torch.Generator(device=self.device).manual_seed(p.options["seed"]) for p in batch]
         with tensor_cores(self.tensor_cores, self.device):
             ids, reasons = generate(self.module, prompts, first["max_tokens"], first["temperature"],
-                                    first["top_p"], generators, [p.rows for p in batch], self.eos_ids)
+                                    first["top_p"], generators, [p.rows for p in batch], self.eos_ids,
+                                    lambda: all_stopped(batch))
         outputs, start = [], 0
         for p in batch:
             rows, why = ids[start:start + p.rows], reasons[start:start + p.rows]
