@@ -10,7 +10,8 @@ import torch
 
 from hf_fixtures import hf_model, save, train_tokenizer
 from msmartcompute.models import build_model
-from msmartcompute.models.attention_context import DenseKVCache, NoCache
+from msmartcompute.models.attention_context import CacheStep, NoCache, PagedCache
+from msmartcompute.models.paged import new_caches
 from msmartcompute.models.llama import LlamaConfig, rope_frequencies
 from msmartcompute.models.spec import SpecError
 
@@ -22,6 +23,11 @@ CPU = torch.device("cpu")
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def as_lists(output_data) -> list:
+    """Generated rows as lists (an int64 matrix when they have one length, else lists)."""
+    return output_data.tolist() if isinstance(output_data, np.ndarray) else output_data
 
 
 def load(folder, model_type="transformer", **spec):
@@ -49,7 +55,7 @@ def test_greedy_generation_equal_token_for_token(tmp_path, family):
     ours.eos_ids = frozenset()  # compare full-length runs; the EOS stop is tested below
     prompts = [[5, 9, 17, 33, 2], [7, 7, 40]]  # different lengths: one left-padded batch
     prepared = ours.prepare(prompts, {"max_tokens": 12, "temperature": 0})
-    got = ours.run([prepared])[0].output_data
+    got = as_lists(ours.run([prepared])[0].output_data)
     for prompt, row in zip(prompts, got):
         with torch.no_grad():
             x = torch.tensor([prompt])
@@ -62,11 +68,11 @@ def test_generation_stops_at_eos(tmp_path):
     ref = hf_model("llama", seed=5)
     ours = load(save(ref, tmp_path / "m", tokenizer=None))
     ours.eos_ids = frozenset()
-    full = ours.run([ours.prepare([[3, 4, 5]], {"max_tokens": 10, "temperature": 0})])[0].output_data[0]
+    full = as_lists(ours.run([ours.prepare([[3, 4, 5]], {"max_tokens": 10, "temperature": 0})])[0].output_data)[0]
     ours.eos_ids = frozenset({full[4]})
     first = full.index(full[4])
     out = ours.run([ours.prepare([[3, 4, 5]], {"max_tokens": 10, "temperature": 0})])[0]
-    assert out.output_data == [full[:first]] and out.finish_reasons == ["stop"]
+    assert as_lists(out.output_data) == [full[:first]] and out.finish_reasons == ["stop"]
     assert out.tokens_generated == first
 
 
@@ -114,19 +120,20 @@ def test_gqa_reaches_the_fused_op_unexpanded(tmp_path, monkeypatch):
     assert seen and all(h == 4 and kv == 2 for h, kv in seen)
 
 
-def test_dense_cache_decode_equals_full_forward(tmp_path):
+def test_paged_cache_chunks_equal_full_forward(tmp_path):
+    """Prefill, a chunk and decode steps through the paged cache give the full forward's logits."""
     ours = load(save(hf_model("mistral"), tmp_path / "m", tokenizer=None))
     ids = torch.randint(0, 128, (2, 9))
     full = ours.logits(ids)
-    cfg = ours.module.cfg
-    cache = DenseKVCache(cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim, 9, CPU, torch.float32)
+    caches = new_caches(ours.module.cfg, 6, 4, CPU, torch.float32)
+    table = torch.tensor([[3, 0, 5], [1, 4, 2]], dtype=torch.int32)  # blocks of 4 tokens, any order
     steps = []
     with torch.inference_mode():
-        for chunk in (ids[:, :5], ids[:, 5:6], ids[:, 6:]):
-            start = cache.length
-            positions = torch.arange(start, start + chunk.shape[1]).expand(2, -1)
-            steps.append(ours.module(chunk, positions, cache))
-            cache.advance(chunk.shape[1])
+        for start, end in ((0, 5), (5, 6), (6, 9)):
+            positions = torch.arange(start, end).expand(2, -1)
+            slots = (table.long().gather(1, positions // 4) * 4 + positions % 4).flatten()
+            ctx = PagedCache(caches, CacheStep(table, slots, torch.full((2,), end, dtype=torch.int32)))
+            steps.append(ours.module(ids[:, start:end], positions, ctx))
     assert rel_err(torch.cat(steps, dim=1), full) <= 1e-5
 
 
@@ -229,13 +236,43 @@ def test_gpt2_vocab_and_merges_tokenizer(tmp_path):
 
 def test_no_attention_context_padding_leak():
     """A left-padded row attends to exactly what it would alone."""
-    q = torch.randn(2, 4, 5, 8)
-    k = torch.randn(2, 2, 5, 8)
-    v = torch.randn(2, 2, 5, 8)
+    q = torch.randn(2, 5, 4, 8)
+    k = torch.randn(2, 5, 2, 8)
+    v = torch.randn(2, 5, 2, 8)
     valid = torch.tensor([[True] * 5, [False, False, True, True, True]])
     out = NoCache(causal=True, valid=valid).attend(0, q, k, v)
-    alone = NoCache(causal=True).attend(0, q[1:, :, 2:], k[1:, :, 2:], v[1:, :, 2:])
-    assert rel_err(out[1:, :, 2:], alone) <= 1e-5
+    alone = NoCache(causal=True).attend(0, q[1:, 2:], k[1:, 2:], v[1:, 2:])
+    assert rel_err(out[1:, 2:], alone) <= 1e-5
+    assert out[1, :2].abs().max() == 0                 # padding is not computed
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_no_path_falls_back_to_torch_sdpa(tmp_path, family, monkeypatch):
+    """Padded prefill (varlen), decode (paged cache, GQA unexpanded) and the generation engine's
+    step run our kernels: torch's SDPA is never called, and the results still equal transformers'."""
+    ref = hf_model(family, seed=4)
+    ours = load(save(ref, tmp_path / family, tokenizer=None))
+    ours.eos_ids = frozenset()
+    prompts = [[5, 9, 17, 33, 2, 8], [7, 7, 40]]
+    wants = []
+    with torch.no_grad():
+        for p in prompts:
+            x = torch.tensor([p])
+            wants.append(ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(p):].tolist())
+        ids = torch.tensor([[0, 0, 0] + prompts[1], prompts[0]])
+        want_logits = ref(torch.tensor([prompts[1]])).logits[0]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch SDPA was called")
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", refuse)
+    assert as_lists(ours.run([ours.prepare(prompts, {"max_tokens": 6, "temperature": 0})])[0].output_data) == wants
+    valid = ids != 0
+    valid[1] = True
+    positions = (torch.arange(6) - 3 * ~valid[:, :1]).clamp(min=0)
+    with torch.inference_mode():
+        padded = ours.module(ids, positions, NoCache(causal=True, valid=valid))
+    assert rel_err(padded[0, 3:], want_logits) <= 1e-4
 
 
 RSS_SCRIPT = r"""
@@ -279,17 +316,6 @@ def test_safetensors_load_peak_rss_at_most_1_3x_weights(tmp_path):
           f"({grown / weights:.3f}x)")
     assert weights > 100 * 2**20
     assert grown <= 1.3 * weights
-
-
-def test_sdpa_fallback_equals_the_fused_path(monkeypatch):
-    """Where the fused kernels do not take a dtype or head dim (CUDA fp32, head dim 8), the
-    context falls back to SDPA with the same causal alignment (a decode chunk against a cache)."""
-    from msmartcompute.models import attention_context
-
-    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
-    fused = attention_context._attention(q, k, v, causal=True, mask=None)
-    monkeypatch.setattr(attention_context, "_fused_takes", lambda q: False)
-    assert rel_err(attention_context._attention(q, k, v, causal=True, mask=None), fused) <= 1e-5
 
 
 def test_bf16_checkpoint_and_mixed_precision(tmp_path):

@@ -51,14 +51,14 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
 
 def test_stops_eos_token_ids_strings_and_length():
     decode = lambda ids: "".join(chr(ord("a") + i % 26) for i in ids)  # noqa: E731 - a toy tokenizer
-    stop = StopChecker(params(max_tokens=5), eos_token_id=9, decode=decode)
+    stop = StopChecker(params(max_tokens=5), eos_ids={9}, decode=decode)
     assert [stop.add(t) for t in (1, 2, 9)] == [False, False, True]
     assert stop.tokens == [1, 2] and stop.finish_reason == "stop"           # EOS is not output
-    stop = StopChecker(params(max_tokens=5, ignore_eos=True), eos_token_id=9, decode=decode)
+    stop = StopChecker(params(max_tokens=5, ignore_eos=True), eos_ids={9}, decode=decode)
     assert [stop.add(t) for t in (9, 9, 9, 9, 9)] == [False] * 4 + [True] and stop.finish_reason == "length"
-    stop = StopChecker(params(max_tokens=5, stop_token_ids=[4]), eos_token_id=None, decode=decode)
+    stop = StopChecker(params(max_tokens=5, stop_token_ids=[4]), eos_ids=(), decode=decode)
     assert [stop.add(t) for t in (0, 4)] == [False, True] and stop.tokens == [0]
-    stop = StopChecker(params(max_tokens=20, stop=["cd", "zz"]), eos_token_id=None, decode=decode)
+    stop = StopChecker(params(max_tokens=20, stop=["cd", "zz"]), eos_ids=(), decode=decode)
     done = [stop.add(t) for t in (0, 1, 2, 3)]
     assert done == [False, False, False, True] and stop.finish_reason == "stop"
     assert stop.tokens == [0, 1, 2, 3] and stop.output_text() == "ab"        # text cut before the stop

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 from msmartcompute.models import build_model
 from msmartcompute.models.layers import QuantizedLinear
 from msmartcompute import ops
-from msmartcompute.models.transformer import Packing, attention, sample
+from msmartcompute.models.attention_context import NoCache
+from msmartcompute.models.sampling import sample
 
 CPU = torch.device("cpu")
 VOCAB = 61
@@ -98,11 +99,15 @@ def test_batched_generation_equals_each_alone(lm, options):
         assert out.tokens_generated == r.shape[0] * 7
 
 
-def test_batch_key_separates_options(lm):
-    a = lm.prepare([[1, 2]], {"temperature": 0, "max_tokens": 3})
-    b = lm.prepare([[1, 2]], {"temperature": 0, "max_tokens": 4})
-    c = lm.prepare([[1, 2, 3]], {"temperature": 0, "max_tokens": 3, "seed": 5})
-    assert a.batch_key != b.batch_key and a.batch_key == c.batch_key
+def test_requests_with_any_options_share_a_batch(lm):
+    # every row stops by its own options (max_tokens, temperature, ...): any requests share one run
+    reqs = [([[1, 2]], {"temperature": 0, "max_tokens": 3}), ([[1, 2]], {"temperature": 0, "max_tokens": 4}),
+            ([[1, 2, 3]], {"temperature": 0.7, "max_tokens": 5, "seed": 5})]
+    prepared = [lm.prepare(r, o) for r, o in reqs]
+    assert len({p.batch_key for p in prepared}) == 1
+    for (r, o), out in zip(reqs, lm.run(prepared)):
+        np.testing.assert_array_equal(out.output_data, lm.run([lm.prepare(r, o)])[0].output_data)
+        assert out.output_data.shape == (1, o["max_tokens"])
 
 
 @pytest.mark.parametrize("data,options,message", [
@@ -172,7 +177,7 @@ def test_padded_attention_runs_varlen_on_real_tokens_only():
     k, v = torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8)  # two kv heads, not expanded
     valid = torch.ones(2, 5, dtype=torch.bool)
     valid[1, :2] = False                               # row 1 left-padded by two
-    got = attention(q, k, v, True, Packing.of(valid))
+    got = NoCache(causal=True, valid=valid).attend(0, q, k, v)
 
     def alone(q, k, v):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -232,13 +237,13 @@ def test_encoder_mean_pools_and_is_bidirectional(encoder):
     with torch.no_grad():
         x = m.embed(tokens)
         pos = torch.arange(6)[None]
-        for layer in m.layers:
-            x = layer(x, pos, causal=False)
+        for i, layer in enumerate(m.layers):
+            x = layer(x, pos, NoCache(causal=False), i)
         want = m.norm(x).mean(dim=1)
     got = encoder.run([encoder.prepare(tokens.numpy(), {})])[0].output_data
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
     changed = tokens.clone()
     changed[0, -1] = (changed[0, -1] + 1) % VOCAB
     with torch.no_grad():  # the first position sees the last token: not causal
-        first = [encoder.module.layers[0](encoder.module.embed(t), pos, causal=False)[0, 0] for t in (tokens, changed)]
+        first = [encoder.module.layers[0](encoder.module.embed(t), pos, NoCache(causal=False), 0)[0, 0] for t in (tokens, changed)]
     assert not torch.equal(first[0], first[1])

@@ -3,7 +3,6 @@ shared rules for turning one request's input_data into a checked tensor."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -16,17 +15,12 @@ class Prepared:
     batch_key: tuple                # requests with equal batch_key may share one run() call
     rows: int                       # number of rows this request contributes
     sampling: object = None         # decoders: the request's models.sampling.SamplingParams
-    stop: "Callable[[], bool] | None" = None  # set by the runtime: nobody waits for this request any more
+    lengths: "list[int] | None" = None  # decoders: each row's prompt length when rows are left-padded
 
-
-class Stopped(Exception):
-    """A run of several steps stopped early: every request in it answered stop() (their
-    deadline passed, or their callers went away). No output is returned."""
-
-
-def all_stopped(batch: "list[Prepared]") -> bool:
-    """Whether a multi-step run over `batch` may stop: no request in it is still wanted."""
-    return all(p.stop is not None and p.stop() for p in batch)
+    def prompts(self) -> list[list[int]]:
+        """A decoder request's prompt rows without their left padding."""
+        rows = self.tensor.tolist()
+        return rows if self.lengths is None else [r[len(r) - n:] for r, n in zip(rows, self.lengths)]
 
 
 @dataclass
@@ -34,6 +28,7 @@ class Output:
     output_data: "np.ndarray | list[list]"  # the rows to return for this request
     tokens_generated: int           # real count (0 for non-generative models)
     finish_reasons: "list[str] | None" = None  # per generated row: "stop" (end of sequence) or "length"
+    texts: "list[str] | None" = None  # decoders with a tokenizer: each row's text, cut before a stop string
 
 
 class ServedModel:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_context import AttentionContext, NoCache
+from .attention_context import AttentionContext, MultiHeadConfig, NoCache
 from .hf import Target
 from .spec import SpecError
 
@@ -22,7 +22,7 @@ POOLINGS = ("mean", "cls")
 
 
 @dataclass
-class BertConfig:
+class BertConfig(MultiHeadConfig):
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -32,14 +32,6 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     max_sequence_length: int = 0    # the served limit (pretrained.py sets it at load)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.num_heads
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "BertConfig":
@@ -68,8 +60,8 @@ class Layer(nn.Module):
     def forward(self, x, ctx: AttentionContext):
         b, s, c = x.shape
         h, d = self.cfg.num_heads, self.cfg.head_dim
-        q, k, v = (t.view(b, s, h, d).transpose(1, 2).contiguous() for t in self.qkv(x).split(c, dim=-1))
-        y = ctx.attend(self.layer, q, k, v).transpose(1, 2).reshape(b, s, c)     # [B, S, C]
+        q, k, v = (t.view(b, s, h, d) for t in self.qkv(x).split(c, dim=-1))    # [B, S, H, D], strided views
+        y = ctx.attend(self.layer, q, k, v).reshape(b, s, c)                     # [B, S, C]
         x = self.attn_norm(x + self.attn_out(y))
         return self.out_norm(x + self.out(F.gelu(self.fc(x))))
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from .base import Output, Prepared, ServedModel, to_numpy, token_rows
 from .spec import build_module, flag, tensor_cores
-from .transformer import Block, Packing, TransformerConfig
+from .attention_context import NoCache
+from .transformer import Block, TransformerConfig
 
 
 class Encoder(nn.Module):
@@ -28,10 +29,10 @@ class Encoder(nn.Module):
         b, s = tokens.shape
         positions = torch.arange(s, device=tokens.device).expand(b, s)
         valid = None if lengths is None else positions < lengths[:, None]   # [B, S]
-        packing = None if valid is None or bool(valid.all()) else Packing.of(valid)
+        ctx = NoCache(causal=False, valid=valid)
         x = self.embed(tokens)                                               # [B, S, C]
-        for layer in self.layers:
-            x = layer(x, positions, causal=False, packing=packing)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, ctx, i)
         x = self.norm(x).float()
         if valid is None:
             return x.mean(dim=1)

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_context import AttentionContext, NoCache
+from .attention_context import AttentionContext, MultiHeadConfig, NoCache
 from .hf import Target
 from .spec import SpecError
 
 
 @dataclass
-class GPT2Config:
+class GPT2Config(MultiHeadConfig):
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -28,14 +28,6 @@ class GPT2Config:
     layer_norm_eps: float = 1e-5
     scale_attn_by_inverse_layer_idx: bool = False
     max_sequence_length: int = 0    # the served limit (pretrained.py sets it at load)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.num_heads
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "GPT2Config":
@@ -66,9 +58,9 @@ class Attention(nn.Module):
     def forward(self, x, ctx: AttentionContext):
         b, s, c = x.shape
         h, d = self.cfg.num_heads, self.cfg.head_dim
-        q, k, v = (t.view(b, s, h, d).transpose(1, 2) for t in self.qkv(x).split(c, dim=-1))  # [B, H, S, D]
-        y = ctx.attend(self.layer, q.contiguous(), k.contiguous(), v.contiguous())
-        return self.proj(y.transpose(1, 2).reshape(b, s, c))
+        q, k, v = (t.view(b, s, h, d) for t in self.qkv(x).split(c, dim=-1))  # [B, S, H, D], strided views
+        y = ctx.attend(self.layer, q, k, v)
+        return self.proj(y.reshape(b, s, c))
 
 
 class MLP(nn.Module):

@@ -109,7 +109,7 @@ def rope_frequencies(cfg: LlamaConfig) -> tuple[torch.Tensor, float]:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, D] rotated by cos/sin [B, 1, S, D] (Hugging Face's half-split layout)."""
+    """x [B, S, H, D] rotated by cos/sin [B, S, 1, D] (Hugging Face's half-split layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
@@ -126,12 +126,12 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, s, _ = x.shape
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)       # [B, H, S, D]
-        k = k.view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)    # [B, H_kv, S, D]
-        v = v.view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q = q.view(b, s, cfg.num_heads, cfg.head_dim)                         # [B, S, H, D]
+        k = k.view(b, s, cfg.num_kv_heads, cfg.head_dim)                      # [B, S, H_kv, D]
+        v = v.view(b, s, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = ctx.attend(self.layer, q, k, v.contiguous())                      # [B, H, S, D]
-        return self.wo(y.transpose(1, 2).reshape(b, s, self.q_size))
+        y = ctx.attend(self.layer, q, k, v)                                   # [B, S, H, D]
+        return self.wo(y.reshape(b, s, self.q_size))
 
 
 class SwiGLU(nn.Module):
@@ -177,8 +177,8 @@ class Llama(nn.Module):
         self.inv_freq = rope_frequencies(self.cfg)[0].to(self.inv_freq.device)
 
     def rotary(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.float()[:, None, :, None] * self.inv_freq.float()   # [B, 1, S, D/2]
-        angles = torch.cat((angles, angles), dim=-1)                             # [B, 1, S, D]
+        angles = positions.float()[:, :, None, None] * self.inv_freq.float()   # [B, S, 1, D/2]
+        angles = torch.cat((angles, angles), dim=-1)                             # [B, S, 1, D]
         return (angles.cos() * self.rope_scale).to(dtype), (angles.sin() * self.rope_scale).to(dtype)
 
     def hidden(self, input_ids, positions, ctx: AttentionContext) -> torch.Tensor:

@@ -20,12 +20,11 @@ import torch.nn.functional as F
 
 from . import bert, hf
 from .attention_context import NoCache
-from .base import Output, Prepared, ServedModel, all_stopped, token_rows
-from .generate import generate
+from .base import Output, Prepared, ServedModel, token_rows
+from .paged import PagedDecoder
 from .gpt2 import GPT2, GPT2Config
 from .llama import Llama, LlamaConfig
 from .layers import quantize_linears
-from .sampling import sampling_options
 from .spec import SpecError, compute_dtype, flag, tensor_cores
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -210,12 +209,10 @@ class PretrainedModel(ServedModel):
                  for name, t in (body | head).items()}, "weights_path")
 
 
-class PretrainedDecoder(PretrainedModel):
-    """Options as the home transformer's (temperature, top_p, max_tokens, seed); generation
-    also stops at the tokenizer's / config's end-of-sequence ids."""
-
-    model_type = "transformer"
-    trainable = optimizable = language_model = True
+class PretrainedDecoder(PretrainedModel, PagedDecoder):
+    """A GPT-2 / Llama-family checkpoint served like every decoder (models/paged.py: the
+    generation engine's face, options, the dense reference); generation also stops at the
+    checkpoint's end-of-sequence ids (generation_config.json > config.json > the tokenizer's)."""
 
     def __init__(self, spec, device, family, cfg, folder):
         super().__init__(spec, device, family, cfg, folder)
@@ -224,40 +221,8 @@ class PretrainedDecoder(PretrainedModel):
         if self.quantize:
             quantize_linears(self.module)
 
-    def prepare(self, input_data, options: dict) -> Prepared:
-        rows = self._rows(input_data)
-        longest = max(r.numel() for r in rows)
-        options = sampling_options(options, longest, self.max_length)
-        temperature, top_p, max_tokens = options["temperature"], options["top_p"], options["max_tokens"]
-        padded = torch.stack([F.pad(r, (longest - r.numel(), 0)) for r in rows])  # [rows, S] left-padded
-        options["_lengths"] = [r.numel() for r in rows]
-        return Prepared(tensor=padded, options=options, batch_key=("generate", temperature, top_p, max_tokens),
-                        rows=len(rows))
-
-    def run(self, batch: list[Prepared]) -> list[Output]:
-        first = batch[0].options
-        if any(p.batch_key != batch[0].batch_key for p in batch):
-            raise ValueError("run() was given requests with different batch keys")
-        prompts = [row[row.numel() - n:] for p in batch for row, n in zip(p.tensor, p.options["_lengths"])]
-        generators = [None if first["temperature"] == 0 else
-                      torch.Generator(device=self.device).manual_seed(p.options["seed"]) for p in batch]
-        with tensor_cores(self.tensor_cores, self.device):
-            ids, reasons = generate(self.module, prompts, first["max_tokens"], first["temperature"],
-                                    first["top_p"], generators, [p.rows for p in batch], self.eos_ids,
-                                    lambda: all_stopped(batch))
-        outputs, start = [], 0
-        for p in batch:
-            rows, why = ids[start:start + p.rows], reasons[start:start + p.rows]
-            start += p.rows
-            outputs.append(Output(output_data=rows, tokens_generated=sum(len(r) for r in rows), finish_reasons=why))
-        return outputs
-
-    @property
-    def output_width(self) -> int:
-        return self.config.vocab_size
-
-    def decode_text(self, output_data) -> list[str] | None:
-        return None if self.tokenizer is None else [self.tokenizer.decode(row) for row in output_data]
+    def prompt_rows(self, input_data) -> list[torch.Tensor]:
+        return self._rows(input_data)
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ Stops, checked after every token (finish_reason "stop"; else "length" at max_tok
 - EOS (the model's eos_token_id, unless ignore_eos) and stop_token_ids: the token ends the
   row and is not part of its output;
 - stop strings (needs a tokenizer, `decode`): the row ends at the token whose text completes
-  a stop string; that token stays in the ids, and the text is cut before the stop string.
+  a stop string (across token boundaries: the text is detokenized incrementally); that token
+  stays in the ids, and the text is cut before the stop string.
 """
 from __future__ import annotations
 
@@ -128,14 +129,6 @@ class SamplingParams:
         return torch.Generator(device=device).manual_seed((self.seed + row) % 2 ** 63)
 
 
-def sampling_options(options: dict, prompt_length: int, limit: int) -> dict:
-    """options with the sampling ones checked and normalised (SamplingParams.from_options), for
-    a decoder's prepare() that keeps them as a dict (pretrained.py)."""
-    params = SamplingParams.from_options(options or {}, prompt_len=prompt_length, limit=limit, vocab_size=None,
-                                         has_tokenizer=True)
-    return {**(options or {}), **params.normalised()}
-
-
 def _draw(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
           u: torch.Tensor) -> torch.Tensor:
     """logits [R, V], per-row temperature (> 0) / top_p / top_k (0: off) [R] and uniform draws
@@ -185,40 +178,85 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
 
 
 class StopChecker:
-    """One row's stop state; `add(token)` says whether the row has finished."""
+    """One row's output and stop state: `add(token)` says whether the row has finished.
 
-    def __init__(self, params: SamplingParams, eos_token_id: int | None,
-                 decode: Callable[[list[int]], str] | None):
+    With a tokenizer (`decode`) the row's text is detokenized incrementally, as the tokens come:
+    the last few tokens are decoded with and without the new one and the difference is the new
+    text (a window, so byte-level pieces and leading-space rules decode as they would in the
+    whole; a piece that ends inside a UTF-8 character waits for the next token). Stop strings
+    are searched in the text across token boundaries; the text is cut before the first one.
+    `take_text()` hands out the text not yet streamed, holding back a tail that could still
+    grow into a stop string, so a stop string never reaches a stream."""
+
+    def __init__(self, params: SamplingParams, eos_ids: frozenset, decode: Callable[[list[int]], str] | None):
         self.params = params
-        self.eos = None if params.ignore_eos else eos_token_id
+        self.eos_ids = frozenset() if params.ignore_eos else frozenset(eos_ids)
         self.decode = decode
         self.tokens: list[int] = []   # the row's output ids
-        self.text: str | None = None  # with stop strings: the output text, cut at the stop
+        self.text = ""                # with a tokenizer: the output text so far (cut at a stop string)
         self.finish_reason: str | None = None
-        self._scanned = 0             # text chars already searched for stop strings
+        self._prefix = 0              # tokens[_prefix:_read] decode to the text just before the unread ones
+        self._read = 0
+        self._streamed = 0            # chars of text handed out by take_text
+        self._stopped_by_string = False
 
     def output_text(self) -> str | None:
         """The row's text (cut before a stop string); None without a tokenizer."""
-        if self.text is not None or self.decode is None:
-            return self.text
-        return self.decode(self.tokens)
+        return None if self.decode is None else self.text
 
     def add(self, token: int) -> bool:
         p = self.params
-        if token == self.eos or token in p.stop_token_ids:
-            self.finish_reason = "stop"
-            return True
+        if token in self.eos_ids or token in p.stop_token_ids:
+            return self._finish("stop")
         self.tokens.append(token)
-        if p.stop:
-            text = self.decode(self.tokens)
-            start = max(0, self._scanned - max(len(s) for s in p.stop) + 1)
-            hits = [i for i in (text.find(s, start) for s in p.stop) if i >= 0]
-            self._scanned = len(text)
-            if hits:
-                self.text = text[:min(hits)]
-                self.finish_reason = "stop"
-                return True
+        if self.decode is not None and self._detokenize(final=len(self.tokens) >= p.max_tokens):
+            return self._finish("stop")
         if len(self.tokens) >= p.max_tokens:
-            self.finish_reason = "length"
-            return True
+            return self._finish("length")
         return False
+
+    def take_text(self) -> str:
+        """Text not handed out yet: all of it once finished, else up to a possible stop-string start."""
+        end = len(self.text)
+        if self.finish_reason is None:
+            end -= _stop_prefix_len(self.text, self.params.stop)
+        out = self.text[self._streamed:end]
+        self._streamed = max(self._streamed, end)
+        return out
+
+    def _finish(self, reason: str) -> bool:
+        if self.decode is not None and not self._stopped_by_string and self._read < len(self.tokens):
+            if self._detokenize(final=True):  # a last piece that ended inside a character
+                reason = "stop"
+        self.finish_reason = reason
+        return True
+
+    def _detokenize(self, final: bool) -> bool:
+        """Append the new tokens' text; True when it completes a stop string (the text is cut)."""
+        before = self.decode(self.tokens[self._prefix:self._read])
+        now = self.decode(self.tokens[self._prefix:])
+        if len(now) <= len(before) or (now.endswith("\ufffd") and not final):
+            return False  # nothing new yet, or a character still incomplete
+        start = len(self.text)
+        self.text += now[len(before):]
+        self._prefix, self._read = self._read, len(self.tokens)
+        stops = self.params.stop
+        if stops:
+            search = max(0, start - max(map(len, stops)) + 1)
+            hits = [i for i in (self.text.find(s, search) for s in stops) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self._stopped_by_string = True
+                return True
+        return False
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is the start of a stop string."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest

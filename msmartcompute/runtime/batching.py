@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.base import Stopped, is_out_of_memory
+from ..models.base import is_out_of_memory
 from .errors import InternalError, InvalidInputData, InvalidModelId, MSCError, QueueFull, RequestTimeout, insufficient_memory, last_line
 from .vgpu import DeviceScheduler
 
@@ -49,10 +49,6 @@ class Pending:
     decode_text: object = None        # for an input_text request: output_data -> output_text
     prompt_tokens: int | None = None  # for an input_text request: the tokens its text became
 
-    def stopped(self) -> bool:
-        """Nobody waits for it any more: past its deadline or given up by its caller."""
-        return self.abandoned or time.monotonic() >= self.deadline
-
 
 @dataclass
 class Result:
@@ -66,8 +62,6 @@ class Result:
 def map_run_error(exc: BaseException) -> MSCError:
     if isinstance(exc, MSCError):
         return exc
-    if isinstance(exc, Stopped):
-        return RequestTimeout(f"stopped before the end: every request of its run was past its deadline ({exc})")
     if is_out_of_memory(exc):
         return insufficient_memory(exc, "inference")
     if isinstance(exc, ValueError):
@@ -308,9 +302,8 @@ class Executor:
                 except Exception as exc:
                     if isinstance(exc, TimeoutError):
                         exc = RequestTimeout(f"request not run within its timeout: {exc}")
-                    if len(group) == 1 or isinstance(exc, Stopped):  # stopped: nobody waits for a retry
-                        for p in group:
-                            _fail(p, exc)
+                    if len(group) == 1:
+                        _fail(group[0], exc)
                         continue
                     log.info("worker %s: batch of %d failed (%s); retrying singly", self.name, len(group), exc)
                     for p in group:
@@ -328,8 +321,6 @@ class Executor:
                 torch.cuda.reset_peak_memory_stats(cuda)
                 base = torch.cuda.memory_allocated(cuda)
             t0 = time.perf_counter()
-            for p in group:  # a run of several steps (dense generation) polls it between steps
-                p.prepared.stop = p.stopped
             with torch.inference_mode(), queue.run_lock:
                 outputs = model.run([p.prepared for p in group])
             if cuda is not None:

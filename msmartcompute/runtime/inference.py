@@ -73,7 +73,8 @@ class Inference:
     def infer_stream(self, request: dict) -> Iterator[dict]:
         """A decoder request whose tokens come as they are sampled. Checked and queued now (a
         bad request raises here, before anything streams); the iterator then yields
-        {"request_id", "token_ids": [new ids per input row]} per step that produced any, and
+        {"request_id", "token_ids": [new ids per input row]} per step that produced any (plus
+        "text": [new text per row] for a model with a tokenizer), and
         last the response infer() would give (an MSCError if it failed or timed out).
         Closing the iterator early (the client went away) cancels the request: it leaves
         the batch at the next step and its KV blocks are freed."""
@@ -99,7 +100,7 @@ class Inference:
                     more = pending.stream.get_nowait()
                     ended = more is STREAM_END
                     if not ended:
-                        event = {"token_ids": [a + b for a, b in zip(event["token_ids"], more["token_ids"])]}
+                        event = {key: [a + b for a, b in zip(event[key], more[key])] for key in event}
                 if event is not STREAM_END:
                     yield {"request_id": pending.request_id, **event}
                 if ended:
@@ -250,7 +251,8 @@ class Inference:
                "memory_used": int(res.memory_used)}
         if pending.decode_text is not None:  # the request came as input_text
             out["prompt_tokens"] = pending.prompt_tokens
-            text = pending.decode_text(out["output_data"])
+            # a decoder's texts come from its stops (cut before a stop string)
+            text = res.output.texts if res.output.texts is not None else pending.decode_text(out["output_data"])
             if text is not None:
                 out["output_text"] = text
         if res.output.finish_reasons is not None:

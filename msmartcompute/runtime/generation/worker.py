@@ -232,8 +232,8 @@ class GenerationWorker:
             elif not r.seqs:
                 model, params = q.model, p.prepared.sampling
                 try:
-                    for row, prompt in enumerate(p.prepared.tensor.tolist()):
-                        stop = StopChecker(params, model.eos_token_id, model.decode)
+                    for row, prompt in enumerate(p.prepared.prompts()):
+                        stop = StopChecker(params, model.eos_ids, model.decode)
                         r.stops.append(stop)
                         r.generators.append(params.generator(row, model.device))
                         r.seqs.append(Sequence(prompt, owner=(r, row), output=stop.tokens))
@@ -269,7 +269,7 @@ class GenerationWorker:
 
     def _deliver(self, q: GenerationQueue, plan: list[Chunk], sampling: list[Chunk], tokens: list[int]) -> None:
         now = time.monotonic()
-        new: dict[_Request, dict[int, list[int]]] = collections.defaultdict(dict)
+        new: dict[_Request, dict[int, list[int]]] = collections.defaultdict(dict)   # request -> row -> new ids
         for c in plan:
             r = c.seq.owner[0]
             if r.started_at is None:
@@ -280,7 +280,7 @@ class GenerationWorker:
             stop = r.stops[row]
             before = len(stop.tokens)
             finished = stop.add(token)
-            if len(stop.tokens) > before:
+            if len(stop.tokens) > before or finished:  # finished: its last text goes out too
                 new[r][row] = stop.tokens[before:]
             if r.first_token_at is None:
                 r.first_token_at = now
@@ -296,7 +296,10 @@ class GenerationWorker:
         self.metrics.record_formed_batch(q.model_id, len(plan))
         for r, rows in new.items():
             if r.pending.stream is not None:
-                r.pending.stream.put({"token_ids": [rows.get(i, []) for i in range(len(r.seqs))]})
+                event = {"token_ids": [rows.get(i, []) for i in range(len(r.seqs))]}
+                if q.model.decode is not None:  # text deltas (a stop string is held back, never sent)
+                    event["text"] = [stop.take_text() for stop in r.stops]
+                r.pending.stream.put(event)
         for r in {c.seq.owner[0] for c in sampling}:
             if r.rows_done == len(r.seqs):
                 with self._cond:
@@ -324,7 +327,8 @@ def _answer(r: _Request, error: MSCError | None = None, q: GenerationQueue | Non
             data = np.array(rows, dtype=np.int64) if len({len(x) for x in rows}) == 1 else rows
             memory = int(p.prepared.tensor.nbytes) + 8 * sum(map(len, rows)) + r.peak_blocks * q.kv_bytes_per_block
             output = Output(output_data=data, tokens_generated=sum(map(len, rows)),
-                            finish_reasons=[s.finish_reason for s in r.stops])
+                            finish_reasons=[s.finish_reason for s in r.stops],
+                            texts=[s.output_text() for s in r.stops] if q.model.decode is not None else None)
             p.future.set_result(Result(output, time.monotonic() - (r.started_at or p.enqueued_at),
                                        batch_size, memory))
         else:  # cancelled: nobody reads the future; resolve it so no waiter hangs
