@@ -70,18 +70,23 @@ class Inference:
         """Run one request through its model's batch queue."""
         return self._infer(request, ids.request_id())
 
-    def infer_then(self, request: dict, reply: Callable[[dict | None, MSCError | None], None]
-                   ) -> tuple[Executor, Pending]:
+    def infer_then(self, request: dict, reply: Callable[[dict | None, MSCError | None], None],
+                   inline_max_s: float | None = None) -> tuple[Executor, Pending, object]:
         """infer() with no thread waiting for it (the engine process's path): the request is checked
         and queued now (a bad one raises here), then reply(response, None) or reply(None, error) is
         called once, on the thread that finished it (its model's worker). The request is not waited
         for by a batching timer when its worker is free: a worker takes whatever is queued the
         moment it is free. The caller enforces the deadline: at Pending.deadline it abandons the
-        request (Executor.abandon) and answers REQUEST_TIMEOUT itself, unless reply came first."""
+        request (Executor.abandon) and answers REQUEST_TIMEOUT itself, unless reply came first.
+        inline_max_s: when the executor is idle and the model's recent runs took at most this
+        long, the executor is claimed for the caller instead, and the third value returned is the
+        queue to pass to executor.run_inline(queue, pending) (else None): the caller runs the
+        batch itself, with whatever it queued meanwhile."""
         t0 = time.perf_counter()
         rid = ids.request_id()
         try:
-            executor, pending = self._enqueue(request, rid, no_wait=True)
+            executor, pending, claimed = self._enqueue(request, rid, may_run_inline=inline_max_s is not None,
+                                                       no_wait=True, inline_max_s=inline_max_s)
         except MSCError as exc:
             self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
             raise
@@ -102,7 +107,7 @@ class Inference:
             reply(self._response(pending, res, t0, model_id), None)
 
         pending.future.add_done_callback(finished)
-        return executor, pending
+        return executor, pending, claimed
 
     def infer_stream(self, request: dict) -> Iterator[dict]:
         """A decoder request whose tokens come as they are sampled. Checked and queued now (a
@@ -115,7 +120,7 @@ class Inference:
         t0 = time.perf_counter()
         rid = ids.request_id()
         try:
-            executor, pending = self._enqueue(request, rid, stream=True)
+            executor, pending, _ = self._enqueue(request, rid, stream=True)
         except MSCError as exc:
             self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
             raise
@@ -151,7 +156,7 @@ class Inference:
         for request in requests:
             rid = ids.request_id()
             try:
-                queued.append((rid, request, *self._enqueue(request, rid), None))
+                queued.append((rid, request, *self._enqueue(request, rid)[:2], None))
             except MSCError as exc:
                 self.meter.record_inference(False, 0.0, model=self._label(request), code=exc.code)
                 queued.append((rid, request, None, None, exc))
@@ -227,10 +232,12 @@ class Inference:
     def _infer(self, request: dict, request_id: str) -> dict:
         t0 = time.perf_counter()
         try:
-            executor, pending = self._enqueue(request, request_id, may_run_inline=True)
+            executor, pending, claimed = self._enqueue(request, request_id, may_run_inline=True)
         except MSCError as exc:
             self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
             raise
+        if claimed is not None:  # the executor was idle: run it on this thread (see batching.py)
+            executor.run_inline(claimed, pending)
         return self._finish(executor, pending, t0, request["model_id"])
 
     def _label(self, request: dict) -> str:
@@ -238,8 +245,10 @@ class Inference:
         model_id = request.get("model_id")
         return model_id if isinstance(model_id, str) and model_id in self.registry.models else "-"
 
-    def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False,
-                 stream: bool = False, no_wait: bool = False) -> tuple[Executor, Pending]:
+    def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False, stream: bool = False,
+                 no_wait: bool = False, inline_max_s: float | None = None) -> tuple[Executor, Pending, object]:
+        """Check and queue one request -> (executor, pending, the claimed queue when the caller
+        must run it inline, else None)."""
         entry = self.registry.entry(request.get("model_id"))
         model, executor = entry.model, entry.executor
         if stream and not isinstance(executor, GenerationWorker):
@@ -255,10 +264,10 @@ class Inference:
                           stream=queue_module.SimpleQueue() if stream else None, no_wait=no_wait)
         if prompt_tokens is not None:
             pending.decode_text, pending.prompt_tokens = model.decode_text, prompt_tokens
-        queue = executor.submit(entry.model_id, pending, may_run_inline)
-        if queue is not None:  # the executor was idle: run it on this thread (see batching.py)
-            executor.run_inline(queue, pending)
-        return executor, pending
+        if isinstance(executor, GenerationWorker):  # steps interleave: never run by a caller
+            executor.submit(entry.model_id, pending)
+            return executor, pending, None
+        return executor, pending, executor.submit(entry.model_id, pending, may_run_inline, inline_max_s)
 
     def _wait(self, executor: Executor, pending: Pending) -> Result:
         try:

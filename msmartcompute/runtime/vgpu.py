@@ -109,6 +109,11 @@ class DeviceScheduler:
             self._weight.pop(key, None)
             self._vtime.pop(key, None)
 
+    def idle(self) -> bool:
+        """Nobody holds or waits for the device now (a hint: it may change at once)."""
+        with self._cond:
+            return not self._busy and not self._waiting
+
     @contextmanager
     def slot(self, key: str, deadline: float | None = None):
         """Hold the device for one run. With a `deadline` (time.monotonic()), a wait that
