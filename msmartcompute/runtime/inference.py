@@ -178,7 +178,9 @@ class Inference:
             raise InvalidInputData(str(exc), {"field": "messages"}) from None
 
     # ---- the path of one request ------------------------------------------------------------
-    def _job(self, stored: dict) -> dict:
+    def _job(self, stored: dict, token) -> dict:
+        """An async inference job; its token is not polled: an inference job is not cancellable
+        and runs under the request's own deadline."""
         request = dict(stored)
         if stored.get("input_data") is not None:
             request["input_data"] = np.asarray(stored["input_data"], dtype=stored.get("input_dtype"))
