@@ -331,3 +331,31 @@ def test_the_quota_refuses_a_model_from_its_plan_before_building_it(tmp_path):
             rt.registry.load(too_deep)
     finally:
         rt.close()
+
+
+def test_the_plan_is_the_measured_size(tmp_path):
+    """models.planned_bytes (meta device) equals what the build then measures, for every family
+    with a plan: the reservation made before a build is the real one, not a guess."""
+    from msmartcompute import models
+
+    specs = [
+        {"model_type": "mlp", "parameters": {"input_size": 7, "hidden_sizes": [33, 17], "output_size": 5}},
+        {"model_type": "mlp", "enable_quantization": True,
+         "parameters": {"input_size": 64, "hidden_sizes": [96], "output_size": 8}},
+        {"model_type": "transformer", "enable_mixed_precision": True,
+         "parameters": {"vocab_size": 50, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}},
+        {"model_type": "encoder", "parameters": {"vocab_size": 50, "hidden_size": 32, "num_layers": 1, "num_heads": 2}},
+    ]
+    try:
+        from hf_fixtures import hf_model, save
+        hf_model("llama")  # needs transformers
+    except ImportError:
+        hf_model = None
+    if hf_model is not None:
+
+        save(hf_model("llama", seed=1), tmp_path / "llama", tokenizer=None)
+        specs.append({"model_type": "transformer", "model_path": str(tmp_path / "llama"), "enable_quantization": True})
+    for spec in specs:
+        spec = {"model_id": "m", **spec}
+        assert models.planned_bytes(spec) == models.build_model(spec, torch.device("cpu")).tensor_bytes(), spec
+    assert models.planned_bytes({"model_id": "p", "model_type": "torchscript", "model_path": "x.pt"}) is None

@@ -129,8 +129,9 @@ def _max_length(spec: dict, family: str, config, cfg: dict) -> int:
     return value
 
 
-def build_module(family: str, cfg: dict, spec: dict, device: torch.device):
-    """The architecture's module with the checkpoint's weights, on `device` in the compute dtype."""
+def _empty_module(family: str, cfg: dict, spec: dict, device: torch.device):
+    """(the architecture's module with uninitialised weights on `device` in the compute dtype,
+    its config, the dtype); on the meta device it holds shapes only."""
     module_cls, config_cls = ARCHITECTURES[family]
     try:
         config = config_cls.from_hf(cfg)
@@ -140,7 +141,12 @@ def build_module(family: str, cfg: dict, spec: dict, device: torch.device):
     _check_parameters(spec, family, config)
     dtype = compute_dtype(spec, device)
     with torch.device(device), no_init():
-        module = module_cls(config).to(dtype)
+        return module_cls(config).to(dtype), config, dtype
+
+
+def build_module(family: str, cfg: dict, spec: dict, device: torch.device):
+    """The architecture's module with the checkpoint's weights, on `device` in the compute dtype."""
+    module, config, dtype = _empty_module(family, cfg, spec, device)
     module.reset_buffers()
     body, head = module.weight_targets()
     tied = () if head or family == "bert" else ("lm_head.weight",)
@@ -293,14 +299,7 @@ def planned_bytes(spec: dict) -> int | None:
     if found is None:
         return None
     family, cfg, _ = found
-    module_cls, config_cls = ARCHITECTURES[family]
-    try:
-        config = config_cls.from_hf(cfg)
-    except (KeyError, TypeError) as exc:
-        raise SpecError("model_path", f"config.json lacks or mis-types a field the {family} architecture "
-                                      f"needs: {exc}") from None
-    with torch.device("meta"), no_init():
-        module = module_cls(config).to(compute_dtype(spec, torch.device("meta")))
+    module = _empty_module(family, cfg, spec, torch.device("meta"))[0]
     return quantized_bytes(module) if flag(spec, "enable_quantization") else module_bytes(module)
 
 
