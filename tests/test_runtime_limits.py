@@ -73,8 +73,8 @@ def test_a_running_training_job_is_cancelled_at_its_next_mini_batch(rt):
 
 
 def test_lock_waits_are_bounded_and_sync_trainings_capped(rt):
-    rid = rt.training.submit(_long_training())["request_id"]  # holds the model's lock
-    _wait(lambda: rt.training.get(rid)["status"] == "running")
+    rid = rt.training.submit(_long_training())["request_id"]
+    _wait(lambda: rt.training.get(rid)["epochs_completed"] >= 1)  # inside fit: it holds the model's lock
     t0 = time.monotonic()
     with pytest.raises(QueueFull) as waited:
         rt.training.train(_long_training(1))
