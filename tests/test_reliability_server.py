@@ -200,3 +200,14 @@ def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(tmp_path
             assert time.monotonic() - t0 < 5
     finally:
         server.stop()
+
+
+def test_require_keys_from_the_start(tmp_path):
+    """Issue #17 item 1/12: an admin can refuse open mode before the first key exists."""
+    server = LiveServer(tmp_path / "state", extra_args=["--require-keys"], env=quiet_env())
+    try:
+        status, body = http(server.base_url, "GET", "/api/v1/models")
+        assert status == 401 and body["error"]["code"] == "UNAUTHORIZED"
+        assert http(server.base_url, "GET", "/health")[0] == 200
+    finally:
+        server.stop()
