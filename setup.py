@@ -47,7 +47,10 @@ def extensions():
     from torch.utils import cpp_extension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++20", "-DMSC_PYTHON_MODULE"]
+    # -fopenmp: at::parallel_for is a header template whose `omp parallel` compiles only with it
+    # (without, every CPU kernel ran on one thread); the .so then needs libgomp.so.1, the one torch
+    # already loaded, so there is one thread pool.
+    cxx_flags = ["-O3", "-std=c++20", "-DMSC_PYTHON_MODULE", "-fopenmp"]
     if build_with_cuda():
         os.environ["CUDA_HOME"] = cuda_home()
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
@@ -56,6 +59,7 @@ def extensions():
         ext = cpp_extension.CUDAExtension(
             "msmartcompute._C",
             sources,
+            extra_link_args=["-fopenmp"],
             extra_compile_args={
                 "cxx": cxx_flags + ["-DMSC_WITH_CUDA"],
                 "nvcc": ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"],
@@ -64,7 +68,8 @@ def extensions():
         print(f"msmartcompute: building with CUDA ({os.environ['CUDA_HOME']}, "
               f"arch {os.environ['TORCH_CUDA_ARCH_LIST']})", file=sys.stderr)
     else:
-        ext = cpp_extension.CppExtension("msmartcompute._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = cpp_extension.CppExtension("msmartcompute._C", sources, extra_compile_args={"cxx": cxx_flags},
+                                         extra_link_args=["-fopenmp"])
         print("msmartcompute: building CPU-only", file=sys.stderr)
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": build_ext}

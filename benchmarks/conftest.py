@@ -11,6 +11,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     import platform
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    machine_info["label"] = f"{os.cpu_count()}-core {platform.machine()}, {gpu or 'no GPU'}"
+    machine_info["label"] = (f"{os.cpu_count()}-core {platform.machine()}, {gpu}" if gpu else
+                             f"{os.cpu_count()}-core {platform.machine()} CPU dev box, no GPU")
     machine_info["torch"] = torch.__version__
     machine_info["cuda"] = torch.version.cuda if gpu else None

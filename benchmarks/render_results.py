@@ -130,6 +130,27 @@ def pytest_benchmark(data: dict) -> list[str]:
                                            if isinstance(info.get(k), (int, float))), "-")
         out.append(f"| {b['name']} | {sig(st['median'] * 1e6)} us | {sig(st['q1'] * 1e6)}-{sig(st['q3'] * 1e6)} us | "
                    f"{st['rounds']} | {rate} |")
+    return out + side_by_side(data)
+
+
+def side_by_side(data: dict) -> list[str]:
+    """benchmarks/test_bench_auto.py: auto and each candidate timed interleaved in one run."""
+    rows = [b["extra_info"] for b in data["benchmarks"] if "side_by_side_us" in (b.get("extra_info") or {})]
+    if not rows:
+        return []
+    names = list(dict.fromkeys(name for r in rows for name in r["side_by_side_us"]))
+    out = ["", "Interleaved in one run: each backend's fastest call in us (the estimate auto chooses by); "
+           "auto / fastest candidate by fastest call and by median (goal <= 1.10); ours / torch below 1: "
+           "our kernel wins.", "",
+           "| op | shape | " + " | ".join(names) + " | auto chose | auto / fastest | (median) | ours / torch |",
+           "|---|---|" + "---:|" * len(names) + "---|---:|---:|---:|"]
+    for r in rows:
+        t = r["side_by_side_us"]
+        ours = min((t[n] for n in names if n not in ("auto", "torch") and n in t), default=None)
+        ratio = f"{ours / t['torch']:.2f}" if ours and t.get("torch") else "-"
+        out.append(f"| {r['op']} | {r['shape']} | " + " | ".join(sig(t[n]) if n in t else "-" for n in names) +
+                   f" | {r.get('chose') or '-'} | {r['auto_over_fastest']:.2f} | "
+                   f"{r['auto_over_fastest_median']:.2f} | {ratio} |")
     return out
 
 

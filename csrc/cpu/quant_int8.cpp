@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
@@ -14,28 +15,26 @@
 namespace msmartcompute {
 namespace {
 
-constexpr int64_t kLanes = 16;   // running maxima kept in one AVX-512 register (two AVX2 ones)
 constexpr int64_t kChunk = 512;  // half-precision rows are converted to float32 this many at a time
 
 // The hot loops use builtins and ternaries, not std::max / std::fabs: a target clone cannot
 // inline those (compiled for the default target), and calling them per element is scalar.
 
-// max |x[c]| over n floats.
+// max |x[c]| over n floats, on the bit patterns: with the sign bit cleared, IEEE floats order as
+// their unsigned integers do, and GCC vectorizes an integer max reduction (vpmaxud) where a float
+// one is kept scalar for its NaN rules (measured: 4x faster on a 256x4096 quantize). A NaN
+// (above +inf as bits) propagates to the scale, as torch's amax does.
 MSC_HOT float absmax_f32(const float* x, int64_t n) {
-  float lanes[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const float a = __builtin_fabsf(x[c + j]);
-      lanes[j] = a > lanes[j] ? a : lanes[j];
-    }
-  float m = 0.f;
-  for (int64_t j = 0; j < kLanes; ++j) m = lanes[j] > m ? lanes[j] : m;
-  for (; c < n; ++c) {
-    const float a = __builtin_fabsf(x[c]);
-    m = a > m ? a : m;
+  uint32_t m = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, x + c, sizeof bits);
+    bits &= 0x7fffffffu;
+    m = bits > m ? bits : m;
   }
-  return m;
+  float out;
+  __builtin_memcpy(&out, &m, sizeof out);
+  return out;
 }
 
 // q[c] = round_half_even(x[c] * inv) clamped to +-127, as reference.quantize_int8. Clamping

@@ -1,41 +1,41 @@
 """Fused attention: the Python face of msmartcompute::fused_attention_fwd / fused_attention_bwd."""
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ._backend import dispatch, extension_loaded, pow2, resolve
+from ._backend import dispatch, extension_loaded, pow2
 
 # Head dims the tiled GPU kernels are built for; the CPU kernel and the reference take any.
 GPU_HEAD_DIMS = (32, 64, 128, 256)
 CUDA_BACKWARD_HEAD_DIMS = (32, 64, 128)
 _DTYPES = {"cuda": (torch.float16, torch.bfloat16), "cpu": (torch.float32, torch.bfloat16, torch.float16)}
+# The attention schemas the built extension has CUDA kernels for, read once (torch.compile cannot
+# trace the dispatcher query).
+CUDA_SCHEMAS = frozenset(
+    schema for schema in ("fused_attention_fwd", "varlen_attention_fwd", "paged_attention", "reshape_and_cache")
+    if extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"msmartcompute::{schema}", "CUDA"))
 
 
-def choose_backend(op: str, schema: str, backend: str | None, q: torch.Tensor) -> str:
-    """The backend that runs attention op `op` (C++ schema `schema`) on q. An explicitly requested
-    backend that cannot (dtype, head dim, no kernel registered for the device yet) is a ValueError
-    naming why; auto falls back to the next that can (Triton for a missing CUDA kernel, else torch)."""
-    chosen = resolve(backend, q.device, op)
-    auto = (backend or os.environ.get("MSC_KERNEL_BACKEND") or "auto") == "auto"
-    if chosen == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"msmartcompute::{schema}", "CUDA"):
-        if not auto:
-            raise ValueError(f"{op}: the extension has no CUDA kernel for {schema}; use backend triton or torch")
-        chosen = "triton"
+def attention_impls(q: torch.Tensor, schema: str, ours, triton, torch_impl) -> dict:
+    """The `impls` of `_backend.dispatch` for an attention op on q: `ours` (the extension's
+    kernel, C++ schema `schema`) as cuda and cpu, `triton`, and `torch_impl`, each replaced by the
+    reason it cannot take q where our kernels' limits (dtype, head dim, a kernel not registered
+    for the device) rule it out. torch takes anything."""
     device_kind = "cuda" if q.device.type == "cuda" else "cpu"
-    problem = None
-    if chosen != "torch" and q.dtype not in _DTYPES[device_kind]:
-        names = ", ".join(str(t).removeprefix("torch.") for t in _DTYPES[device_kind])
-        problem = f"{chosen} backend on {device_kind} takes {names}, got {q.dtype}"
-    elif chosen in ("cuda", "triton") and q.shape[-1] not in GPU_HEAD_DIMS:
-        problem = (f"head dim {q.shape[-1]} is not supported by the {chosen} kernels (q {tuple(q.shape)}); "
-                   f"supported: {GPU_HEAD_DIMS}")
-    if problem is None:
-        return chosen
-    if auto:
-        return "torch"  # auto runs what can run: the reference math takes any dtype and head dim
-    raise ValueError(f"{op}: {problem}")
+
+    def limits(name, run):
+        if name == "cuda" and schema not in CUDA_SCHEMAS:
+            return f"the extension has no CUDA kernel for {schema}"
+        if q.dtype not in _DTYPES[device_kind]:
+            names = ", ".join(str(t).removeprefix("torch.") for t in _DTYPES[device_kind])
+            return f"{name} backend on {device_kind} takes {names}, got {q.dtype}"
+        if name in ("cuda", "triton") and q.shape[-1] not in GPU_HEAD_DIMS:
+            return (f"head dim {q.shape[-1]} is not supported by the {name} kernels (q {tuple(q.shape)}); "
+                    f"supported: {GPU_HEAD_DIMS}")
+        return run
+
+    return {"cuda": limits("cuda", ours), "cpu": limits("cpu", ours), "triton": limits("triton", triton),
+            "torch": torch_impl}
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
@@ -77,25 +77,13 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """
     _check_inputs(q, k, v, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    device_kind = "cuda" if q.device.type == "cuda" else "cpu"
-
-    def ours(name, run):  # our kernels' limits, as the reason a backend cannot take these inputs
-        if q.dtype not in _DTYPES[device_kind]:
-            names = ", ".join(str(t).removeprefix("torch.") for t in _DTYPES[device_kind])
-            return f"{name} backend on {device_kind} takes {names}, got {q.dtype}"
-        if name in ("cuda", "triton") and q.shape[-1] not in GPU_HEAD_DIMS:
-            return (f"head dim {q.shape[-1]} is not supported by the {name} kernels (q {tuple(q.shape)}); "
-                    f"supported: {GPU_HEAD_DIMS}")
-        return run
-
     B, H, Sq, D = q.shape
     key = (str(q.dtype), causal, k.shape[1] != H, pow2(B * H), pow2(Sq), pow2(k.shape[2]), D)
-    return dispatch("fused_attention", backend, q.device, key, {
-        "cuda": ours("cuda", lambda: torch.ops.msmartcompute.fused_attention_fwd(q, k, v, causal, scale)[0]),
-        "cpu": ours("cpu", lambda: torch.ops.msmartcompute.fused_attention_fwd(q, k, v, causal, scale)[0]),
-        "triton": ours("triton", lambda: _triton().attention(q, k, v, causal, scale)),
-        "torch": lambda: _sdpa(q, k, v, causal, scale),
-    })
+    return dispatch("fused_attention", backend, q.device, key, attention_impls(
+        q, "fused_attention_fwd",
+        lambda: torch.ops.msmartcompute.fused_attention_fwd(q, k, v, causal, scale)[0],
+        lambda: _triton().attention(q, k, v, causal, scale),
+        lambda: _sdpa(q, k, v, causal, scale)))
 
 
 def _sdpa(q, k, v, causal, scale):

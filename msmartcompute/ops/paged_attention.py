@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import extension_loaded
-from .attention import choose_backend
+from ._backend import dispatch, extension_loaded, pow2
+from .attention import attention_impls
 
 
 def _check_inputs(q, k_cache, v_cache, block_table, seq_lens) -> None:
@@ -53,15 +53,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     _check_inputs(q, k_cache, v_cache, block_table, seq_lens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    chosen = choose_backend("paged_attention", "paged_attention", backend, q)
-    if chosen in ("cuda", "cpu"):
-        return torch.ops.msmartcompute.paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
-    if chosen == "triton":
-        from .triton import paged_attention as triton_paged
-
-        return triton_paged.paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
-    return reference.paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, scale)
-
+    B, Sq, H, D = q.shape
+    # seq_lens stays on the device (reading it would sync): the table's capacity stands for the keys
+    key = (str(q.dtype), k_cache.shape[2] != H, pow2(B), pow2(Sq), pow2(block_table.shape[1] * k_cache.shape[1]),
+           k_cache.shape[1], D)
+    return dispatch("paged_attention", backend, q.device, key, attention_impls(
+        q, "paged_attention",
+        lambda: torch.ops.msmartcompute.paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale),
+        lambda: _triton().paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale),
+        lambda: reference.paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, scale)))
 
 def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       slot_mapping: torch.Tensor, *, backend: str | None = None) -> None:
@@ -87,16 +87,19 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v
                          f"{k_cache.dtype}, {v_cache.dtype}")
     if not all(t.device == k.device for t in (v, k_cache, v_cache, slot_mapping)):
         raise ValueError(f"reshape_and_cache: every tensor must be on {k.device}")
-    chosen = choose_backend("reshape_and_cache", "reshape_and_cache", backend, k)
-    if chosen in ("cuda", "cpu"):
-        torch.ops.msmartcompute.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
-    elif chosen == "triton":
-        from .triton import paged_attention as triton_paged
+    # Writing the same rows again is harmless, so auto may time the candidates on the real call.
+    key = (str(k.dtype), pow2(k.shape[0]), k.shape[1] * k.shape[2])
+    dispatch("reshape_and_cache", backend, k.device, key, attention_impls(
+        k, "reshape_and_cache",
+        lambda: torch.ops.msmartcompute.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping),
+        lambda: _triton().reshape_and_cache(k, v, k_cache, v_cache, slot_mapping),
+        lambda: reference.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)))
 
-        triton_paged.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
-    else:
-        reference.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
 
+def _triton():
+    from .triton import paged_attention
+
+    return paged_attention
 
 if extension_loaded():
     # Fake (meta) implementations: shapes and dtypes only, for torch.compile and FakeTensor tracing.

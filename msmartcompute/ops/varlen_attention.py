@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import extension_loaded
-from .attention import CUDA_BACKWARD_HEAD_DIMS, choose_backend
+from ._backend import dispatch, extension_loaded, pow2
+from .attention import CUDA_BACKWARD_HEAD_DIMS, attention_impls
 
 
 def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k) -> None:
@@ -52,17 +52,22 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    chosen = choose_backend("varlen_attention", "varlen_attention_fwd", backend, q)
-    if chosen in ("cuda", "cpu"):
-        return torch.ops.msmartcompute.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                                           int(max_seqlen_k), causal, scale)[0]
-    if chosen == "triton":
-        from .triton import varlen_attention as triton_varlen
+    max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+    key = (str(q.dtype), causal, k.shape[1] != q.shape[1], pow2(cu_seqlens_q.shape[0] - 1), pow2(q.shape[0]),
+           pow2(k.shape[0]), pow2(max_seqlen_q), pow2(max_seqlen_k), q.shape[-1])
+    return dispatch("varlen_attention", backend, q.device, key, attention_impls(
+        q, "varlen_attention_fwd",
+        lambda: torch.ops.msmartcompute.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                             max_seqlen_k, causal, scale)[0],
+        lambda: _triton().varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           causal, scale),
+        lambda: reference.varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)))
 
-        return triton_varlen.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                              int(max_seqlen_k), causal, scale)
-    return reference.varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
 
+def _triton():
+    from .triton import varlen_attention
+
+    return varlen_attention
 
 if extension_loaded():
     # Fake (meta) implementations: shapes and dtypes only, for torch.compile and FakeTensor tracing.
