@@ -260,11 +260,15 @@ def main(argv=None) -> int:
             def server(name):
                 return servers["ours" if name == "ours_stream" else name]
 
-            for name in names:  # warm up every target (first-call allocations, lazy inits) before measuring
+            # warm up every target with one whole pass (first-call allocations, lazy inits, the kernel
+            # backends' first measurements at each new shape) before measuring
+            for name in names:
+                for other, (proc, _) in servers.items():
+                    proc.pause(other != name.removesuffix("_stream"))
                 if name == "hf":
-                    load_hf(model, requests[:4], 4)
+                    load_hf(model, requests, args.concurrency)
                 else:
-                    load_http(name, server(name)[1].port, requests[:4], 4, stream=name == "ours_stream")
+                    load_http(name, server(name)[1].port, requests, args.concurrency, stream=name == "ours_stream")
             for rnd in range(args.rounds):
                 for name in names:
                     for other, (proc, _) in servers.items():  # only the target under load runs
