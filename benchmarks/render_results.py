@@ -55,7 +55,7 @@ def spread_pct(low: float, high: float, median: float) -> float:
 
 def serving_load(data: dict) -> list[str]:
     out = ["| case | target | c | req/s (median of rounds) | req/s min-max | p50 ms | p99 ms | server CPU ms/req "
-           "| errors |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| CPU ms/req by process | errors |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     groups: dict[tuple, list[dict]] = {}
     for r in data["runs"]:
         groups.setdefault((r["case"], r["target"], r["concurrency"]), []).append(r)
@@ -66,16 +66,28 @@ def serving_load(data: dict) -> list[str]:
         out.append(f"| {case} | {target} | {c} | {fmt(med(rates))}{noisy} | {fmt(min(rates))}-{fmt(max(rates))} | "
                    f"{fmt(med([r['p50_ms'] for r in rs]), 2)} | {fmt(med([r['p99_ms'] for r in rs]), 2)} | "
                    f"{fmt(med([r.get('server_cpu_ms_per_request', float('nan')) for r in rs]), 3)} | "
-                   f"{sum(r['errors'] for r in rs)} |")
+                   f"{_cpu_split(rs)} | {sum(r['errors'] for r in rs)} |")
     out += ["", "| goal | ratio (median) | rounds | target | met |", "|---|---:|---|---:|---|"]
     for g in data.get("goals", []):
-        if "median" not in g:
+        if g.get("median") is None:
             continue
         noisy = spread_pct(min(g["ratios"]), max(g["ratios"]), g["median"]) > NOISE
         met = "noise: rounds disagree" if noisy else ("yes" if g["met"] else "no")
-        out.append(f"| {g['ours']} / {g['baseline']} at c={g['concurrency']}, {g['metric']} | {g['median']:.2f}x | "
+        at = f"c={g['concurrency']}" + (f" over c={g['baseline_concurrency']}" if "baseline_concurrency" in g else "")
+        out.append(f"| {g['ours']} / {g['baseline']} at {at}, {g['metric']} | {g['median']:.2f}x | "
                    f"{', '.join(f'{x:.2f}' for x in g['ratios'])} | {g['goal']} | {met} |")
     return out
+
+
+def _cpu_split(rows: list[dict]) -> str:
+    """The median per process role of the rows' CPU ms/request (serving/run.py), or "-"."""
+    splits = [r["server_cpu_ms_per_request_by_process"] for r in rows if r.get("server_cpu_ms_per_request_by_process")]
+    if not splits:
+        return "-"
+    roles = sorted({k for s in splits for k in s})
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return ", ".join(f"{k} {med([s.get(k, 0.0) for s in splits]):.3f}" for k in roles
+                     if med([s.get(k, 0.0) for s in splits]) >= 0.0005)
 
 
 def generation_load(data: dict) -> list[str]:

@@ -1,6 +1,7 @@
 """Server configuration: defaults < config file (JSON or TOML) < MSC_* env < flags.
 
-File sections: [server] (host, port, state_dir, threads, log_level, max_body_bytes, cors_origins),
+File sections: [server] (host, port, state_dir, threads, log_level, max_body_bytes, cors_origins,
+and the connection limits below),
 [security] (api_keys = [{key, user_id, role}], rate_limit_per_minute,
 rate_limit_burst, rate_limit_enabled), [inference] and [virtualization] (fields of
 runtime.engine.RuntimeConfig), and [[models]] (load specs preloaded at start).
@@ -23,6 +24,12 @@ class ServerConfig:
     log_level: str = "INFO"
     max_body_bytes: int = 64 * 1024 * 1024
     cors_origins: list = field(default_factory=list)  # browser origins allowed cross-origin ("*": any)
+    # What one front process accepts from the network (serving/connections.py applies them):
+    connection_limit: int = 1000       # open connections per front; beyond, they wait in the listen backlog
+    idle_timeout_s: float = 30.0       # an idle keep-alive connection is closed after this
+    header_timeout_s: float = 10.0     # request line + headers must have arrived within this ...
+    body_timeout_s: float = 300.0      # ... and the whole body within this, however steadily it trickles
+    max_header_bytes: int = 64 * 1024  # request line + headers; more is a 431
     rate_limit_per_minute: int = 1000
     rate_limit_burst: int = 100
     rate_limit_enabled: bool = True
@@ -31,7 +38,9 @@ class ServerConfig:
     models: list = field(default_factory=list)     # load specs preloaded at start
 
 
-_SERVER_KEYS = ("host", "port", "state_dir", "threads", "log_level", "max_body_bytes", "cors_origins")
+_CONNECTION_KEYS = ("connection_limit", "idle_timeout_s", "header_timeout_s", "body_timeout_s", "max_header_bytes")
+_SERVER_KEYS = ("host", "port", "state_dir", "threads", "log_level", "max_body_bytes", "cors_origins",
+                *_CONNECTION_KEYS)
 _SECURITY_KEYS = ("rate_limit_per_minute", "rate_limit_burst", "rate_limit_enabled")
 _ENV = {
     "host": "MSC_HOST", "port": "MSC_PORT", "state_dir": "MSC_STATE_DIR", "threads": "MSC_THREADS",
@@ -39,7 +48,9 @@ _ENV = {
     "rate_limit_per_minute": "MSC_RATE_LIMIT_PER_MINUTE", "rate_limit_burst": "MSC_RATE_LIMIT_BURST",
     "rate_limit_enabled": "MSC_RATE_LIMIT_ENABLED", "cors_origins": "MSC_CORS_ORIGINS",
 }
-_INT_KEYS = {"port", "threads", "max_body_bytes", "rate_limit_per_minute", "rate_limit_burst"}
+_INT_KEYS = {"port", "threads", "max_body_bytes", "rate_limit_per_minute", "rate_limit_burst", "connection_limit",
+             "max_header_bytes"}
+_POSITIVE_FLOAT_KEYS = {"idle_timeout_s", "header_timeout_s", "body_timeout_s"}
 
 
 def _coerce(name: str, value):
@@ -48,6 +59,14 @@ def _coerce(name: str, value):
             return int(value)
         except (TypeError, ValueError):
             raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if name in _POSITIVE_FLOAT_KEYS:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = 0.0
+        if not seconds > 0:
+            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        return seconds
     if name == "state_dir":
         return Path(value)
     if name == "cors_origins":  # a list, or one comma-separated string (the environment variable)

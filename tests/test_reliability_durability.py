@@ -169,8 +169,8 @@ def test_job_runner_restart_rules(tmp_path):
     kind (training) is failed with the reason; queued jobs of both run."""
     store = Store(tmp_path / "state.sqlite3")
     runner = JobRunner(store, workers=1)
-    runner.register("inference", lambda r: {"y": r["x"] * 2}, rerun_on_restart=True)
-    runner.register("training", lambda r: {"epochs": r["x"]}, rerun_on_restart=False)
+    runner.register("inference", lambda r, token: {"y": r["x"] * 2}, rerun_on_restart=True)
+    runner.register("training", lambda r, token: {"epochs": r["x"]}, rerun_on_restart=False)
     # rows as a killed process leaves them (no worker ever started)
     for job_id, kind in (("inf-run", "inference"), ("trn-run", "training"), ("inf-q", "inference"),
                          ("trn-q", "training"), ("bad-q", "training")):

@@ -1,8 +1,14 @@
-"""The server process against a careless operator: one server per state dir, a damaged
-store refused at start, backup and restore."""
+"""The server process against a careless operator and a hostile client: one server per state
+dir, a damaged store refused at start, backup and restore, idle and slow connections that
+cannot stall /health, waitress' own errors in the envelope."""
+import json
+import socket
 import stat
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 
 from live_server import LiveServer, free_port
 from msmartcompute.runtime.store import STORE_FILENAME
@@ -63,5 +69,134 @@ def test_the_first_key_created_by_the_cli_closes_a_running_open_server(tmp_path)
         key = run_cli("keys", "--state-dir", str(state), "create", "--user", "u", "--role", "user").stdout.strip()
         assert http(server.base_url, "GET", "/api/v1/models")[0] == 401
         assert http(server.base_url, "POST", "/api/v1/models", MLP, key=key)[0] == 403
+    finally:
+        server.stop()
+
+
+def _raw(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _envelope(raw: bytes) -> tuple[int, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert b"application/json" in head, head
+    return status, json.loads(body)
+
+
+def _content_length(answer: bytes) -> int:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
+
+
+def _idle_and_slow_connections(port: int, idle: int, slow: int, stop: threading.Event) -> list[socket.socket]:
+    """`idle` connected sockets that send nothing, and `slow` ones that trickle one header byte
+    per second from a thread until `stop` (the slow-loris attack of issue #17 item 4)."""
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(idle)]
+    slow_socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(slow)]
+
+    def trickle():
+        line = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 10_000
+        i = 0
+        while not stop.wait(1.0):
+            for s in slow_socks:
+                try:
+                    s.send(line[i:i + 1])
+                except OSError:
+                    pass
+            i += 1
+
+    threading.Thread(target=trickle, daemon=True).start()
+    return socks + slow_socks
+
+
+def test_health_answers_beside_500_idle_and_110_slow_connections(tmp_path):
+    config = tmp_path / "server.json"
+    config.write_text(json.dumps({"server": {"header_timeout_s": 3}}))
+    server = LiveServer(tmp_path / "state", extra_args=["--config", str(config)], env=quiet_env())
+    stop = threading.Event()
+    socks = []
+    try:
+        socks = _idle_and_slow_connections(server.port, idle=500, slow=110, stop=stop)
+        time.sleep(1.5)
+        for _ in range(3):
+            t0 = time.monotonic()
+            with urllib.request.urlopen(server.base_url + "/health", timeout=5) as r:
+                assert r.status == 200
+            assert time.monotonic() - t0 < 2.0
+            assert http(server.base_url, "GET", "/api/v1/models", timeout=5)[0] == 200
+        # a trickling client is dropped once its head is late, however steadily it sends
+        slow = socks[-1]
+        slow.settimeout(15)
+        try:
+            assert slow.recv(1) == b""
+        except ConnectionResetError:  # closed with our unread bytes in its buffer: a reset
+            pass
+    finally:
+        stop.set()
+        for s in socks:
+            s.close()
+        server.stop()
+
+
+def test_waitress_errors_are_envelopes_and_never_echo_the_request(tmp_path):
+    config = tmp_path / "server.json"
+    config.write_text(json.dumps({"server": {"max_body_bytes": 1024}}))
+    server = LiveServer(tmp_path / "state", extra_args=["--config", str(config)], env=quiet_env())
+    try:
+        secret = "msc_abcdef_SECRETSECRETSECRETSECRET"
+        # a CR without LF inside the Authorization header: waitress' own 400 quoted the line
+        status, body = _envelope(_raw(server.port, (
+            f"GET /api/v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\rX: y\r\n\r\n").encode()))
+        assert status == 400 and body["success"] is False and body["error"]["code"] == "INVALID_INPUT_DATA"
+        assert "SECRET" not in json.dumps(body)
+        status, body = _envelope(_raw(server.port, b"GARBAGE\r\n\r\n"))
+        assert status == 400 and body["error"]["code"] == "INVALID_INPUT_DATA"
+        # over the body limit by Content-Length, and by a chunked body
+        status, body = _envelope(_raw(server.port, (
+            b"POST /api/v1/inference HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 5000\r\n\r\n" + b"{" * 5000)))
+        assert status == 413 and body["error"]["code"] == "INVALID_INPUT_DATA"
+        status, body = _envelope(_raw(server.port, (
+            b"POST /api/v1/inference HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + b"800\r\n" + b"{" * 2048 + b"\r\n0\r\n\r\n")))
+        assert status == 413 and body["error"]["code"] == "INVALID_INPUT_DATA"
+        # a header block over the header limit
+        status, body = _envelope(_raw(server.port, (
+            b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 100_000 + b"\r\n\r\n")))
+        assert status == 431 and body["error"]["code"] == "INVALID_INPUT_DATA"
+        assert "bbbb" not in json.dumps(body)
+    finally:
+        server.stop()
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(tmp_path):
+    config = tmp_path / "server.json"
+    config.write_text(json.dumps({"server": {"idle_timeout_s": 1}}))
+    server = LiveServer(tmp_path / "state", extra_args=["--config", str(config)], env=quiet_env())
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _content_length(answer):
+                answer += s.recv(65536)  # the head and the body may come in separate writes
+            assert answer.startswith(b"HTTP/1.1 200")
+            t0 = time.monotonic()
+            assert s.recv(1) == b""  # closed by the server, not by our 10 s timeout
+            assert time.monotonic() - t0 < 5
     finally:
         server.stop()

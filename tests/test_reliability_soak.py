@@ -1,10 +1,13 @@
 """Soak: thousands of mixed requests at concurrency 32 against a live server (threads, one
-keep-alive connection each): zero 5xx, zero lost async results, resident memory flat between
-the first and the last thousand requests. Slow: run by .ci/run (MSC_RELIABILITY_SLOW=1)."""
+keep-alive connection each) while 200 more connections sit idle: zero 5xx, zero lost async
+results, /health fast, resident memory flat between the first and the last thousand requests.
+Slow: run by .ci/run (MSC_RELIABILITY_SLOW=1)."""
 import http.client
 import itertools
 import json
 import os
+import select
+import socket
 import threading
 import time
 
@@ -21,6 +24,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("MSC_RELIABILITY_SLOW") != "1",
 
 TOTAL = int(os.environ.get("MSC_SOAK_REQUESTS", "6000"))
 CONCURRENCY = 32
+IDLE_CONNECTIONS = 200  # open and silent beside the load: they must not take the server's slots
 MLP = {"model_id": "soak-mlp", "model_type": "mlp", "max_batch_size": 16,
        "parameters": {"input_size": 16, "hidden_sizes": [64], "output_size": 4}}
 LM = {"model_id": "soak-lm", "model_type": "transformer", "max_batch_size": 8, "max_sequence_length": 64,
@@ -48,6 +52,22 @@ class Client:
                 self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
                 if attempt:
                     raise
+
+
+def hold_idle_connections(port: int, count: int, stop: threading.Event) -> None:
+    """Keep `count` silent connections open until `stop`: one the server closed (its idle
+    timeout) is replaced within a second."""
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    try:
+        while not stop.wait(1.0):
+            closed, _, _ = select.select(socks, [], [], 0)  # readable = the server closed it
+            for s in closed:
+                socks.remove(s)
+                s.close()
+                socks.append(socket.create_connection(("127.0.0.1", port)))
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _row(i, width=16):
@@ -142,6 +162,9 @@ def test_soak(tmp_path):
                 if done == 1000:
                     rss["first_1000"] = rss_bytes(pid)
 
+    stop_idle = threading.Event()
+    idle = threading.Thread(target=hold_idle_connections, args=(server.port, IDLE_CONNECTIONS, stop_idle))
+    idle.start()
     try:
         assert http1(url, "POST", "/api/v1/models", MLP, admin)[0] == 200
         assert http1(url, "POST", "/api/v1/models", LM, admin)[0] == 200
@@ -167,6 +190,8 @@ def test_soak(tmp_path):
                     assert body["status"] in ("queued", "running"), body
             time.sleep(0.1)
     finally:
+        stop_idle.set()
+        idle.join()
         server.stop()
     log = log_file.read_text()
     print(f"\n{TOTAL} requests at concurrency {CONCURRENCY} in {elapsed:.1f} s ({TOTAL / elapsed:.0f}/s); "

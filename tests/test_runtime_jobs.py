@@ -142,7 +142,7 @@ def test_job_ownership(tmp_path):
 def test_runner_takes_new_kinds(tmp_path):
     rt = make_runtime(tmp_path)
     try:
-        rt.jobs.register("echo", lambda request: {"echo": request["n"] * 2}, rerun_on_restart=False)
+        rt.jobs.register("echo", lambda request, token: {"echo": request["n"] * 2}, rerun_on_restart=False)
         rt.jobs.submit("e1", "echo", None, {"n": 21})
         deadline = time.monotonic() + 10
         while rt.jobs.get("e1")["status"] != "completed" and time.monotonic() < deadline:

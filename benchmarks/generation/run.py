@@ -22,18 +22,17 @@ Targets, measured one after the other, round by round:
 Generated tokens/s counts the tokens each request asked for (max_tokens; no EOS in these
 models), over the wall time from the first request sent to the last answer. Greedy answers of
 ours are compared token for token with static's and hf's (a mismatch is reported, not hidden).
+Every target is warmed with one whole pass first (the kernel backends measure at each new shape).
 
 Run: python -m benchmarks.generation.run --rounds 2 --out benchmarks/results/generation-cpu-2core.json
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import http.client
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,8 +44,8 @@ import numpy as np
 import orjson
 import torch
 
+from benchmarks.harness import Goal, Servers, judge, progress, write_result
 from benchmarks.serving import targets
-from benchmarks.serving.run import machine_info, progress
 
 BASELINE_REV = "17d0d33"  # main before pretrained decoders ran on the generation engine: static batching
 PARAMS = {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
@@ -55,8 +54,8 @@ CHECKPOINT = "llama-tiny"   # the folder under each server's model root
 SEED = 11
 SPEC = {"model_id": "llama-tiny", "model_type": "transformer", "model_path": CHECKPOINT, "max_sequence_length": 512,
         "max_batch_size": 32}
-GOALS = [("tokens_per_s", "ours", "static", ">=", 3.0), ("tokens_per_s", "ours", "hf", ">=", 2.0),
-         ("ttft_p99_s", "ours_stream", "static", "<=", 0.5)]
+GOALS = [Goal("tokens_per_s", "ours", "static", ">=", 3.0), Goal("tokens_per_s", "ours", "hf", ">=", 2.0),
+         Goal("ttft_p99_s", "ours_stream", "static", "<=", 0.5)]
 
 
 def workload(n: int = 64, seed: int = 0) -> list[dict]:
@@ -211,22 +210,6 @@ def baseline_checkout(rev: str, where: Path) -> Path:
     return where
 
 
-def goals_met(rows: list[dict]) -> list[dict]:
-    out = []
-    for metric, ours, base, op, goal in GOALS:
-        ratios = []
-        for rnd in sorted({r["round"] for r in rows}):
-            a = next((r for r in rows if r["round"] == rnd and r["target"] == ours), None)
-            b = next((r for r in rows if r["round"] == rnd and r["target"] == base), None)
-            if a and b:
-                ratios.append(a[metric] / b[metric])
-        median = statistics.median(ratios) if ratios else None
-        met = median is not None and (median >= goal if op == ">=" else median <= goal)
-        out.append({"metric": metric, "ours": ours, "baseline": base, "goal": f"{op} {goal}", "ratios": ratios,
-                    "median": median, "met": met})
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--machine", default="2-core x86_64 CPU dev box, no GPU", help="machine label stored in the result")
@@ -245,49 +228,43 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.torch_threads)
     requests = workload(args.requests)
     rows, outputs = [], {}
-    with tempfile.TemporaryDirectory(prefix="msc-gen-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="msc-gen-") as tmp, Servers() as servers:
         checkpoint = make_checkpoint(Path(tmp) / "checkpoint")
-        servers = {}
-        try:
-            if "ours" in names or "ours_stream" in names:
-                servers["ours"] = targets.ours("ours", SPEC, with_checkpoint(Path(tmp) / "ours", checkpoint),
-                                               {"max_queue_delay_ms": 5})
-            if "static" in names:
-                repo = baseline_checkout(args.baseline_rev, Path(args.baseline_dir))
-                servers["static"] = targets.ours("static", SPEC, with_checkpoint(Path(tmp) / "static", checkpoint),
-                                                 {"max_queue_delay_ms": 5}, repo=repo)
-            model = hf_model(checkpoint) if "hf" in names else None
-            def server(name):
-                return servers["ours" if name == "ours_stream" else name]
+        ports = {}
+        if "ours" in names or "ours_stream" in names:
+            proc, target = targets.ours("ours", SPEC, with_checkpoint(Path(tmp) / "ours", checkpoint),
+                                        {"max_queue_delay_ms": 5})
+            servers.add("ours", proc)
+            ports["ours"] = ports["ours_stream"] = target.port
+        if "static" in names:
+            repo = baseline_checkout(args.baseline_rev, Path(args.baseline_dir))
+            proc, target = targets.ours("static", SPEC, with_checkpoint(Path(tmp) / "static", checkpoint),
+                                        {"max_queue_delay_ms": 5}, repo=repo)
+            servers.add("static", proc)
+            ports["static"] = target.port
+        model = hf_model(checkpoint) if "hf" in names else None
 
-            # warm up every target with one whole pass (first-call allocations, lazy inits, the kernel
-            # backends' first measurements at each new shape) before measuring
+        # warm up every target with one whole pass (first-call allocations, lazy inits, the kernel
+        # backends' first measurements at each new shape) before measuring
+        for name in names:
+            servers.only(name.removesuffix("_stream"))
+            if name == "hf":
+                load_hf(model, requests, args.concurrency)
+            else:
+                load_http(name, ports[name], requests, args.concurrency, stream=name == "ours_stream")
+        for rnd in range(args.rounds):
             for name in names:
-                for other, (proc, _) in servers.items():
-                    proc.pause(other != name.removesuffix("_stream"))
+                servers.only(name.removesuffix("_stream"))  # hf: every server frozen
                 if name == "hf":
-                    load_hf(model, requests, args.concurrency)
+                    row, outputs[name] = load_hf(model, requests, args.concurrency)
                 else:
-                    load_http(name, server(name)[1].port, requests, args.concurrency, stream=name == "ours_stream")
-            for rnd in range(args.rounds):
-                for name in names:
-                    for other, (proc, _) in servers.items():  # only the target under load runs
-                        proc.pause(other != name.removesuffix("_stream"))
-                    time.sleep(0.2)
-                    if name == "hf":
-                        row, outputs[name] = load_hf(model, requests, args.concurrency)
-                    else:
-                        row, outputs[name] = load_http(name, server(name)[1].port, requests, args.concurrency,
-                                                       stream=name == "ours_stream")
-                    row["round"] = rnd
-                    rows.append(row)
-                    progress(f"round {rnd} {name:<7} {row['tokens_per_s']:8.1f} tok/s  wall {row['wall_s']:6.2f} s  "
-                             f"TTFT p50 {row['ttft_p50_s']:.3f} p99 {row['ttft_p99_s']:.3f} s  "
-                             f"errors {row['errors']}" + (f" ({row['first_error']})" if row.get("first_error") else ""))
-        finally:
-            for proc, _ in servers.values():
-                proc.pause(False)
-                proc.stop()
+                    row, outputs[name] = load_http(name, ports[name], requests, args.concurrency,
+                                                   stream=name == "ours_stream")
+                row["round"] = rnd
+                rows.append(row)
+                progress(f"round {rnd} {name:<7} {row['tokens_per_s']:8.1f} tok/s  wall {row['wall_s']:6.2f} s  "
+                         f"TTFT p50 {row['ttft_p50_s']:.3f} p99 {row['ttft_p99_s']:.3f} s  "
+                         f"errors {row['errors']}" + (f" ({row['first_error']})" if row.get("first_error") else ""))
     greedy = [i for i, r in enumerate(requests) if r["temperature"] == 0]
     agreement = None
     if "ours" in outputs and "static" in outputs:
@@ -301,22 +278,13 @@ def main(argv=None) -> int:
     if "ours" in outputs and "ours_stream" in outputs:  # sampled ones too: a request's tokens depend on its seed only
         seeded = sum(outputs["ours"][i] == outputs["ours_stream"][i] for i in range(len(requests)))
         progress(f"answers equal (ours vs ours_stream, other batch mates): {seeded}/{len(requests)}")
-    goals = goals_met(rows)
-    for g in goals:
-        if g["median"] is not None:
-            progress(f"{g['ours']} / {g['baseline']} {g['metric']}: {g['median']:.2f}x "
-                     f"(rounds {', '.join(f'{x:.2f}' for x in g['ratios'])}; goal {g['goal']}) "
-                     f"{'MET' if g['met'] else 'NOT MET'}")
-    result = {"suite": "generation-load", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds").replace("+00:00", "Z"), "machine": machine_info(args.machine),
-        "settings": {**vars(args), "spec": SPEC, "checkpoint": {"architecture": "LlamaForCausalLM", **PARAMS,
-                                                                "seed": SEED, "format": "safetensors"}},
-        "greedy_equal_ours_static": agreement, "greedy_equal_ours_hf": agreement_hf, "greedy_requests": len(greedy),
-        "all_equal_ours_ours_stream": seeded, "runs": rows, "goals": goals}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        progress(f"wrote {args.out}")
+    goals = judge(GOALS, rows)
+    write_result(args.out, "generation-load", args.machine,
+                 {**vars(args), "spec": SPEC, "checkpoint": {"architecture": "LlamaForCausalLM", **PARAMS, "seed": SEED,
+                                                             "format": "safetensors"}},
+                 rows, goals, greedy_equal_ours_static=agreement, greedy_equal_ours_hf=agreement_hf,
+                 greedy_requests=len(greedy),
+                 all_equal_ours_ours_stream=seeded)
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
 

@@ -49,8 +49,11 @@ def load(name: str, path: Path) -> nn.Sequential:
     return module.eval()
 
 
-def load_spec(name: str, path: Path, max_batch_size: int = 32) -> dict:
-    """Our POST /models body for the same network."""
+def load_spec(name: str, path: Path, max_batch_size: int | None = None) -> dict:
+    """Our POST /models body for the same network (max_batch_size None: the server's default)."""
     n_in, hidden, n_out = MODELS[name]
-    return {"model_id": name, "model_type": "mlp", "model_path": str(path), "max_batch_size": max_batch_size,
+    spec = {"model_id": name, "model_type": "mlp", "model_path": str(path),
             "parameters": {"input_size": n_in, "hidden_sizes": hidden, "output_size": n_out}}
+    if max_batch_size is not None:
+        spec["max_batch_size"] = max_batch_size
+    return spec

@@ -47,19 +47,38 @@ def _wait_http(process: subprocess.Popen, url: str, timeout_s: float, log: Path)
 def session_cpu_s(sid: int) -> float:
     """CPU seconds (user + system) used so far by the live processes of session `sid` (Linux):
     a server's own cost per request, which other load on the machine does not inflate."""
+    return sum(session_cpu_by_role(sid).values())
+
+
+def _role(cmdline: bytes, comm: str) -> str:
+    """What a server process is, for the CPU split: our engine / fronts / supervisor, TorchServe's
+    Java frontend / Python workers, else its command name."""
+    for needle, role in ((b"serving.engine_main", "engine"), (b"serving.front", "fronts"),
+                         (b"model_service_worker", "python workers"), (b"msmartcompute.cli", "supervisor")):
+        if needle in cmdline:
+            return role
+    return "java frontend" if comm == "java" else comm
+
+
+def session_cpu_by_role(sid: int) -> dict[str, float]:
+    """session_cpu_s split by _role (the fronts of one server summed)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    out: dict[str, float] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
         except OSError:
             continue
+        fields = stat.rsplit(")", 1)[1].split()
         if int(fields[3]) == sid:       # field 6 (session), counted after the ")" of the name
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+            role = _role(cmdline, stat[stat.index("(") + 1:stat.rindex(")")])
+            out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
 
 
 class Process:

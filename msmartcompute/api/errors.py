@@ -47,6 +47,11 @@ _CODE_BY_FALCON_STATUS = {
 }
 
 
+def code_for_status(status: int) -> str:
+    """The seed's error code for an HTTP error status raised outside the runtime (Falcon's, waitress')."""
+    return _CODE_BY_FALCON_STATUS.get(status, rt.InternalError.code if status >= 500 else rt.InvalidInputData.code)
+
+
 # OpenAI's error "type" by HTTP status, for the OpenAI-compatible routes under /v1/.
 _OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
                  429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
@@ -78,7 +83,7 @@ def handle_runtime_error(req, resp, exc: rt.MSCError, params) -> None:
 
 def handle_http_error(req, resp, exc: falcon.HTTPError, params) -> None:
     status = exc.status_code
-    code = _CODE_BY_FALCON_STATUS.get(status, rt.InternalError.code if status >= 500 else rt.InvalidInputData.code)
+    code = code_for_status(status)
     if status == 404:
         message = f"No route for {req.method} {req.path}"
     elif status == 405:

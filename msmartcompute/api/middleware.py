@@ -8,7 +8,8 @@ import time
 
 import falcon
 
-from ..runtime.errors import RateLimitExceeded, Unauthorized
+from ..runtime.errors import MSCError, Unauthorized
+from . import errors
 from .pages import STATIC_PREFIX
 from .ratelimit import RateLimiter
 
@@ -50,8 +51,8 @@ class RequestContext:
         if not is_public(req.path) and req.path != "/metrics":
             route = req.uri_template or "unmatched"  # a template, never the raw path: label values stay few
             try:
-                self.instruments.requests.labels(route, req.method, str(status)).inc()
-                self.instruments.request_seconds.labels(route).observe(elapsed)
+                self.instruments.labelled(self.instruments.requests, route, req.method, str(status)).inc()
+                self.instruments.labelled(self.instruments.request_seconds, route).observe(elapsed)
             except Exception:  # metrics must never turn a served response into an error
                 access_log.exception("recording metrics failed")
 
@@ -97,6 +98,11 @@ class Auth:
 
 
 class RateLimit:
+    """Every request but public ones and preflights spends a token of its caller. In one process
+    the limiter decides at once; in a front process (RemoteRateLimiter.deferred) the token goes
+    with the request's first engine call, one message for both, and the headers are set from
+    that call's decision when the response is finished."""
+
     def __init__(self, limiter: RateLimiter):
         self.limiter = limiter
 
@@ -104,18 +110,45 @@ class RateLimit:
         if not self.limiter.config.enabled or is_public(req.path) or req.method == "OPTIONS":
             return
         caller = req.context.get("caller")
-        check_rate(self.limiter, f"user:{caller.user_id}" if caller is not None else f"ip:{req.remote_addr}", resp)
+        key = f"user:{caller.user_id}" if caller is not None else f"ip:{req.remote_addr}"
+        if getattr(self.limiter, "deferred", False):
+            self.limiter.defer(key)
+            req.context.rate_deferred = True
+        else:
+            check_rate(self.limiter, key, resp)
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        if not req.context.get("rate_deferred"):
+            return
+        try:
+            decision, carried = self.limiter.settle()
+        except MSCError as exc:  # no engine to decide: the request answers its error (503)
+            _answer_error(req, resp, exc)
+            return
+        if decision is None:
+            return
+        set_rate_headers(resp, decision)
+        if not decision.allowed and not carried:  # nothing ran: the request is refused after all
+            _answer_error(req, resp, self.limiter.refusal(decision))
+
+
+def _answer_error(req, resp, exc: MSCError) -> None:
+    """Replace the response already made with exc's error envelope."""
+    resp.text = resp.data = resp.stream = None
+    errors.handle_runtime_error(req, resp, exc, {})
+
+
+def set_rate_headers(resp, decision) -> None:
+    resp.set_header("X-RateLimit-Limit", str(decision.limit))
+    resp.set_header("X-RateLimit-Remaining", str(decision.remaining))
+    resp.set_header("X-RateLimit-Reset", str(decision.reset))
+    if not decision.allowed:
+        resp.set_header("Retry-After", str(max(1, int(decision.retry_after + 0.999))))
 
 
 def check_rate(limiter: RateLimiter, key: str, resp) -> None:
     """Spend one token of `key`; set the X-RateLimit-* headers; raise RATE_LIMIT_EXCEEDED when refused."""
     decision = limiter.check(key)
-    resp.set_header("X-RateLimit-Limit", str(decision.limit))
-    resp.set_header("X-RateLimit-Remaining", str(decision.remaining))
-    resp.set_header("X-RateLimit-Reset", str(decision.reset))
+    set_rate_headers(resp, decision)
     if not decision.allowed:
-        retry = max(1, int(decision.retry_after + 0.999))
-        resp.set_header("Retry-After", str(retry))
-        raise RateLimitExceeded(f"Rate limit exceeded: {decision.limit} requests per minute, "
-                                f"bursts of {limiter.config.burst_per_second} per second",
-                                {"retry_after": retry, "limit": decision.limit})
+        raise limiter.refusal(decision)

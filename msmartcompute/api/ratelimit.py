@@ -13,17 +13,21 @@ after this request), 0 on a 429 (none is allowed now; Retry-After says when one 
 X-RateLimit-Reset the unix time at which the sustained bucket is full again.
 
 Across front processes the limits stay exact because the buckets live in ONE place, the engine
-process (serving/engine_server.py answers `ratelimit.check` on its I/O thread): one process
-decides every request in arrival order, at the cost of one small message per request. Shared
-memory would need a cross-process lock around every bucket update and a way to rebuild the
-table when a front dies; the engine is already the one process every front talks to.
+process (serving/engine_server.py decides on its I/O thread): one process decides every request
+in arrival order, and it costs no message of its own: the request's first call to the engine
+carries the caller's key, the engine spends the token before it runs the call (or refuses it)
+and its reply carries the decision the headers show (RemoteRateLimiter). Shared memory would
+need a cross-process lock around every bucket update and a way to rebuild the table when a
+front dies; the engine is already the one process every front talks to.
 """
 from __future__ import annotations
 
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from ..runtime.errors import RateLimitExceeded
 
 
 @dataclass
@@ -51,6 +55,10 @@ class Decision:
     remaining: int
     reset: int          # unix seconds when the sustained bucket is full again
     retry_after: float  # seconds until a request would be allowed (0 if allowed)
+
+    def as_tuple(self) -> tuple:
+        """As sent from the engine to a front (dataclasses.astuple is several times slower)."""
+        return (self.allowed, self.limit, self.remaining, self.reset, self.retry_after)
 
 
 class RateLimiter:
@@ -87,16 +95,37 @@ class RateLimiter:
             return Decision(allowed, cfg.per_minute, int(math.floor(sustained.tokens)) if allowed else 0,
                             int(math.ceil(self._wall() + full_in)), retry)
 
-    def check_dict(self, key: str) -> dict:
-        """check() as plain data, for a front process asking the engine."""
-        return asdict(self.check(key))
+    def refusal(self, decision: Decision) -> RateLimitExceeded:
+        """The error a refused request answers (429)."""
+        retry = max(1, int(decision.retry_after + 0.999))
+        return RateLimitExceeded(f"Rate limit exceeded: {decision.limit} requests per minute, "
+                                 f"bursts of {self.config.burst_per_second} per second",
+                                 {"retry_after": retry, "limit": decision.limit})
 
 
 class RemoteRateLimiter:
-    """The engine's RateLimiter, as a front process sees it."""
+    """The engine's RateLimiter, as a front process sees it. defer(): the request's token is spent
+    by its first call to the engine, in the same message (serving/engine_client.py); settle() at
+    the response gives that call's decision, or spends the token now when the request made no
+    call (answered in the front: a bad body, an unknown route)."""
+
+    deferred = True
 
     def __init__(self, engine, config: RateLimitConfig):
         self.engine, self.config = engine, config
 
     def check(self, key: str) -> Decision:
-        return Decision(**self.engine.call("ratelimit.check", key))
+        return Decision(*self.engine.call("ratelimit.check", key))
+
+    def defer(self, key: str) -> None:
+        self.engine.charge_next_call(key)
+
+    def settle(self) -> tuple[Decision | None, bool]:
+        """(this request's decision, whether an engine call carried it); (None, False) when no
+        token was deferred. Raises the engine's error (503) when it cannot decide now."""
+        rate, key = self.engine.take_rate()
+        if rate is not None:
+            return Decision(*rate), True
+        if key is None:
+            return None, False
+        return self.check(key), False

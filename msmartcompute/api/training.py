@@ -1,4 +1,5 @@
-"""POST /training, /training/async; GET /training/{request_id}."""
+"""POST /training, /training/async; GET /training/{request_id}; DELETE /training/{request_id}
+(an extension: cancels an async training)."""
 from __future__ import annotations
 
 import numpy as np
@@ -47,3 +48,5 @@ class TrainingResultResource:
     def on_get(self, req, resp, request_id):
         resp.media = ok(self.runtime.training.get(request_id, req.context.caller))
 
+    def on_delete(self, req, resp, request_id):
+        resp.media = ok(self.runtime.training.cancel(request_id, req.context.caller))

@@ -48,6 +48,7 @@ class Pending:
     stream: "queue.SimpleQueue | None" = None  # decoders: token events as they come (generation/worker.py)
     decode_text: object = None        # for an input_text request: output_data -> output_text
     prompt_tokens: int | None = None  # for an input_text request: the tokens its text became
+    no_wait: bool = False             # batch it with whatever is queued once the worker is free: no delay
 
 
 @dataclass
@@ -98,7 +99,7 @@ class ModelQueue:
         self.prune()
         if not self.items:
             return None
-        if delay_s <= 0 or len(self.items) >= self.max_batch_size:
+        if delay_s <= 0 or len(self.items) >= self.max_batch_size or self.items[0].no_wait:
             return 0.0
         return self.items[0].enqueued_at + delay_s
 
@@ -192,7 +193,8 @@ class Executor:
             self.metrics.record_queue_depth(model_id, len(q.items))
             # Wake the worker only when this changes what it waits for: a first request (starts
             # the delay), a full batch, or batching off. Otherwise it is already timed to the
-            # oldest request, and a wake-up per request costs a GIL hand-off each.
+            # oldest request (or busy: it takes what is queued when done), and a wake-up per
+            # request costs a GIL hand-off each.
             if len(q.items) == 1 or len(q.items) >= q.max_batch_size or self.max_queue_delay_s <= 0:
                 self._cond.notify()
             return None
@@ -272,6 +274,7 @@ class Executor:
                         self._busy = True
                         return q, batch
                     continue
+                q = None  # hold no model's queue while waiting: an unloaded model must be freed now
                 self._cond.wait(None if wake is None else max(0.0, wake - now))
             return None
 

@@ -3,7 +3,7 @@ services directly, each in its own module:
 
   registry      models: load, list, get, unload          (registry.py)
   inference     infer, infer_batch, submit, get          (inference.py)
-  training      train, submit, get                       (training.py)
+  training      train, submit, get, cancel               (training.py)
   optimization  optimize                                 (optimize.py)
   sessions      create, get, delete                      (sessions.py)
   allocations   allocate, get, list, deallocate          (resources.py)
@@ -37,7 +37,7 @@ from .registry import Registry, map_large_blocks
 from .resources import Allocations
 from .sessions import Sessions
 from .store import STORE_FILENAME, Store
-from .training import Training
+from .training import Training, TrainingLimits
 from .vgpu import VGPUManager
 
 log = logging.getLogger("msmartcompute.runtime")
@@ -54,6 +54,9 @@ class RuntimeConfig:
     request_timeout_s: float = 30.0                # when the request gives no `timeout`
     session_ttl_s: float = 3600.0
     job_workers: int = 4
+    max_sync_trainings: int = 4                    # POST /training at once (each holds an HTTP thread)
+    sync_training_timeout_s: float = 600.0         # POST /training stops after this; longer: /training/async
+    model_lock_wait_s: float = 10.0                # a sync training / optimize waits this long for its model
     reaper_interval_s: float = 1.0                 # allocation expiry, session purge
     metrics_sample_interval_s: float = 10.0
     metrics_window_s: float = 60.0
@@ -80,8 +83,10 @@ class Runtime:
         self.jobs = JobRunner(self.store, config.job_workers)
         self.inference = Inference(self.store, self.registry, self.jobs, self.meter,
                                    config.request_timeout_s, config.job_workers)
-        self.training = Training(self.store, self.registry, self.jobs, config.job_workers, self._stop.is_set)
-        self.optimization = Optimization(self.registry)
+        self.training = Training(self.store, self.registry, self.jobs, config.job_workers, self._stop.is_set,
+                                 TrainingLimits(config.max_sync_trainings, config.sync_training_timeout_s,
+                                                config.model_lock_wait_s))
+        self.optimization = Optimization(self.registry, config.model_lock_wait_s)
         self._threads: list[threading.Thread] = []
         self._state = "new"  # new -> started -> closed
         self._state_lock = threading.Lock()

@@ -74,6 +74,13 @@ class InternalError(MSCError):
     code = "INTERNAL_ERROR"
 
 
+class Cancelled(MSCError):
+    """The work was cancelled on request (DELETE /training/{id}); nothing it did was kept.
+    Only a job's stored error carries it (a cancelled request never answers HTTP itself)."""
+
+    code = "CANCELLED"
+
+
 class EngineUnavailable(MSCError):
     """The engine process is down (the supervisor is restarting it): a front answers HTTP 503."""
 

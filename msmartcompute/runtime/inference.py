@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue as queue_module
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import orjson
@@ -22,7 +22,7 @@ from .access import require_owner
 from .batching import Executor, Pending, Result
 from .caller import Caller
 from .generation.worker import STREAM_END, GenerationWorker
-from .errors import InvalidInputData, MSCError, NotFound, RequestTimeout
+from .errors import InternalError, InvalidInputData, MSCError, NotFound, RequestTimeout
 from .jobs import JobRunner, error_dict
 from .metrics import Metrics
 from .registry import Registry
@@ -69,6 +69,40 @@ class Inference:
     def infer(self, request: dict) -> dict:
         """Run one request through its model's batch queue."""
         return self._infer(request, ids.request_id())
+
+    def infer_then(self, request: dict, reply: Callable[[dict | None, MSCError | None], None]
+                   ) -> tuple[Executor, Pending]:
+        """infer() with no thread waiting for it (the engine process's path): the request is checked
+        and queued now (a bad one raises here), then reply(response, None) or reply(None, error) is
+        called once, on the thread that finished it (its model's worker). The request is not waited
+        for by a batching timer when its worker is free: a worker takes whatever is queued the
+        moment it is free. The caller enforces the deadline: at Pending.deadline it abandons the
+        request (Executor.abandon) and answers REQUEST_TIMEOUT itself, unless reply came first."""
+        t0 = time.perf_counter()
+        rid = ids.request_id()
+        try:
+            executor, pending = self._enqueue(request, rid, no_wait=True)
+        except MSCError as exc:
+            self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
+            raise
+        model_id = request["model_id"]
+
+        def finished(future) -> None:
+            try:
+                res = future.result()
+            except MSCError as exc:
+                reply(None, self._failed(exc, t0, model_id))
+                return
+            except BaseException as exc:  # the executors map run errors; anything else is a bug
+                reply(None, self._failed(InternalError(f"inference failed: {type(exc).__name__}"), t0, model_id))
+                return
+            if res.done_at > pending.deadline:
+                reply(None, self._failed(_timed_out(pending), t0, model_id))
+                return
+            reply(self._response(pending, res, t0, model_id), None)
+
+        pending.future.add_done_callback(finished)
+        return executor, pending
 
     def infer_stream(self, request: dict) -> Iterator[dict]:
         """A decoder request whose tokens come as they are sampled. Checked and queued now (a
@@ -178,7 +212,9 @@ class Inference:
             raise InvalidInputData(str(exc), {"field": "messages"}) from None
 
     # ---- the path of one request ------------------------------------------------------------
-    def _job(self, stored: dict) -> dict:
+    def _job(self, stored: dict, token) -> dict:
+        """An async inference job; its token is not polled: an inference job is not cancellable
+        and runs under the request's own deadline."""
         request = dict(stored)
         if stored.get("input_data") is not None:
             request["input_data"] = np.asarray(stored["input_data"], dtype=stored.get("input_dtype"))
@@ -203,7 +239,7 @@ class Inference:
         return model_id if isinstance(model_id, str) and model_id in self.registry.models else "-"
 
     def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False,
-                 stream: bool = False) -> tuple[Executor, Pending]:
+                 stream: bool = False, no_wait: bool = False) -> tuple[Executor, Pending]:
         entry = self.registry.entry(request.get("model_id"))
         model, executor = entry.model, entry.executor
         if stream and not isinstance(executor, GenerationWorker):
@@ -216,7 +252,7 @@ class Inference:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise InvalidInputData("timeout must be a positive number of seconds", {"field": "timeout"})
         pending = Pending(request_id, prepared, deadline=time.monotonic() + float(timeout),
-                          stream=queue_module.SimpleQueue() if stream else None)
+                          stream=queue_module.SimpleQueue() if stream else None, no_wait=no_wait)
         if prompt_tokens is not None:
             pending.decode_text, pending.prompt_tokens = model.decode_text, prompt_tokens
         queue = executor.submit(entry.model_id, pending, may_run_inline)
@@ -231,16 +267,21 @@ class Inference:
             executor.abandon(pending)
             res = None
         if res is None or res.done_at > pending.deadline:  # an inline run can end past it
-            raise RequestTimeout(f"request {pending.request_id} did not complete in time",
-                                 {"request_id": pending.request_id}) from None
+            raise _timed_out(pending) from None
         return res
 
     def _finish(self, executor: Executor, pending: Pending, t0: float, model_id: str) -> dict:
         try:
             res = self._wait(executor, pending)
         except MSCError as exc:
-            self.meter.record_inference(False, time.perf_counter() - t0, model=model_id, code=exc.code)
-            raise
+            raise self._failed(exc, t0, model_id)
+        return self._response(pending, res, t0, model_id)
+
+    def _failed(self, exc: MSCError, t0: float, model_id: str) -> MSCError:
+        self.meter.record_inference(False, time.perf_counter() - t0, model=model_id, code=exc.code)
+        return exc
+
+    def _response(self, pending: Pending, res: Result, t0: float, model_id: str) -> dict:
         elapsed = time.perf_counter() - t0
         self.meter.record_inference(True, elapsed, res.output.tokens_generated, model=model_id)
         # a numpy array stays one: it crosses to a front process as a raw buffer (serving/protocol.py)
@@ -256,3 +297,7 @@ class Inference:
         if res.output.finish_reasons is not None:
             out["finish_reasons"] = res.output.finish_reasons
         return out
+
+
+def _timed_out(pending: Pending) -> RequestTimeout:
+    return RequestTimeout(f"request {pending.request_id} did not complete in time", {"request_id": pending.request_id})

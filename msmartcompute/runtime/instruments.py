@@ -25,6 +25,7 @@ def multiprocess() -> bool:
 class Instruments:
     def __init__(self):
         self.registry = CollectorRegistry()
+        self._children: dict = {}
         r = self.registry
         self.requests = Counter("msmartcompute_requests", "HTTP requests answered", ["route", "method", "status"],
                                 registry=r)
@@ -39,6 +40,16 @@ class Instruments:
                                     ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("msmartcompute_queue_depth", "requests waiting in the model's batch queue",
                                  ["model"], multiprocess_mode="livesum", registry=r)
+
+    def labelled(self, metric, *values: str):
+        """metric.labels(*values), remembered: labels() checks its arguments and takes a lock on
+        every call, a third of what recording a request cost. Label values are few (routes,
+        statuses, loaded models, error codes), so the memo stays small."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def read(self) -> CollectorRegistry:
         """What to collect from: every process's values under multiprocess mode, else this one's."""

@@ -1,10 +1,13 @@
 """Async jobs: rows in the store's `jobs` table, run by a small pool of threads.
 
 The runner is generic: `register(kind, handler, rerun_on_restart)` plugs a kind in
-(inference here; training adds its own). A handler takes the job's request dict and returns
-a JSON-able result dict, or raises an MSCError (stored as the job's error).
+(inference here; training adds its own). A handler takes the job's request dict and its
+Deadline token (runtime/deadline.py) and returns a JSON-able result dict, or raises an
+MSCError (stored as the job's error). `cancel(job_id)` ends a queued job at once and cancels
+a running one's token, which the handler polls between steps; its Cancelled then ends the job
+`cancelled`.
 
-A job goes queued -> running -> completed | failed. The result is written in the same UPDATE
+A job goes queued -> running -> completed | failed | cancelled. The result is written in the same UPDATE
 that marks the job completed, so a completed job always has its result. On start(), queued
 jobs run again; jobs left `running` by a stopped server are queued again when their kind
 says rerun_on_restart (inference), else marked failed with the reason (training).
@@ -18,7 +21,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import clock
-from .errors import InternalError, MSCError
+from .deadline import Deadline
+from .errors import Cancelled, InternalError, MSCError
 from .store import Store
 
 log = logging.getLogger("msmartcompute.runtime.jobs")
@@ -26,7 +30,7 @@ log = logging.getLogger("msmartcompute.runtime.jobs")
 
 @dataclass
 class Kind:
-    handler: Callable[[dict], dict]
+    handler: Callable[[dict, Deadline], dict]
     rerun_on_restart: bool
 
 
@@ -44,8 +48,10 @@ class JobRunner:
         self._cond = threading.Condition()
         self._stop = False
         self._threads: list[threading.Thread] = []
+        self._tokens: dict[str, Deadline] = {}  # running jobs' tokens
+        self._tokens_lock = threading.Lock()
 
-    def register(self, kind: str, handler: Callable[[dict], dict], rerun_on_restart: bool) -> None:
+    def register(self, kind: str, handler: Callable[[dict, Deadline], dict], rerun_on_restart: bool) -> None:
         self.kinds[kind] = Kind(handler, rerun_on_restart)
 
     # ---- rows ---------------------------------------------------------------------------------
@@ -60,6 +66,21 @@ class JobRunner:
     def get(self, job_id: str) -> dict | None:
         row = self.store.connect().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _row(row)
+
+    def cancel(self, job_id: str) -> str | None:
+        """A queued job ends `cancelled` at once; a running one is asked to stop at its next step
+        (it stays `running` until it has). Returns the status after the call (None: no such
+        job); a finished job is left as it is."""
+        error = json.dumps({"code": Cancelled.code, "message": "cancelled on request", "details": {}})
+        conn = self.store.connect()
+        if conn.execute("UPDATE jobs SET status = 'cancelled', error = ?, completed_at = ? "
+                        "WHERE id = ? AND status = 'queued'", (error, clock.now(), job_id)).rowcount:
+            return "cancelled"
+        job = self.get(job_id)
+        if job is not None and job["status"] == "running":
+            with self._tokens_lock:  # its worker may not have made its token yet: it takes this one
+                self._tokens.setdefault(job_id, Deadline()).cancel(Cancelled("cancelled on request"))
+        return None if job is None else job["status"]
 
     def recent(self, limit: int = 50, owner: str | None = None) -> list[dict]:
         """The latest jobs, newest first, without their request payloads (model_id kept)."""
@@ -155,9 +176,22 @@ class JobRunner:
             self.store.close()  # this thread's connection
 
     def _execute(self, job: dict) -> None:
+        with self._tokens_lock:
+            token = self._tokens.setdefault(job["id"], Deadline())
+        try:
+            self._run(job, token)
+        finally:
+            with self._tokens_lock:
+                self._tokens.pop(job["id"], None)
+
+    def _run(self, job: dict, token: Deadline) -> None:
         conn = self.store.connect()
         try:
-            result = self.kinds[job["kind"]].handler(job["request"])
+            result = self.kinds[job["kind"]].handler(job["request"], token)
+        except Cancelled as exc:
+            conn.execute("UPDATE jobs SET status = 'cancelled', error = ?, completed_at = ? WHERE id = ?",
+                         (json.dumps(error_dict(exc)), clock.now(), job["id"]))
+            return
         except BaseException as exc:  # the job fails, the worker lives on
             if self._stop and self.kinds[job["kind"]].rerun_on_restart:  # cut short by close(): run again
                 conn.execute("UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ?", (job["id"],))

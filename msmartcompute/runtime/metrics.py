@@ -116,17 +116,17 @@ class Metrics:
         """One API request (the API's middleware records into its own Instruments; this is for
         callers without an app)."""
         status = status if status is not None else (200 if ok else 500)
-        self.instruments.requests.labels(route, method, str(status)).inc()
-        self.instruments.request_seconds.labels(route).observe(latency_s)
+        self.instruments.labelled(self.instruments.requests, route, method, str(status)).inc()
+        self.instruments.labelled(self.instruments.request_seconds, route).observe(latency_s)
 
     def record_inference(self, ok: bool, latency_s: float, tokens: int = 0, model: str = "-",
                          code: str = "ok") -> None:
         """model: a loaded model's id, or "-" (never a caller's unknown id: label values stay few)."""
         now = time.monotonic()
-        self.instruments.inferences.labels(model, "ok" if ok else code).inc()
+        self.instruments.labelled(self.instruments.inferences, model, "ok" if ok else code).inc()
         if not ok:
             return
-        self.instruments.inference_seconds.labels(model).observe(latency_s)
+        self.instruments.labelled(self.instruments.inference_seconds, model).observe(latency_s)
         with self._lock:
             self._latency.append(float(latency_s))
             self._done.append((now, int(tokens)))
@@ -139,7 +139,7 @@ class Metrics:
 
     def record_formed_batch(self, model_id: str, size: int) -> None:
         """One forward over `size` requests (a generation step counts its sequences)."""
-        self.instruments.batch_size.labels(model_id).observe(size)
+        self.instruments.labelled(self.instruments.batch_size, model_id).observe(size)
         with self._lock:
             self.models.setdefault(model_id, _ModelStats()).batch_sizes[size] += 1
 
@@ -152,7 +152,7 @@ class Metrics:
             stats.done.extend([now] * len(latencies_s))
 
     def record_queue_depth(self, model_id: str, depth: int) -> None:
-        self.instruments.queue_depth.labels(model_id).set(depth)
+        self.instruments.labelled(self.instruments.queue_depth, model_id).set(depth)
         with self._lock:
             if depth > self.queue_depth.get(model_id, 0):
                 self.queue_depth[model_id] = depth

@@ -6,7 +6,7 @@ OPERATIONS = frozenset({
     "registry.load", "registry.list", "registry.get", "registry.unload",
     "inference.infer", "inference.infer_stream", "inference.infer_batch", "inference.submit", "inference.get",
     "inference.chat_prompt",
-    "training.train", "training.submit", "training.get",
+    "training.train", "training.submit", "training.get", "training.cancel",
     "optimization.optimize",
     "sessions.create", "sessions.get", "sessions.delete",
     "allocations.allocate", "allocations.get", "allocations.list", "allocations.deallocate",

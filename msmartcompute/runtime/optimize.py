@@ -186,8 +186,9 @@ class Optimization:
     half precision, measured; the converted copy is swapped in when model_updated, and the step
     is recorded in the spec so a restart replays it."""
 
-    def __init__(self, registry):
+    def __init__(self, registry, lock_wait_s: float):
         self.registry = registry
+        self.lock_wait_s = lock_wait_s  # a training of the model runs: wait this long, then QUEUE_FULL
 
     def optimize(self, model_id: str, request: dict, caller: Caller | None = None) -> dict:
         """{model_id, optimization_type, target_precision, mode, original_size, optimized_size,
@@ -195,7 +196,7 @@ class Optimization:
         model_updated, reason}."""
         require_admin(caller, "optimize a model")
         self.registry.entry(model_id)
-        with self.registry.exclusive(model_id):
+        with self.registry.exclusive(model_id, self.lock_wait_s):
             entry = self.registry.entry(model_id)
             try:
                 fields, module, dtype = optimize(entry.model, request, entry.spec.get("trained_task"))

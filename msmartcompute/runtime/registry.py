@@ -38,7 +38,8 @@ from .access import require_admin
 from .batching import Executor, ModelQueue
 from .caller import Caller
 from .generation.worker import GenerationQueue, pool_blocks
-from .errors import InvalidInputData, InvalidModelId, ModelAlreadyLoaded, MSCError, insufficient_memory
+from .deadline import Deadline
+from .errors import InvalidInputData, InvalidModelId, ModelAlreadyLoaded, MSCError, QueueFull, insufficient_memory
 from .store import Store
 from .vgpu import VGPUManager
 
@@ -115,11 +116,24 @@ class Registry:
         self._exclusive: dict[str, threading.Lock] = {}
         self._exclusive_lock = threading.Lock()
 
-    def exclusive(self, model_id: str) -> threading.Lock:
-        """The lock held by work that replaces a model's weights (training, optimization): one
-        at a time per model, later ones wait."""
+    @contextlib.contextmanager
+    def exclusive(self, model_id: str, wait_s: float | None, token: Deadline | None = None):
+        """Hold the lock of work that replaces a model's weights (training, optimization): one
+        at a time per model. The wait is bounded, so no thread waits forever: by `wait_s`
+        (None: no bound) -> QUEUE_FULL, and by `token` (cancelled, past its deadline)."""
         with self._exclusive_lock:
-            return self._exclusive.setdefault(model_id, threading.Lock())
+            lock = self._exclusive.setdefault(model_id, threading.Lock())
+        give_up = None if wait_s is None else time.monotonic() + wait_s
+        while not lock.acquire(timeout=0.1):
+            if token is not None:
+                token.check()
+            if give_up is not None and time.monotonic() >= give_up:
+                raise QueueFull(f"model {model_id!r} is being trained or optimized; retry later, or queue the "
+                                "training with /training/async", {"model_id": model_id, "waited_s": wait_s})
+        try:
+            yield
+        finally:
+            lock.release()
 
     # ---- queries ------------------------------------------------------------------------------
     def entry(self, model_id) -> LoadedModel:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -32,7 +33,8 @@ from ..models.layers import QuantizedLinear
 from . import clock, ids
 from .access import require_admin, require_owner
 from .caller import Caller
-from .errors import InternalError, InvalidInputData, NotFound, insufficient_memory
+from .deadline import Deadline
+from .errors import InternalError, InvalidInputData, NotFound, QueueFull, insufficient_memory
 
 MAX_EPOCHS = 10_000
 MAX_ROWS = 65_536
@@ -283,24 +285,60 @@ def fit(model, plan: Plan, progress: Callable[[int, float, list[float]], None] |
     return Outcome(module, history, time.perf_counter() - t0, updated)
 
 
+@dataclass(frozen=True)
+class TrainingLimits:
+    max_sync: int = 4                  # synchronous trainings at once (each holds an HTTP thread)
+    sync_timeout_s: float = 600.0      # a synchronous training stops after this (REQUEST_TIMEOUT)
+    lock_wait_s: float = 10.0          # a synchronous training / optimize waits this long for its model
+
+
 class Training:
     """The training service: POST /training (sync), /training/async, GET /training/{id}.
 
     Training works on a deep copy and swaps it in at the end (Registry.swap), so inference on
     the model goes on during training and never sees half-updated weights. One training or
-    optimization per model at a time (Registry.exclusive; later ones wait). Jobs cut short by a
-    shutdown fail with the reason and are not resumed (rerun_on_restart=False)."""
+    optimization per model at a time (Registry.exclusive). Jobs cut short by a shutdown fail
+    with the reason and are not resumed (rerun_on_restart=False).
 
-    def __init__(self, store, registry, jobs, job_workers: int, stopping: Callable[[], bool]):
+    Nothing waits or runs unbounded: a synchronous training holds an HTTP thread, so at most
+    `limits.max_sync` run at once (more: QUEUE_FULL at once), each waits at most
+    `limits.lock_wait_s` for its model (then QUEUE_FULL) and runs at most `limits.sync_timeout_s`
+    (then REQUEST_TIMEOUT, the model untouched). Long work belongs in /training/async, whose
+    jobs `cancel()` stops between mini-batches."""
+
+    def __init__(self, store, registry, jobs, job_workers: int, stopping: Callable[[], bool],
+                 limits: "TrainingLimits | None" = None):
         self.store, self.registry, self.jobs = store, registry, jobs
         self.job_workers = job_workers
         self.stopping = stopping
+        self.limits = limits or TrainingLimits()
+        self._sync_slots = threading.BoundedSemaphore(self.limits.max_sync)
         jobs.register("training", self._job, rerun_on_restart=False)
 
     def train(self, request: dict, caller: Caller | None = None) -> dict:
         """Train synchronously: {request_id, final_loss, loss_history, training_time,
         epochs_completed, model_updated, seed}."""
-        return self._train(request, ids.request_id(), caller)
+        if not self._sync_slots.acquire(blocking=False):
+            raise QueueFull(f"{self.limits.max_sync} synchronous trainings are running; retry later, or queue "
+                            "this one with /training/async", {"max_sync_trainings": self.limits.max_sync})
+        try:
+            return self._train(request, ids.request_id(), caller, Deadline.after(self.limits.sync_timeout_s),
+                               self.limits.lock_wait_s)
+        finally:
+            self._sync_slots.release()
+
+    def cancel(self, request_id: str, caller: Caller | None = None) -> dict:
+        """DELETE /training/{id}: a queued job ends `cancelled` at once; a running one stops at
+        its next mini-batch, its model untouched. {request_id, status, message}."""
+        job = self.jobs.get(request_id)
+        if job is None or job["kind"] != "training":
+            raise NotFound(f"training request {request_id!r} not found")
+        require_owner(caller, job["owner"], f"request {request_id}")
+        status = self.jobs.cancel(request_id)
+        message = {"cancelled": "Training cancelled",
+                   "running": "Cancelling: the training stops at its next mini-batch"}.get(
+                       status, f"Training already {status}; nothing to cancel")
+        return {"request_id": request_id, "status": status, "message": message}
 
     def submit(self, request: dict, caller: Caller | None = None) -> dict:
         """Queue a training job (validated now). estimated_completion: now + (jobs ahead / job
@@ -341,14 +379,15 @@ class Training:
                "epochs_completed": result.get("epochs_completed", progress.get("epochs_completed", 0)),
                "current_loss": history[-1] if history else None,
                "model_updated": result.get("model_updated")}
-        if job["status"] == "failed":
+        if job["status"] in ("failed", "cancelled"):
             out["error"] = {k: job["error"][k] for k in ("code", "message")}
         return out
 
-    def _train(self, request: dict, request_id: str, caller: Caller | None, progress=None) -> dict:
+    def _train(self, request: dict, request_id: str, caller: Caller | None, token: Deadline,
+               lock_wait_s: float | None, progress=None) -> dict:
         model_id = request.get("model_id")
         self.registry.entry(model_id)
-        with self.registry.exclusive(model_id):
+        with self.registry.exclusive(model_id, lock_wait_s, token):
             entry = self.registry.entry(model_id)
             plan = parse(request, entry.model)
             save_path = None
@@ -356,8 +395,9 @@ class Training:
                 require_admin(caller, "save trained weights (save_path)")
                 save_path = self.registry.resolve_save_path(plan.save_path)
             try:
-                outcome = fit(entry.model, plan, progress, self.stopping)
+                outcome = fit(entry.model, plan, progress, lambda: self.stopping() or token.stopped())
             except InterruptedError:
+                token.check()  # cancelled or past its deadline: that is the reason; the model is untouched
                 raise InternalError("the server stopped while this training job was running; training jobs "
                                     "are not resumed", {"request_id": request_id}) from None
             except Exception as exc:
@@ -378,7 +418,7 @@ class Training:
                 "training_time": outcome.training_time, "epochs_completed": len(history),
                 "model_updated": outcome.model_updated, "seed": plan.seed}
 
-    def _job(self, stored: dict) -> dict:
+    def _job(self, stored: dict, token: Deadline) -> dict:
         rid = stored["request_id"]
         caller = Caller(*stored["caller"]) if stored.get("caller") else None
         last = [0.0]
@@ -390,5 +430,5 @@ class Training:
                 self.jobs.set_progress(rid, {"epochs_completed": epochs_completed, "current_loss": loss,
                                              "loss_history": list(history), "epochs": stored.get("epochs", 1)})
 
-        out = self._train(stored, rid, caller, progress)
+        out = self._train(stored, rid, caller, token, None, progress)
         return {k: v for k, v in out.items() if k != "request_id"}

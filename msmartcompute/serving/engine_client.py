@@ -25,8 +25,8 @@ from ..runtime.operations import OPERATIONS
 from . import protocol
 
 _ERRORS = {cls.code: cls for cls in errors.MSCError.__subclasses__()}
-_WAIT_SLICE_MS = 250
-_CONNECT_MS = 2000    # at most this long to (re)connect to a live engine before answering 503  # how often a waiting call checks that the engine is still the one it called
+_WAIT_SLICE_MS = 250  # how often a waiting call checks that the engine is still the one it called
+_CONNECT_MS = 2000    # at most this long to (re)connect to a live engine before answering 503
 
 
 def engine_pid(pid_file: Path) -> int | None:
@@ -97,10 +97,24 @@ class EngineClient:
                 raise _unavailable()
         return pid
 
+    def charge_next_call(self, rate_key: str) -> None:
+        """The next call made on this thread (the HTTP request's first) spends a rate-limit token
+        of rate_key in the engine before it runs: one message for both (api/ratelimit.py)."""
+        self._local.rate_key, self._local.rate = rate_key, None
+
+    def take_rate(self) -> tuple[tuple | None, str | None]:
+        """(the engine's decision on the charged call, the key still to charge when no call
+        carried it), and forget both."""
+        local = self._local
+        out = (getattr(local, "rate", None), getattr(local, "rate_key", None))
+        local.rate = local.rate_key = None
+        return out
+
     def call(self, op: str, *args, **kwargs):
         pid = self._engine()
         sock, call_id = self._socket(), next(self._ids)
-        frames = protocol.encode(protocol.Call(call_id, op, list(args), kwargs))
+        rate_key = getattr(self._local, "rate_key", None)
+        frames = protocol.encode(protocol.Call(call_id, op, list(args), kwargs, rate_key))
         try:
             sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -114,6 +128,8 @@ class EngineClient:
                 sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 raise _unavailable() from None
+        if rate_key is not None:
+            self._local.rate_key = None  # sent: this call carries it
         first = self._receive(sock, call_id, pid)
         if first.last:
             return first.value
@@ -125,6 +141,8 @@ class EngineClient:
                 reply = protocol.decode_reply(sock.recv_multipart(copy=False))
                 if reply.call_id != call_id:
                     continue  # the rest of a call this thread gave up on
+                if reply.rate is not None:
+                    self._local.rate = reply.rate
                 if reply.error is not None:
                     cls = _ERRORS.get(reply.error["code"], errors.InternalError)
                     exc = cls(reply.error["message"], reply.error["details"])

@@ -18,6 +18,7 @@ from ..api.ratelimit import RateLimitConfig, RemoteRateLimiter
 from ..runtime.keys import KeyStore
 from ..runtime.store import Store
 from .children import child_args, child_config, die_with_parent, stop_event
+from .connections import connection_settings, guard
 from .engine_client import EngineClient
 
 log = logging.getLogger("msmartcompute.front")
@@ -31,7 +32,8 @@ def waitress_settings(config) -> dict:
             "clear_untrusted_proxy_headers": True,
             # flush each write at once: a streamed token must not wait for 18 kB of output
             # (waitress' default send_bytes) or for the request's end
-            "send_bytes": 1}
+            "send_bytes": 1,
+            **connection_settings(config)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                      keys=KeyStore(store), limiter=RemoteRateLimiter(engine, rate_limit))
     listener = socket.socket(fileno=args.listen_fd)
     server = waitress.create_server(app, sockets=[listener], **waitress_settings(config))
+    guard(server, config)
     serve_until(server, stopping)
     log.info("front stopping: no new connections; draining in-flight requests (at most %.0f s)", DRAIN_TIMEOUT_S)
     if not drain(server, DRAIN_TIMEOUT_S):

@@ -1,8 +1,9 @@
 """The messages between front processes and the engine process (ZeroMQ multipart, msgspec).
 
 front (DEALER, one per front thread)          engine (ROUTER)
-  [header: Call, *buffers]             ->
-                                       <-   [header: Reply, *buffers]   (one, or a stream of them)
+  [header: Call, *buffers]             ->   (rate_key set: spend one token of that caller first)
+                                       <-   [header: Reply, *buffers]   (one, or a stream of them;
+                                                the first carries the rate-limit decision)
   [header: Cancel]                     ->   (the client went away: stop the stream)
 
 Headers are msgpack (msgspec). A numpy array anywhere in the arguments or the result travels as
@@ -29,6 +30,7 @@ class Call(msgspec.Struct, tag=True):
     op: str                       # "service.method", one of runtime.engine.OPERATIONS
     args: list = []
     kwargs: dict = {}
+    rate_key: str | None = None   # the HTTP request's rate-limit key: the engine spends its token, then runs op
 
 
 class Cancel(msgspec.Struct, tag=True):
@@ -40,6 +42,7 @@ class Reply(msgspec.Struct):
     value: Any = None
     last: bool = True
     error: dict | None = None     # {code, message, details}
+    rate: tuple | None = None     # the decision on Call.rate_key: (allowed, limit, remaining, reset, retry_after)
 
 
 _local = threading.local()        # the frames of the message being encoded / decoded on this thread
@@ -80,7 +83,7 @@ def encode(message) -> list:
     """A message as frames: [header, *buffers]."""
     if isinstance(message, Call):  # a caller is always an argument of the call itself
         message = Call(message.call_id, message.op, [_caller(a) for a in message.args],
-                       {k: _caller(v) for k, v in message.kwargs.items()})
+                       {k: _caller(v) for k, v in message.kwargs.items()}, message.rate_key)
     _local.frames = []
     header = _encoder.encode(message)
     frames, _local.frames = _local.frames, None

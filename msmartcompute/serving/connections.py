@@ -1,0 +1,100 @@
+"""What a front accepts from the network: the waitress settings that bound connections, read
+deadlines on every request, and waitress' own error pages written as the seed's envelope.
+
+- `connection_limit` open connections per front (default 1000; waitress' own default of 100
+  let ~100 idle clients stall every answer, /health included), on poll() since select()
+  stops at descriptor 1024; past it, new connections wait in the listen backlog.
+- An idle keep-alive connection is closed after `idle_timeout_s`.
+- A request whose head (request line + headers) has not arrived `header_timeout_s` after its
+  first byte, or whose body has not arrived `body_timeout_s` after it, is dropped however
+  steadily it trickles in (waitress alone only times out silence, so a slow-loris client
+  sending a byte a second held its connection forever).
+- waitress' own errors (400 for a bad request line, a bad header or a CR/LF inside one, 413
+  for a body over the limit, 431 for headers over `max_header_bytes`, its 500) answer the
+  error envelope with a fixed message: waitress' text can quote the offending header line,
+  and that line can be the Authorization one.
+"""
+from __future__ import annotations
+
+import resource
+import time
+
+import orjson
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer
+from waitress.task import ErrorTask
+
+from ..api.envelope import error
+from ..api.errors import code_for_status
+
+_MESSAGES = {
+    400: "Malformed HTTP request (request line, headers or chunked encoding)",
+    413: "Request body is over the server's size limit",
+    431: "Request header fields are too large",
+    500: "Internal server error",
+}
+
+
+def connection_settings(config) -> dict:
+    """waitress adjustments for the limits in `config` (a ServerConfig)."""
+    return {"connection_limit": config.connection_limit, "channel_timeout": config.idle_timeout_s,
+            # the idle sweep runs this often, so an idle connection lives at most 1.25 x the timeout
+            "cleanup_interval": max(1, int(config.idle_timeout_s // 4)),
+            "asyncore_use_poll": True, "max_request_header_size": config.max_header_bytes,
+            "backlog": 2048}
+
+
+class EnvelopeErrorTask(ErrorTask):
+    def execute(self):
+        status = self.request.error.code
+        body = orjson.dumps(error(code_for_status(status), _MESSAGES.get(status, self.request.error.reason)))
+        self.status = f"{status} {self.request.error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class GuardedChannel(HTTPChannel):
+    """An HTTPChannel whose request must finish arriving within the read deadlines."""
+
+    error_task_class = EnvelopeErrorTask
+    header_timeout_s = 10.0  # set per server by guard()
+    body_timeout_s = 300.0
+    request_started: float | None = None  # monotonic time the request being read began
+
+    def received(self, data):
+        if self.request is None and data:
+            self.request_started = time.monotonic()
+        result = super().received(data)
+        if self.request is None:  # nothing partly read is left
+            self.request_started = None
+        return result
+
+    def readable(self):
+        # asked on every loop turn (at most 0.2 s apart), so a late request is dropped on time
+        started = self.request_started
+        if started is not None and self.request is not None and not self.requests:
+            limit = self.body_timeout_s if self.request.headers_finished else self.header_timeout_s
+            if time.monotonic() - started > limit:
+                self.will_close = True  # writable() sees it; handle_write closes the socket
+                return False
+        return super().readable()
+
+
+def guard(server, config) -> None:
+    """Give the listeners of a waitress server (not yet looping) the guarded channel."""
+    _raise_fd_limit(config.connection_limit + 256)
+    channel_class = type("FrontChannel", (GuardedChannel,), {"header_timeout_s": config.header_timeout_s,
+                                                              "body_timeout_s": config.body_timeout_s})
+    listeners = [server] if hasattr(server, "_map") else server.map.values()  # one socket / several
+    for listener in listeners:
+        if isinstance(listener, BaseWSGIServer):
+            listener.channel_class = channel_class
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard),
+                                                    hard))
