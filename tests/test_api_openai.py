@@ -118,9 +118,9 @@ def test_streamed_completion_and_chat(client):
     assert any(c.choices and c.choices[0].finish_reason for c in chat)
 
 
-def generation(server) -> dict:
+def generation(server, model_id: str) -> dict:
     r = requests.get(server.base_url + "/api/v1/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
-    return r.json()["metrics"]["generation"]["chat-llama"]
+    return r.json()["metrics"]["generation"][model_id]
 
 
 def test_stream_goes_token_by_token_and_a_closed_stream_cancels(server, client):
@@ -131,20 +131,24 @@ def test_stream_goes_token_by_token_and_a_closed_stream_cancels(server, client):
     texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
     assert len(texts) > 5 and "".join(texts) == plain.choices[0].text      # incremental deltas
     assert chunks[-1].choices[0].finish_reason == "length" and plain.usage.completion_tokens == 40
-    # the first chunk comes while the generation runs: closing the stream then cancels it
-    before = generation(server)
-    stream = client.completions.create(model="chat-llama", prompt="numbers 1", max_tokens=120, temperature=0,
+    # the first chunk comes while the generation runs: closing the stream then cancels it (a model
+    # with room for 3000 tokens, so the generation cannot end before the close is seen)
+    save(hf_model("llama", seed=6, max_position_embeddings=4096), server.folder / "long-llama")
+    r = requests.post(server.base_url + "/api/v1/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                      json={"model_id": "long-llama", "model_type": "transformer", "model_path": "long-llama"},
+                      timeout=120)
+    assert r.status_code == 200, r.text
+    stream = client.completions.create(model="long-llama", prompt="numbers 1", max_tokens=3000, temperature=0,
                                        stream=True, extra_body={"ignore_eos": True})
     first = next(iter(stream))
     assert first.choices[0].text and first.choices[0].finish_reason is None
     stream.close()
-    deadline = time.monotonic() + 10
-    while generation(server)["cancelled_sequences"] == before["cancelled_sequences"] and time.monotonic() < deadline:
+    deadline = time.monotonic() + 20
+    while generation(server, "long-llama")["cancelled_sequences"] == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    after = generation(server)
-    assert after["cancelled_sequences"] == before["cancelled_sequences"] + 1
-    assert after["tokens_generated"] - before["tokens_generated"] < 120
-    assert after["kv_blocks_used"] == 0
+    after = generation(server, "long-llama")
+    assert after["cancelled_sequences"] == 1 and after["tokens_generated"] < 3000
+    assert after["kv_blocks_used"] == 0 and after["running"] == 0
 
 
 def test_streamed_stop_string_and_the_raw_events(server, client):
