@@ -53,6 +53,9 @@ TENSOR_CORE_SASS = {"int8_gemm_kernel": ("IMMA.",), "mixed_gemm_kernel": ("HMMA.
 # stack arrays) in any instantiation, read from the cubins' resource usage.
 NO_LOCAL_MEMORY = ("attention_fwd_kernel", "attention_combine_kernel", "attention_bwd_delta_kernel",
                    "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")
+# Head dims every attention kernel is built for (mangled template argument Li<D>E), per dtype.
+HEAD_DIMS = {"attention_fwd_kernel": (32, 64, 128, 256), "attention_bwd_dkdv_kernel": (32, 64, 128, 256),
+             "attention_bwd_dq_kernel": (32, 64, 128, 256)}
 checks = 0
 for arch in ("sm_80", "sm_90"):
     arch_sass = sass if arch == "sm_90" else subprocess.run(
@@ -70,6 +73,14 @@ for arch in ("sm_80", "sm_90"):
             if missing or not found:
                 failures.append(f"kernel {kernel}: no {instruction.rstrip('.')} in {len(missing) or 'any'} "
                                 f"{arch} instantiation(s)")
+    for kernel, dims in HEAD_DIMS.items():
+        heads = [b.split("\n", 1)[0] for b in bodies if f"{len(kernel)}{kernel}" in b.split("\n", 1)[0]]
+        for dim in dims:
+            checks += 1
+            n = sum(f"Li{dim}E" in h for h in heads)
+            print(f"{'ok  ' if n >= 2 else 'FAIL'} {kernel}: head dim {dim} in {n} {arch} instantiation(s)")
+            if n < 2:  # float16 and bfloat16
+                failures.append(f"kernel {kernel}: head dim {dim} not built for both dtypes on {arch}")
     usage = subprocess.run([cuobjdump, "-res-usage", "-arch", arch, so[0]], capture_output=True, text=True,
                            check=True).stdout
     pairs = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)

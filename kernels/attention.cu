@@ -111,11 +111,12 @@ __device__ __forceinline__ void mma_a_bt(float (&c)[NT][4], const uint16_t* sA, 
   mma_a_bt<T, D, 1, NT>(reinterpret_cast<float(&)[1][NT][4]>(c), sA, a_row0, sB, b_row0);
 }
 
-// acc[mt][16][D] += X[mt][16][8 NT] B[8 NT][D]: X as accumulator tiles (rounded to T here), B rows
-// b_row0.. of swizzled tile sB, read transposed by ldmatrix.trans; each B fragment feeds MT products.
-template <typename T, int D, int MT, int NT>
-__device__ __forceinline__ void mma_x_b(float (&acc)[MT][D / 8][4], const float (&x)[MT][NT][4], const uint16_t* sB,
-                                        int b_row0) {
+// acc[mt][16][N] += X[mt][16][8 NT] B[8 NT][col0, col0 + N): X as accumulator tiles (rounded to T
+// here), B rows b_row0.. of swizzled [rows][D] tile sB, read transposed by ldmatrix.trans; each B
+// fragment feeds MT products. N < D: a block computes only those output columns (D 256 backward).
+template <typename T, int D, int MT, int NT, int N = D>
+__device__ __forceinline__ void mma_x_b(float (&acc)[MT][N / 8][4], const float (&x)[MT][NT][4], const uint16_t* sB,
+                                        int b_row0, int col0 = 0) {
   const int lane = threadIdx.x % 32;
   const lay::Coord lt = lay::ldsm_b_trans(lane);
 #pragma unroll
@@ -129,9 +130,9 @@ __device__ __forceinline__ void mma_x_b(float (&acc)[MT][D / 8][4], const float 
         a[mt][r] = pack2<T>(c[lay::a_reg_c_first(r)], c[lay::a_reg_c_first(r) + 1]);
       }
 #pragma unroll
-    for (int ii = 0; ii < D / 16; ++ii) {
+    for (int ii = 0; ii < N / 16; ++ii) {
       uint32_t b[4];
-      ldsm_x4_trans(b, sB + lay::swizzled_offset(b_row0 + kk * 16 + lt.row, ii * 16 + lt.col, D));
+      ldsm_x4_trans(b, sB + lay::swizzled_offset(b_row0 + kk * 16 + lt.row, col0 + ii * 16 + lt.col, D));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         mma_16816<T>(acc[mt][2 * ii], a[mt], b[0], b[1]);
@@ -140,11 +141,11 @@ __device__ __forceinline__ void mma_x_b(float (&acc)[MT][D / 8][4], const float 
     }
   }
 }
-template <typename T, int D, int NT>
-__device__ __forceinline__ void mma_x_b(float (&acc)[D / 8][4], const float (&x)[NT][4], const uint16_t* sB,
-                                        int b_row0) {
-  mma_x_b<T, D, 1, NT>(reinterpret_cast<float(&)[1][D / 8][4]>(acc), reinterpret_cast<const float(&)[1][NT][4]>(x),
-                       sB, b_row0);
+template <typename T, int D, int NT, int N = D>
+__device__ __forceinline__ void mma_x_b(float (&acc)[N / 8][4], const float (&x)[NT][4], const uint16_t* sB,
+                                        int b_row0, int col0 = 0) {
+  mma_x_b<T, D, 1, NT, N>(reinterpret_cast<float(&)[1][N / 8][4]>(acc),
+                          reinterpret_cast<const float(&)[1][NT][4]>(x), sB, b_row0, col0);
 }
 
 // Rows [0, rows) of a swizzled [rows][D] tile by cp.async; row_ptr(i) is row i's global address, or
@@ -471,18 +472,11 @@ __global__ void attention_combine_kernel(const __grid_constant__ AttentionParams
 // operand through ldmatrix (.trans for the products that need the transpose) from swizzled tiles
 // filled by double-buffered cp.async.
 
-constexpr int kBwdKeys = 64;   // keys per dK/dV block and per dQ step
-constexpr int kBwdRows = 64;   // packed rows per dQ block
+// Tile sizes per head dim (lay::BwdTiles), all under 99 KB of shared memory (the sm_86/89 limit;
+// sm_80 has 163, sm_90 227; checked by tests/cpp/test_attention_layout.cpp) and without register
+// spills (.ci/check_device_code.py).
 template <int D>
-__host__ __device__ constexpr int bwd_step_rows() { return D <= 64 ? 64 : 32; }  // rows per dK/dV step: registers at D 128
-
-template <int D>
-constexpr size_t bwd_dkdv_smem_bytes() {
-  constexpr int BM = bwd_step_rows<D>();
-  return sizeof(uint16_t) * (2 * kBwdKeys * D + 4 * BM * D) + 2 * BM * (2 * sizeof(float) + sizeof(int));
-}
-template <int D>
-constexpr size_t bwd_dq_smem_bytes() { return sizeof(uint16_t) * (2 * kBwdRows * D + 4 * kBwdKeys * D); }
+using BwdTiles = lay::BwdTiles<D>;
 
 // delta[b, h, i] = sum_d dout * out: one warp per query row.
 template <typename T>
@@ -502,10 +496,13 @@ __global__ void attention_bwd_delta_kernel(const __grid_constant__ AttentionPara
   if (threadIdx.x % 32 == 0) static_cast<float*>(gp.delta.data)[seq.row_offset(gp.delta, r)] = sum;
 }
 
+// One block: keys [blockIdx.x * BN, + BN) of (batch, kv head) blockIdx.y, dK/dV columns
+// [blockIdx.z * DO, + DO). At D 256 two blocks split the columns (DO 128): the accumulators of all
+// 256 would spill; each recomputes the full-D products S and dP (1.5x the dK/dV kernel's flops).
 template <typename T, int D>
 __global__ __launch_bounds__(128) void attention_bwd_dkdv_kernel(const __grid_constant__ AttentionParams p,
                                                                 const __grid_constant__ AttentionGradParams gp) {
-  constexpr int BM = bwd_step_rows<D>(), BN = kBwdKeys;
+  constexpr int BM = BwdTiles<D>::kStepRows, BN = BwdTiles<D>::kKeys, DO = BwdTiles<D>::kOutCols;
   extern __shared__ __align__(128) uint16_t smem[];
   uint16_t* sK = smem;              // [BN][D]
   uint16_t* sV = sK + BN * D;       // [BN][D]
@@ -550,10 +547,11 @@ __global__ __launch_bounds__(128) void attention_bwd_dkdv_kernel(const __grid_co
   cp_async_commit();
 
   const int key_a = n0 + warp * 16 + lane / 4, key_b = key_a + 8;  // this thread's keys (accumulator rows)
+  const int c0 = static_cast<int>(blockIdx.z) * DO;                 // this block's output columns
   const float scale_log2 = p.scale * kLog2e;
-  float dk_acc[D / 8][4], dv_acc[D / 8][4];
+  float dk_acc[DO / 8][4], dv_acc[DO / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i)
+  for (int i = 0; i < DO / 8; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk_acc[i][e] = dv_acc[i][e] = 0.f;
 
@@ -581,7 +579,7 @@ __global__ __launch_bounds__(128) void attention_bwd_dkdv_kernel(const __grid_co
         const int local = j * 8 + lay::mma_c(lane, e).col, key = e < 2 ? key_a : key_b;
         pt[j][e] = key <= limit_s[local] ? exp2f(pt[j][e] * scale_log2 - lse_s[local]) : 0.f;
       }
-    mma_x_b<T, D, BM / 8>(dv_acc, pt, sdOs, 0);  // dV += P^T dO
+    mma_x_b<T, D, BM / 8, DO>(dv_acc, pt, sdOs, 0, c0);  // dV += P^T dO
 
     // dS^T = P^T * (V dO^T - delta).
     float dst[BM / 8][4];
@@ -592,7 +590,7 @@ __global__ __launch_bounds__(128) void attention_bwd_dkdv_kernel(const __grid_co
     for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dst[j][e] = pt[j][e] * (dst[j][e] - delta_s[j * 8 + lay::mma_c(lane, e).col]);
-    mma_x_b<T, D, BM / 8>(dk_acc, dst, sQs, 0);  // dK += dS^T Q
+    mma_x_b<T, D, BM / 8, DO>(dk_acc, dst, sQs, 0, c0);  // dK += dS^T Q
     __syncthreads();
     r0 = next;
   }
@@ -601,8 +599,8 @@ __global__ __launch_bounds__(128) void attention_bwd_dkdv_kernel(const __grid_co
   T* dkg = static_cast<T*>(gp.dk.data);
   T* dvg = static_cast<T*>(gp.dv.data);
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) {
-    const int col = i * 8 + 2 * t;
+  for (int i = 0; i < DO / 8; ++i) {
+    const int col = c0 + i * 8 + 2 * t;
     if (key_a < seq.Sk) {
       *reinterpret_cast<uint32_t*>(dkg + seq.key_offset(gp.dk, key_a) + col) = pack2<T>(dk_acc[i][0] * p.scale, dk_acc[i][1] * p.scale);
       *reinterpret_cast<uint32_t*>(dvg + seq.key_offset(gp.dv, key_a) + col) = pack2<T>(dv_acc[i][0], dv_acc[i][1]);
@@ -617,7 +615,7 @@ __global__ __launch_bounds__(128) void attention_bwd_dkdv_kernel(const __grid_co
 template <typename T, int D>
 __global__ __launch_bounds__(128) void attention_bwd_dq_kernel(const __grid_constant__ AttentionParams p,
                                                               const __grid_constant__ AttentionGradParams gp) {
-  constexpr int BM = kBwdRows, BN = kBwdKeys;
+  constexpr int BM = BwdTiles<D>::kDqRows, BN = BwdTiles<D>::kDqKeys;
   extern __shared__ __align__(128) uint16_t smem[];
   uint16_t* sQ = smem;              // [BM][D]
   uint16_t* sdO = sQ + BM * D;      // [BM][D]
@@ -669,17 +667,20 @@ __global__ __launch_bounds__(128) void attention_bwd_dq_kernel(const __grid_cons
     float s[BN / 8][4], ds[BN / 8][4];
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = ds[j][0] = ds[j][1] = ds[j][2] = ds[j][3] = 0.f;
-    mma_a_bt<T, D, BN / 8>(s, sQ, warp * 16, sKs, 0);    // S = Q K^T
-    mma_a_bt<T, D, BN / 8>(ds, sdO, warp * 16, sVs, 0);  // dP = dO V^T
+    mma_a_bt<T, D, BN / 8>(s, sQ, warp * 16, sKs, 0);  // S = Q K^T, then P in place
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = n0 + j * 8 + lay::mma_c(lane, e).col;
         const bool visible = key <= (e < 2 ? limit_a : limit_b);
-        const float prob = visible ? exp2f(s[j][e] * scale_log2 - (e < 2 ? lse_a : lse_b)) : 0.f;
-        ds[j][e] = prob * (ds[j][e] - (e < 2 ? delta_a : delta_b));
+        s[j][e] = visible ? exp2f(s[j][e] * scale_log2 - (e < 2 ? lse_a : lse_b)) : 0.f;
       }
+    mma_a_bt<T, D, BN / 8>(ds, sdO, warp * 16, sVs, 0);  // dP = dO V^T, then dS = P (dP - delta)
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds[j][e] = s[j][e] * (ds[j][e] - (e < 2 ? delta_a : delta_b));
     mma_x_b<T, D, BN / 8>(dq_acc, ds, sKs, 0);  // dQ += dS K
     __syncthreads();
   }
@@ -778,17 +779,19 @@ cudaError_t launch_bwd(const AttentionParams& p, const AttentionGradParams& g, c
   }
   auto dkdv = attention_bwd_dkdv_kernel<T, D>;
   auto dq = attention_bwd_dq_kernel<T, D>;
-  constexpr size_t dkdv_smem = bwd_dkdv_smem_bytes<D>(), dq_smem = bwd_dq_smem_bytes<D>();
+  constexpr size_t dkdv_smem = BwdTiles<D>::kDkdvSmem, dq_smem = BwdTiles<D>::kDqSmem;
   if ((err = allow_smem(dkdv, dkdv_smem)) != cudaSuccess || (err = allow_smem(dq, dq_smem)) != cudaSuccess) return err;
   // Every key gets dK/dV written and every query dQ: zeros where nothing is seen.
   if (p.max_seqlen_k > 0) {
-    dkdv<<<dim3(static_cast<unsigned>(ceil_div(p.max_seqlen_k, kBwdKeys)), static_cast<unsigned>(p.B * p.Hkv)), 128,
-           dkdv_smem, stream>>>(p, g);
+    dkdv<<<dim3(static_cast<unsigned>(ceil_div(p.max_seqlen_k, BwdTiles<D>::kKeys)), static_cast<unsigned>(p.B * p.Hkv),
+                D / BwdTiles<D>::kOutCols),
+           128, dkdv_smem, stream>>>(p, g);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (p.max_seqlen_q == 0) return cudaSuccess;
-  dq<<<dim3(static_cast<unsigned>(ceil_div(G * p.max_seqlen_q, kBwdRows)), static_cast<unsigned>(p.B * p.Hkv)), 128,
-       dq_smem, stream>>>(p, g);
+  dq<<<dim3(static_cast<unsigned>(ceil_div(G * p.max_seqlen_q, BwdTiles<D>::kDqRows)),
+            static_cast<unsigned>(p.B * p.Hkv)),
+       128, dq_smem, stream>>>(p, g);
   return cudaGetLastError();
 }
 
@@ -798,6 +801,7 @@ cudaError_t launch_bwd_typed(const AttentionParams& p, const AttentionGradParams
     case 32: return launch_bwd<T, 32>(p, g, stream);
     case 64: return launch_bwd<T, 64>(p, g, stream);
     case 128: return launch_bwd<T, 128>(p, g, stream);
+    case 256: return launch_bwd<T, 256>(p, g, stream);
   }
   return cudaErrorInvalidValue;
 }

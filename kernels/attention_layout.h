@@ -82,4 +82,23 @@ MSC_LAYOUT_FN int causal_key_end(int r0, int r1, int Sq, int Sk) {
   return end < 0 ? 0 : (end > Sk ? Sk : end);
 }
 
+// Backward tiles per head dim D (4 warps per block; every warp owns 16 rows of its products):
+// - dK/dV: kKeys keys per block, kStepRows packed query rows per step (Q, dO double-buffered),
+//   kOutCols of the D output columns per block (D / kOutCols blocks split the columns at D 256,
+//   where 2 x 256 accumulator columns per thread would spill);
+// - dQ: kDqRows packed rows per block, kDqKeys keys per step (K, V double-buffered).
+// Shared memory in bytes: dK/dV holds K and V [kKeys][D] halves, two stages of Q and dO
+// [kStepRows][D] and per staged row its lse, delta (float) and last visible key (int); dQ holds Q
+// and dO [kDqRows][D] and two stages of K and V [kDqKeys][D].
+template <int D>
+struct BwdTiles {
+  static constexpr int kKeys = 64;
+  static constexpr int kStepRows = D <= 64 ? 64 : (D <= 128 ? 32 : 16);
+  static constexpr int kOutCols = D <= 128 ? D : 128;
+  static constexpr int kDqRows = 64;
+  static constexpr int kDqKeys = D <= 128 ? 64 : 16;
+  static constexpr int kDkdvSmem = 2 * (2 * kKeys * D + 4 * kStepRows * D) + 2 * kStepRows * (4 + 4 + 4);
+  static constexpr int kDqSmem = 2 * (2 * kDqRows * D + 4 * kDqKeys * D);
+};
+
 }  // namespace msmartcompute::cuda::layout

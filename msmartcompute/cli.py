@@ -50,7 +50,8 @@ def serve(args: argparse.Namespace) -> int:
     from .runtime.store import STORE_FILENAME, Store, StoreDamaged
     from .serving.supervisor import Supervisor, default_workers
 
-    config = _config(args, {"host": args.host, "port": args.port, "threads": args.threads})
+    config = _config(args, {"host": args.host, "port": args.port, "threads": args.threads,
+                            "require_keys": args.require_keys})
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         Path(config.state_dir).mkdir(parents=True, exist_ok=True)
@@ -71,7 +72,7 @@ def serve(args: argparse.Namespace) -> int:
         keys = KeyStore(store)
         for entry in config.api_keys:
             keys.add(str(entry.get("key", "")), entry.get("user_id", "admin"), entry.get("role", "admin"))
-        open_mode = keys.count() == 0
+        open_mode = keys.count() == 0 and not config.require_keys
     except (ValueError, AttributeError) as exc:
         raise CliError(f"bad API key in the config file or MSC_ADMIN_KEY: {exc}") from None
     finally:
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="waitress worker threads (default 32: a batch holds at most this many requests)")
     p.add_argument("--workers", type=int,
                    help="front processes (HTTP), sharing one socket (default: one per core, at least 2)")
+    p.add_argument("--require-keys", action="store_true", default=None,
+                   help="refuse requests without a valid key even while no key exists (never serve open)")
     p.set_defaults(func=serve)
 
     k = sub.add_parser("keys", help="manage API keys (stored hashed in the state dir)", parents=[state])

@@ -186,7 +186,8 @@ class MSmartComputeClient:
     def wait(self, request_id: str, timeout: float = 300.0, poll_interval: float = 0.05,
              kind: str = "inference", on_progress=None) -> dict:
         """Poll an async job (kind "inference" or "training") until it completes; raises
-        JobFailedError or RequestTimeoutError. on_progress(result) is called after each poll."""
+        JobFailedError (failed or cancelled) or RequestTimeoutError. on_progress(result) is
+        called after each poll."""
         deadline = time.monotonic() + timeout
         getter = {"inference": self.get_inference, "training": self.get_training}[kind]
         while True:
@@ -195,9 +196,9 @@ class MSmartComputeClient:
                 on_progress(result)
             if result["status"] == "completed":
                 return result
-            if result["status"] == "failed":
+            if result["status"] in ("failed", "cancelled"):
                 error = result.get("error") or {}
-                raise JobFailedError("JOB_FAILED", f"{request_id} failed: {error.get('message', 'unknown')}",
+                raise JobFailedError("JOB_FAILED", f"{request_id} {result['status']}: {error.get('message', 'unknown')}",
                                      {"request_id": request_id, "error": error})
             if time.monotonic() > deadline:
                 raise RequestTimeoutError("REQUEST_TIMEOUT", f"{request_id} still {result['status']} after {timeout}s")
@@ -223,6 +224,11 @@ class MSmartComputeClient:
 
     def get_training(self, request_id: str) -> dict:
         return self._request("GET", f"/training/{urllib.parse.quote(request_id, safe='')}")
+
+    def cancel_training(self, request_id: str) -> dict:
+        """DELETE /training/{id} (an extension): a queued training ends at once, a running one at
+        its next mini-batch."""
+        return self._request("DELETE", f"/training/{urllib.parse.quote(request_id, safe='')}")
 
     # --- optimization ------------------------------------------------------------------------
     def optimize_model(self, model_id: str, optimization_type: str = "quantization",

@@ -2,7 +2,7 @@
 
 File sections: [server] (host, port, state_dir, threads, log_level, max_body_bytes, cors_origins,
 and the connection limits below),
-[security] (api_keys = [{key, user_id, role}], rate_limit_per_minute,
+[security] (api_keys = [{key, user_id, role}], require_keys, rate_limit_per_minute,
 rate_limit_burst, rate_limit_enabled), [inference] and [virtualization] (fields of
 runtime.engine.RuntimeConfig), and [[models]] (load specs preloaded at start).
 """
@@ -33,6 +33,7 @@ class ServerConfig:
     rate_limit_per_minute: int = 1000
     rate_limit_burst: int = 100
     rate_limit_enabled: bool = True
+    require_keys: bool = False     # never serve open, even before the first key exists
     api_keys: list = field(default_factory=list)   # [{key, user_id, role}] registered at start
     runtime: dict = field(default_factory=dict)    # RuntimeConfig fields from [inference]/[virtualization]
     models: list = field(default_factory=list)     # load specs preloaded at start
@@ -41,12 +42,13 @@ class ServerConfig:
 _CONNECTION_KEYS = ("connection_limit", "idle_timeout_s", "header_timeout_s", "body_timeout_s", "max_header_bytes")
 _SERVER_KEYS = ("host", "port", "state_dir", "threads", "log_level", "max_body_bytes", "cors_origins",
                 *_CONNECTION_KEYS)
-_SECURITY_KEYS = ("rate_limit_per_minute", "rate_limit_burst", "rate_limit_enabled")
+_SECURITY_KEYS = ("rate_limit_per_minute", "rate_limit_burst", "rate_limit_enabled", "require_keys")
 _ENV = {
     "host": "MSC_HOST", "port": "MSC_PORT", "state_dir": "MSC_STATE_DIR", "threads": "MSC_THREADS",
     "log_level": "MSC_LOG_LEVEL", "max_body_bytes": "MSC_MAX_BODY_BYTES",
     "rate_limit_per_minute": "MSC_RATE_LIMIT_PER_MINUTE", "rate_limit_burst": "MSC_RATE_LIMIT_BURST",
     "rate_limit_enabled": "MSC_RATE_LIMIT_ENABLED", "cors_origins": "MSC_CORS_ORIGINS",
+    "require_keys": "MSC_REQUIRE_KEYS",
 }
 _INT_KEYS = {"port", "threads", "max_body_bytes", "rate_limit_per_minute", "rate_limit_burst", "connection_limit",
              "max_header_bytes"}
@@ -74,7 +76,7 @@ def _coerce(name: str, value):
         if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
             raise ValueError(f"cors_origins must be a list of origins, got {value!r}")
         return [o.strip().rstrip("/") for o in origins if o.strip()]
-    if name == "rate_limit_enabled":
+    if name in ("rate_limit_enabled", "require_keys"):
         return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
     return str(value)
 

@@ -38,24 +38,55 @@ def test_roles(secured):
                                                              "compute_units": 1}), 403, "FORBIDDEN")
 
 
+def test_one_rule_per_operation_and_every_admin_operation_enforces_it(secured):
+    """runtime/access.py POLICY is the one authorization table: every engine operation (so
+    every route) has its rule, and each ADMIN / SELF rule is enforced by the runtime itself,
+    whatever front calls it."""
+    from msmartcompute.runtime.access import ADMIN, POLICY
+    from msmartcompute.runtime.caller import Caller
+    from msmartcompute.runtime.errors import Forbidden
+    from msmartcompute.runtime.operations import OPERATIONS
+
+    assert set(POLICY) == set(OPERATIONS)
+    api, _ = secured
+    rt, user = api.runtime, Caller("alice", "user")
+    calls = {  # each ADMIN operation with arguments that would otherwise get past the check
+        "registry.load": (dict(MLP_SPEC),), "registry.unload": ("mlp-small",),
+        "training.train": ({"model_id": "mlp-small", "training_data": [[1, 2, 3, 4]], "labels": [0]},),
+        "training.submit": ({"model_id": "mlp-small", "training_data": [[1, 2, 3, 4]], "labels": [0]},),
+        "optimization.optimize": ("mlp-small", {"optimization_type": "quantization"}),
+        "vgpus.create": ({"memory_size": 1024, "compute_units": 1},), "delete_vgpu": ("v",),
+    }
+    assert set(calls) == {op for op, (rule, _) in POLICY.items() if rule == ADMIN}
+    rt.registry.load(dict(MLP_SPEC))
+    for op, args in calls.items():
+        with pytest.raises(Forbidden, match="only an admin"):
+            rt.operation(op)(*args, caller=user)
+    with pytest.raises(Forbidden):
+        rt.sessions.create("bob", "mlp-small", caller=user)
+    with pytest.raises(Forbidden):
+        rt.allocations.allocate({"user_id": "bob", "memory_size": 1, "compute_units": 1, "duration": 1}, caller=user)
+
+
 def test_ownership(secured):
     api, keys = secured
     admin, alice, bob = (api.as_(keys[k]) for k in ("admin", "alice", "bob"))
     assert_ok(admin.post("/api/v1/models", MLP_SPEC))
     session = assert_ok(alice.post("/api/v1/sessions", {"user_id": "alice", "model_id": "mlp-small"}))
     assert_error(bob.post("/api/v1/sessions", {"user_id": "alice", "model_id": "mlp-small"}), 403, "FORBIDDEN")
-    assert_error(bob.get(f"/api/v1/sessions/{session['session_id']}"), 403, "FORBIDDEN")
-    assert_error(bob.delete(f"/api/v1/sessions/{session['session_id']}"), 403, "FORBIDDEN")
+    # another user's object answers 404, as an unknown id does: a 403 would tell that it exists
+    assert_error(bob.get(f"/api/v1/sessions/{session['session_id']}"), 404, "NOT_FOUND")
+    assert_error(bob.delete(f"/api/v1/sessions/{session['session_id']}"), 404, "NOT_FOUND")
     assert_ok(admin.get(f"/api/v1/sessions/{session['session_id']}"))
 
     alloc = assert_ok(alice.post("/api/v1/resources", {"user_id": "alice", "memory_size": 1024,
                                                         "compute_units": 1, "duration": 60}))
-    assert_error(bob.delete(f"/api/v1/resources/{alloc['allocation_id']}"), 403, "FORBIDDEN")
+    assert_error(bob.delete(f"/api/v1/resources/{alloc['allocation_id']}"), 404, "NOT_FOUND")
     assert assert_ok(bob.get("/api/v1/resources"))["allocations"] == []
     assert len(assert_ok(admin.get("/api/v1/resources"))["allocations"]) == 1
 
     job = assert_ok(alice.post("/api/v1/inference/async", {"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]]}))
-    assert_error(bob.get(f"/api/v1/inference/{job['request_id']}"), 403, "FORBIDDEN")
+    assert_error(bob.get(f"/api/v1/inference/{job['request_id']}"), 404, "NOT_FOUND")
     assert_ok(alice.get(f"/api/v1/inference/{job['request_id']}"))
     assert_ok(alice.delete(f"/api/v1/sessions/{session['session_id']}"))
 

@@ -78,6 +78,12 @@ def test_training_errors_name_the_field(api, change, field):
 def test_divergence_and_unknown_model(api):
     body = {"model_id": "blobs", "training_data": [[1.0] * 16], "labels": [[1e30] * 4], "loss_function": "mse"}
     error = assert_error(api.post("/api/v1/training", body), 400, "INVALID_INPUT_DATA")
+    assert error["details"]["field"] == "labels" and "must lie in" in error["message"]  # issue #17: 1e38 passed
+    error = assert_error(api.post("/api/v1/training", {**body, "labels": [[0.0] * 4], "learning_rate": 10}), 400,
+                         "INVALID_INPUT_DATA")
+    assert error["details"]["field"] == "learning_rate"
+    error = assert_error(api.post("/api/v1/training", {**body, "labels": [[0.0] * 4], "training_data": [[1e30] * 16],
+                                                       "learning_rate": 1.0}), 400, "INVALID_INPUT_DATA")
     assert "diverged" in error["message"]
     assert_error(api.post("/api/v1/training", dict(body, model_id="nope")), 404, "INVALID_MODEL_ID")
     assert_error(api.post("/api/v1/models/nope/optimize", {"optimization_type": "quantization"}), 404,
@@ -97,11 +103,14 @@ def test_roles_and_ownership(tmp_path):
         admin, alice, bob = api.as_(admin_key), api.as_(alice_key), api.as_(bob_key)
         assert_ok(admin.post("/api/v1/models", BLOB_SPEC))
         x, y = blobs(n=16)
-        job = assert_ok(alice.post("/api/v1/training/async", {"model_id": "blobs", "training_data": x.tolist(),
-                                                              "labels": y.tolist()}))
-        assert_ok(alice.get(f"/api/v1/training/{job['request_id']}"))
+        body = {"model_id": "blobs", "training_data": x.tolist(), "labels": y.tolist()}
+        # a model is shared: a plain user may not retrain it for everyone (issue #17 item 7)
+        for path in ("/api/v1/training", "/api/v1/training/async"):
+            assert_error(alice.post(path, body), 403, "FORBIDDEN")
+        job = assert_ok(admin.post("/api/v1/training/async", body))
         assert_ok(admin.get(f"/api/v1/training/{job['request_id']}"))
-        assert_error(bob.get(f"/api/v1/training/{job['request_id']}"), 403, "FORBIDDEN")
+        assert_error(bob.get(f"/api/v1/training/{job['request_id']}"), 404, "NOT_FOUND")
+        assert_error(bob.delete(f"/api/v1/training/{job['request_id']}"), 404, "NOT_FOUND")
         assert_error(alice.post("/api/v1/models/blobs/optimize", {"optimization_type": "quantization"}), 403,
                      "FORBIDDEN")
         assert_error(alice.post("/api/v1/training", {"model_id": "blobs", "training_data": x.tolist(),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from live_server import LiveServer, free_port
-from msmartcompute.client import (ConnectionFailedError, InvalidInputDataError, InvalidModelIdError,
+from msmartcompute.client import (ConnectionFailedError, InvalidInputDataError, InvalidModelIdError, JobFailedError,
                                   MSmartComputeClient, MSmartComputeError, UnauthorizedError)
 
 ADMIN_KEY = "msc_e2eadmin_" + "s3cret" * 6
@@ -143,6 +143,10 @@ def test_python_sdk_training_and_optimize(server):
     done = client.wait(job["request_id"], timeout=60, kind="training", on_progress=seen.append)
     assert done["status"] == "completed" and done["epochs_completed"] == 10 and seen[-1] == done
     assert client.get_training(job["request_id"])["loss_history"] == done["loss_history"]
+    long = client.train_async("py-train", x, y, epochs=10_000, hyperparameters={"batch_size": 1})
+    assert client.cancel_training(long["request_id"])["status"] in ("cancelled", "running")  # through the engine
+    with pytest.raises(JobFailedError, match="cancelled"):
+        client.wait(long["request_id"], timeout=60, kind="training")
     with pytest.raises(InvalidInputDataError) as err:
         client.train("py-train", x, y[:3])
     assert err.value.details["field"] == "labels"

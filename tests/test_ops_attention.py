@@ -9,9 +9,8 @@ import torch
 
 from msmartcompute import ops
 from msmartcompute.ops import reference
+from attention_cases import CAUSAL, DEVICES, DTYPES, allowed_error, kernel_cases, max_err
 
-DEVICES = ["cpu", "cuda"]  # the cuda cases are collected everywhere and skipped without a GPU (conftest)
-DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float16, torch.bfloat16]}
 # (B, H, Hkv, Sq, Sk, D): odd lengths, grouped-query, Sq = 1 decode, Sq < Sk.
 SHAPES = [
     (1, 2, 2, 1, 1, 64),
@@ -21,27 +20,13 @@ SHAPES = [
     (1, 2, 1, 17, 300, 128),
     (1, 2, 2, 300, 300, 32),
 ]
-# The Triton interpreter is slow and gets bf16 wrong: small shapes, float32/float16 there.
 INTERPRETER_SHAPES = [(1, 2, 2, 1, 1, 64), (1, 4, 2, 17, 17, 32), (1, 2, 1, 1, 77, 64), (1, 2, 2, 17, 40, 64),
                       (2, 4, 1, 77, 77, 128)]
-INTERPRETER_DTYPES = [torch.float32, torch.float16]
-
-
-def interpreted(device, backend):
-    return backend == "triton" and device == "cpu"
 
 
 def cases(shapes_for_interpreter=INTERPRETER_SHAPES, shapes=SHAPES):
-    for device in DEVICES:
-        for backend in ops.available_backends(device):
-            dtypes = INTERPRETER_DTYPES if interpreted(device, backend) else DTYPES[device]
-            chosen = shapes_for_interpreter if interpreted(device, backend) else shapes
-            for dtype in dtypes:
-                for shape in chosen:
-                    for causal in (False, True):
-                        yield pytest.param(device, backend, dtype, shape, causal,
-                                           id=f"{device}-{backend}-{str(dtype)[6:]}-{'x'.join(map(str, shape))}"
-                                              f"{'-causal' if causal else ''}")
+    return kernel_cases("fused_attention_fwd", shapes_for_interpreter, shapes, lambda shape: shape[5],
+                        lambda shape: "x".join(map(str, shape)), CAUSAL)
 
 
 def make_inputs(shape, dtype, device, requires_grad=False):
@@ -50,23 +35,6 @@ def make_inputs(shape, dtype, device, requires_grad=False):
     k = torch.randn(B, Hkv, Sk, D, device=device).to(dtype)
     v = torch.randn(B, Hkv, Sk, D, device=device).to(dtype)
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def allowed_error(ref64, baseline, dtype, terms, magnitude=1.0):
-    """2 x plain torch's same-dtype error + a floor: the dtype's rounding at the reference's
-    magnitude, and the typical error of float32 sums over `terms` products (every backend
-    accumulates in float32; for a float32 output of one row, torch's own error, a max over
-    few values, can fall below that). Inputs are standard normal, so the summed terms are of
-    order `magnitude` even where the result cancels to 0 (the gradient of q when Sk = 1, where
-    dP - delta subtracts two dot products of D-vectors, each of order sqrt(D))."""
-    rounded = ref64.to(dtype)
-    rounding = ((rounded + 0.3 - 0.3) - rounded).abs().max().item()
-    accumulation = terms ** 0.5 * torch.finfo(torch.float32).eps * max(magnitude, ref64.abs().max().item())
-    return 2 * max_err(baseline, ref64) + 2 * rounding + accumulation
 
 
 def test_extension_is_built():
@@ -210,9 +178,10 @@ def test_gpu_long_sequences(backend, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("shape", [(1, 8, 2, 300, 1031, 128), (2, 4, 4, 257, 257, 64), (1, 4, 2, 129, 200, 256),
-                                   (3, 4, 1, 1, 777, 32)], ids=str)
+                                   (2, 6, 2, 77, 131, 256), (1, 4, 1, 1, 333, 256), (3, 4, 1, 1, 777, 32)], ids=str)
 def test_gpu_gradients_long_sequences(backend, shape):
-    # Head dim 256 takes the Triton backward under the cuda backend too.
+    # Head dim 256 (cuda): dK/dV blocks split the output columns in two, dQ steps 16 keys; odd
+    # lengths, GQA, causal with Sq != Sk (bottom-right), a decode row.
     for dtype in (torch.float16, torch.bfloat16):
         for causal in (False, True):
             q, k, v = make_inputs(shape, dtype, "cuda", requires_grad=True)
@@ -320,7 +289,7 @@ def test_gpu_paged_attention_cuda_paths(shape, head_dim):
 @pytest.mark.parametrize("lens", [([300, 1, 0, 77], [300, 5, 3, 200]), ([1, 4, 16], [900, 4, 33]),
                                   ([129, 130], [129, 130])], ids=str)
 def test_gpu_varlen_attention_cuda_paths(lens, head_dim):
-    # The CUDA varlen kernels, forward and backward (D 256 backward: Triton), GQA, causal rows that
+    # The CUDA varlen kernels, forward and backward, GQA, causal rows that
     # see no key, decode-like batches (every sequence <= 16 queries).
     from test_ops_varlen_attention import cu_seqlens
 
@@ -384,11 +353,11 @@ def test_cuda_kernels_use_tensor_cores():
     # forward and backward kernels for sm_90 must hold HMMA (mma.sync m16n8k16) instructions.
     from device_code import sm90_functions
 
-    # fp16/bf16 x head dims 32/64/128/256 x prefill / decode; backward: fp16/bf16 x 32/64/128.
+    # fp16/bf16 x head dims 32/64/128/256 x prefill / decode; backward: fp16/bf16 x 32/64/128/256.
     # Operands reach the tensor cores through ldmatrix (LDSM; .trans: MT88) from tiles that
     # cp.async (LDGSTS) fills.
-    for kernel, count in (("20attention_fwd_kernel", 16), ("25attention_bwd_dkdv_kernel", 6),
-                          ("23attention_bwd_dq_kernel", 6)):
+    for kernel, count in (("20attention_fwd_kernel", 16), ("25attention_bwd_dkdv_kernel", 8),
+                          ("23attention_bwd_dq_kernel", 8)):
         found = sm90_functions(kernel)
         assert len(found) == count, kernel
         for body in found:

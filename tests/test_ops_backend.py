@@ -45,7 +45,25 @@ def test_auto_returns_the_fastest_candidate_and_its_result():
     assert _backend.dispatch("toy_op", None, torch.device("cpu"), ("k",), impls) == "fast"
     [entry] = choices("toy_op")
     assert entry["backend"] == "torch" and entry["times_us"]["cpu"] > entry["times_us"]["torch"]
+    assert entry["samples"] == _backend._Choices.CLEAR_AFTER  # a clear winner ends the measuring early
     assert _backend.dispatch("toy_op", None, torch.device("cpu"), ("k",), impls) == "fast"
+
+
+def test_close_candidates_are_measured_in_full_and_interleaved():
+    calls = []
+
+    def work(name):
+        calls.append(name)
+        time.sleep(0.001)
+        return name
+
+    out = _backend.dispatch("toy_op", None, torch.device("cpu"), ("k",),
+                            {"cpu": lambda: work("cpu"), "torch": lambda: work("torch")})
+    [entry] = choices("toy_op")
+    assert out == entry["backend"] and entry["samples"] >= _backend._Choices.MIN_REPS
+    assert set(entry["spread"]) == {"cpu", "torch"}
+    timed = calls[2 * _backend._Choices.WARMUP:]  # after the warm-up: one call each per round
+    assert all(set(timed[i:i + 2]) == {"cpu", "torch"} for i in range(0, len(timed) - 1, 2))
 
 
 def test_a_failing_candidate_is_skipped_and_recorded():

@@ -7,13 +7,8 @@ import torch
 
 from msmartcompute import ops
 from msmartcompute.ops import reference
-from test_ops_attention import DEVICES, DTYPES, INTERPRETER_DTYPES, allowed_error, interpreted, max_err
+from attention_cases import DEVICES, allowed_error, backends, kernel_cases, max_err
 
-
-def backends(device, schema="paged_attention"):
-    """The backends that run the op on `device` here: cuda only once its CUDA kernel is registered."""
-    return [b for b in ops.available_backends(device)
-            if b != "cuda" or torch._C._dispatch_has_kernel_for_dispatch_key(f"msmartcompute::{schema}", "CUDA")]
 
 # (seq_lens, Sq, H, Hkv, D, block_size)
 SHAPES = [
@@ -27,17 +22,8 @@ INTERPRETER_SHAPES = [([1], 1, 2, 2, 32, 16), ([17, 0, 60], 1, 4, 2, 32, 5), ([4
 
 
 def cases(interpreter_shapes=INTERPRETER_SHAPES, shapes=SHAPES):
-    for device in DEVICES:
-        for backend in backends(device):
-            dtypes = INTERPRETER_DTYPES if interpreted(device, backend) else DTYPES[device]
-            chosen = interpreter_shapes if interpreted(device, backend) else shapes
-            for dtype in dtypes:
-                for shape in chosen:
-                    if backend in ("triton", "cuda") and shape[4] not in ops.attention.GPU_HEAD_DIMS:
-                        continue
-                    lens, sq, h, hkv, d, bs = shape
-                    yield pytest.param(device, backend, dtype, shape,
-                                       id=f"{device}-{backend}-{str(dtype)[6:]}-lens{lens}-sq{sq}-{h}x{hkv}x{d}-bs{bs}")
+    return kernel_cases("paged_attention", interpreter_shapes, shapes, lambda shape: shape[4],
+                        lambda s: f"lens{s[0]}-sq{s[1]}-{s[2]}x{s[3]}x{s[4]}-bs{s[5]}")
 
 
 def make_cache(shape, dtype, device, spare_blocks=3):
@@ -91,7 +77,7 @@ def test_cpu_split_kv_matches_unsplit():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_sequences_give_zeros(device):
-    for backend in backends(device):
+    for backend in backends(device, "paged_attention"):
         inputs = make_cache(([0, 5], 2, 2, 2, 32, 16), torch.float32 if device == "cpu" else torch.float16, device)
         inputs[4][1] = 1  # Sq = 2 queries against one key: the first query sees none
         out = ops.paged_attention(*inputs, backend=backend)

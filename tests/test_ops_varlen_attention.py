@@ -9,13 +9,8 @@ import torch
 
 from msmartcompute import ops
 from msmartcompute.ops import reference
-from test_ops_attention import DEVICES, DTYPES, INTERPRETER_DTYPES, allowed_error, interpreted, max_err
+from attention_cases import CAUSAL, allowed_error, kernel_cases, max_err
 
-
-def backends(device, schema="varlen_attention_fwd"):
-    """The backends that run the op on `device` here: cuda only once its CUDA kernel is registered."""
-    return [b for b in ops.available_backends(device)
-            if b != "cuda" or torch._C._dispatch_has_kernel_for_dispatch_key(f"msmartcompute::{schema}", "CUDA")]
 
 # (lens_q, lens_k, H, Hkv, D)
 SHAPES = [
@@ -31,19 +26,8 @@ GRAD_INTERPRETER_SHAPES = [([5, 17, 3], [5, 20, 3], 4, 2, 32), ([9, 2], [4, 21],
 
 
 def cases(interpreter_shapes, shapes):
-    for device in DEVICES:
-        for backend in backends(device):
-            dtypes = INTERPRETER_DTYPES if interpreted(device, backend) else DTYPES[device]
-            chosen = interpreter_shapes if interpreted(device, backend) else shapes
-            for dtype in dtypes:
-                for shape in chosen:
-                    if backend in ("triton", "cuda") and shape[4] not in ops.attention.GPU_HEAD_DIMS:
-                        continue
-                    for causal in (False, True):
-                        lens_q, lens_k, h, hkv, d = shape
-                        yield pytest.param(device, backend, dtype, shape, causal,
-                                           id=f"{device}-{backend}-{str(dtype)[6:]}-q{lens_q}-k{lens_k}-{h}x{hkv}x{d}"
-                                              f"{'-causal' if causal else ''}")
+    return kernel_cases("varlen_attention_fwd", interpreter_shapes, shapes, lambda shape: shape[4],
+                        lambda s: f"q{s[0]}-k{s[1]}-{s[2]}x{s[3]}x{s[4]}", CAUSAL)
 
 
 def cu_seqlens(lens, device):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 from live_server import LiveServer, free_port
@@ -198,5 +199,63 @@ def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(tmp_path
             t0 = time.monotonic()
             assert s.recv(1) == b""  # closed by the server, not by our 10 s timeout
             assert time.monotonic() - t0 < 5
+    finally:
+        server.stop()
+
+
+def test_require_keys_from_the_start(tmp_path):
+    """Issue #17 item 1/12: an admin can refuse open mode before the first key exists."""
+    server = LiveServer(tmp_path / "state", extra_args=["--require-keys"], env=quiet_env())
+    try:
+        status, body = http(server.base_url, "GET", "/api/v1/models")
+        assert status == 401 and body["error"]["code"] == "UNAUTHORIZED"
+        assert http(server.base_url, "GET", "/health")[0] == 200
+    finally:
+        server.stop()
+
+
+def test_rights_limits_and_retry_answers_across_the_engine_and_fronts(tmp_path):
+    """Items 7, 8, 11 and 12 of issue #17 through the real processes (fronts -> engine):
+    a user cannot retrain a shared model, another user's session is a 404, a response over the
+    limit and a vGPU larger than the device are 400s, a model that may fit later is a 503 with
+    Retry-After."""
+    state = tmp_path / "state"
+    admin = run_cli("keys", "--state-dir", str(state), "create", "--user", "ops", "--role", "admin").stdout.strip()
+    alice = run_cli("keys", "--state-dir", str(state), "create", "--user", "alice", "--role", "user").stdout.strip()
+    bob = run_cli("keys", "--state-dir", str(state), "create", "--user", "bob", "--role", "user").stdout.strip()
+    server = LiveServer(state, env=quiet_env(MSC_RATE_LIMIT_ENABLED="0"))
+    url = server.base_url
+    try:
+        assert http(url, "POST", "/api/v1/models", MLP, key=admin)[0] == 200
+        status, body = http(url, "POST", "/api/v1/training", {"model_id": "m", "training_data": [[1, 2]],
+                                                              "labels": [[1.0]], "loss_function": "mse"}, key=alice)
+        assert status == 403 and body["error"]["code"] == "FORBIDDEN"
+        session = http(url, "POST", "/api/v1/sessions", {"user_id": "alice", "model_id": "m"}, key=alice)[1]
+        assert http(url, "GET", f"/api/v1/sessions/{session['session_id']}", key=bob)[0] == 404
+        wide = {"model_id": "wide", "model_type": "mlp",
+                "parameters": {"input_size": 1, "hidden_sizes": [2], "output_size": 4096}}
+        assert http(url, "POST", "/api/v1/models", wide, key=admin)[0] == 200
+        status, body = http(url, "POST", "/api/v1/inference", {"model_id": "wide", "input_data": [[1.0]] * 2048},
+                            key=alice)  # 8M values from a 20 kB body
+        assert status == 400 and body["error"]["details"]["max_output_values"] == 1 << 22
+        def vgpu(name, memory):
+            return http(url, "POST", "/api/v1/virtualization/gpus",
+                        {"virtual_gpu_id": name, "memory_size": memory, "compute_units": 1}, key=admin)
+
+        status, body = vgpu("big", 1 << 40)
+        assert status == 400 and body["error"]["details"]["capacity"] < 1 << 40  # 1 TiB on this host: never
+        small = vgpu("small", 1 << 20)[1]["virtual_gpu_id"]
+        held = {"model_id": "held", "model_type": "mlp", "virtual_gpu_id": small,  # ~600 kB of the 1 MiB quota
+                "parameters": {"input_size": 128, "hidden_sizes": [1024], "output_size": 16}}
+        assert http(url, "POST", "/api/v1/models", held, key=admin)[0] == 200
+        request = urllib.request.Request(url + "/api/v1/models", method="POST", data=json.dumps(
+            {**held, "model_id": "later"}).encode(), headers={"Authorization": f"Bearer {admin}",
+                                                              "Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request, timeout=30)
+            raise AssertionError("a model over the quota's free memory was loaded")
+        except urllib.error.HTTPError as refused:
+            assert refused.code == 503 and int(refused.headers["Retry-After"]) >= 1
+            assert json.loads(refused.read())["error"]["code"] == "INSUFFICIENT_MEMORY"
     finally:
         server.stop()

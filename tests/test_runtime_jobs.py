@@ -131,7 +131,7 @@ def test_job_ownership(tmp_path):
         rt.registry.load(SPEC)
         job = rt.inference.submit({"model_id": "mlp", "input_data": X}, caller=ALICE)
         wait_done(rt, job["request_id"], ALICE)
-        with pytest.raises(Forbidden):
+        with pytest.raises(NotFound):  # another user's job: as if it did not exist
             rt.inference.get(job["request_id"], BOB)
         assert rt.inference.get(job["request_id"], ADMIN)["status"] == "completed"
         assert rt.inference.get(job["request_id"])["status"] == "completed"

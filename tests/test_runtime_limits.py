@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from api_helpers import Api, assert_error, assert_ok, make_runtime
-from msmartcompute.runtime.errors import QueueFull, RequestTimeout
+from msmartcompute.runtime.errors import InvalidInputData, NotFound, QueueFull, RequestTimeout
 from training_helpers import BLOB_SPEC, blobs
 
 
@@ -73,8 +73,8 @@ def test_a_running_training_job_is_cancelled_at_its_next_mini_batch(rt):
 
 
 def test_lock_waits_are_bounded_and_sync_trainings_capped(rt):
-    rid = rt.training.submit(_long_training())["request_id"]  # holds the model's lock
-    _wait(lambda: rt.training.get(rid)["status"] == "running")
+    rid = rt.training.submit(_long_training())["request_id"]
+    _wait(lambda: rt.training.get(rid)["epochs_completed"] >= 1)  # inside fit: it holds the model's lock
     t0 = time.monotonic()
     with pytest.raises(QueueFull) as waited:
         rt.training.train(_long_training(1))
@@ -161,3 +161,202 @@ def test_a_pretrained_decoder_stops_at_its_deadline_and_frees_the_device(tmp_pat
         assert failed["at"] - t0 < 6 and quick_at - t0 < 6
     finally:
         rt.close()
+
+
+def test_a_small_request_cannot_build_a_huge_response(tmp_path):
+    """Issue #17 item 8: a legal body made a 337 MiB JSON answer. A response holds at most
+    max_output_values numbers: refused before the run when the model's output shape tells,
+    after it otherwise; an inference/batch shares one budget; an async job is refused at submit."""
+    from reliability_helpers import save_program
+
+    class Expand(torch.nn.Module):  # a user program whose output size only the run tells
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.repeat(1, 1000)
+
+    path = save_program(Expand(), tmp_path / "state" / "models" / "expand.pt")
+    rt = make_runtime(tmp_path / "state", max_output_values=10_000)
+    try:
+        rt.registry.load({"model_id": "wide", "model_type": "mlp",
+                          "parameters": {"input_size": 1, "hidden_sizes": [4], "output_size": 4096}})
+        rt.registry.load({"model_id": "expand", "model_type": "torchscript", "model_path": str(path)})
+        rt.registry.load({"model_id": "lm", "model_type": "transformer", "max_sequence_length": 256,
+                          "parameters": {"vocab_size": 32, "hidden_size": 16, "num_heads": 2, "num_layers": 1}})
+        rows = np.ones((3, 1), np.float32)
+        with pytest.raises(InvalidInputData) as refused:  # 3 x 4096 values: refused before running
+            rt.inference.infer({"model_id": "wide", "input_data": rows})
+        assert refused.value.details["output_values"] == 3 * 4096
+        assert refused.value.details["max_output_values"] == 10_000
+        assert rt.inference.infer({"model_id": "wide", "input_data": rows[:2]})["output_data"].shape == (2, 4096)
+        with pytest.raises(InvalidInputData, match="as run"):  # 11 x 1000 values, known only after the run
+            rt.inference.infer({"model_id": "expand", "input_data": np.ones((11, 1), np.float32)})
+        with pytest.raises(InvalidInputData, match="max_tokens"):  # 100 rows x 200 tokens
+            rt.inference.infer({"model_id": "lm", "input_data": np.ones((100, 4), np.int64),
+                                "options": {"max_tokens": 200}})
+        with pytest.raises(InvalidInputData):
+            rt.inference.submit({"model_id": "wide", "input_data": rows})
+        batch = rt.inference.infer_batch([{"model_id": "wide", "input_data": rows[:2]}] * 2)["results"]
+        assert "output_data" in batch[0] and batch[1]["error"]["code"] == "INVALID_INPUT_DATA"  # shared budget
+    finally:
+        rt.close()
+
+
+def _store_bytes(rt) -> int:
+    rt.store.connect().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    return rt.store.path.stat().st_size
+
+
+def test_finished_jobs_expire_and_the_store_shrinks(tmp_path):
+    """Issue #17 item 9: the job store never shrank. A finished job is deleted job_read_ttl_s
+    after its owner read it (job_unread_ttl_s if never read), and the file gives the pages back."""
+    rt = make_runtime(tmp_path / "state", job_read_ttl_s=0.5, job_unread_ttl_s=3.0, reaper_interval_s=0.1)
+    try:
+        rt.registry.load({"model_id": "wide", "model_type": "mlp",
+                          "parameters": {"input_size": 1, "hidden_sizes": [4], "output_size": 1024}})
+        empty = _store_bytes(rt)
+        rows = np.ones((1000, 1), np.float32)  # ~1M output values per job: MiBs of JSON in the store
+        read, unread = (rt.inference.submit({"model_id": "wide", "input_data": rows})["request_id"] for _ in range(2))
+        _wait(lambda: all(rt.jobs.get(j)["status"] == "completed" for j in (read, unread)))
+        full = _store_bytes(rt)
+        assert full > empty + 8 * 2**20
+        assert rt.inference.get(read)["status"] == "completed"  # read: its 0.5 s start
+        _wait(lambda: rt.jobs.get(read) is None, timeout=5)
+        assert rt.jobs.get(unread) is not None  # never read: kept for job_unread_ttl_s
+        _wait(lambda: rt.jobs.get(unread) is None, timeout=10)
+        with pytest.raises(NotFound):
+            rt.inference.get(read)
+        # the pages went back to the file system (at a checkpoint no reader holds back)
+        _wait(lambda: _store_bytes(rt) < empty + 2**20, timeout=10)
+    finally:
+        rt.close()
+
+
+def test_async_jobs_per_user_are_capped(tmp_path):
+    from msmartcompute.runtime.jobs import JobLimits, JobRunner
+    from msmartcompute.runtime.store import Store
+
+    store = Store(tmp_path / "jobs.sqlite3")
+    runner = JobRunner(store, workers=1, limits=JobLimits(max_active_per_owner=2))  # not started: all stay queued
+    runner.register("inference", lambda request, token: {}, rerun_on_restart=True)
+    runner.submit("a1", "inference", "alice", {})
+    runner.submit("a2", "inference", "alice", {})
+    with pytest.raises(QueueFull) as full:
+        runner.submit("a3", "inference", "alice", {})
+    assert full.value.details["max_active_jobs"] == 2
+    runner.submit("b1", "inference", "bob", {})  # another user's allowance is their own
+    store.close()
+
+
+def test_long_trainings_do_not_starve_async_inference(tmp_path):
+    """Issue #17 item 10: trainings held every job worker, so async inference stayed queued.
+    Each kind has its own pool."""
+    rt = make_runtime(tmp_path / "state", job_workers=1, training_job_workers=1)
+    try:
+        rt.registry.load(dict(BLOB_SPEC))
+        trainings = [rt.training.submit(_long_training())["request_id"] for _ in range(2)]
+        _wait(lambda: rt.training.get(trainings[0])["status"] == "running")
+        t0 = time.monotonic()
+        job = rt.inference.submit({"model_id": "blobs", "input_data": np.ones((1, 16), np.float32)})["request_id"]
+        _wait(lambda: rt.inference.get(job)["status"] == "completed", timeout=10)
+        assert time.monotonic() - t0 < 5
+        for rid in trainings:
+            rt.training.cancel(rid)
+    finally:
+        rt.close()
+
+
+def test_one_user_cannot_take_a_device_or_pile_up_sessions(tmp_path):
+    """Issue #17 item 10: one user's allocation could take all memory and compute units for 30
+    days. A user's allocations last at most a day and hold at most half a device together;
+    an admin is not held to it."""
+    from msmartcompute.runtime.caller import Caller
+    from msmartcompute.runtime.errors import InsufficientMemory
+
+    rt = make_runtime(tmp_path / "state", host_memory_capacity=1 << 30, max_sessions_per_user=2)
+    alice, admin = Caller("alice", "user"), Caller("root", "admin")
+    try:
+        def allocate(memory, duration=60, units=1, caller=alice):
+            return rt.allocations.allocate({"user_id": caller.user_id, "memory_size": memory, "compute_units": units,
+                                            "duration": duration}, caller)
+
+        with pytest.raises(InvalidInputData) as never:  # 30 days
+            allocate(1 << 20, duration=30 * 24 * 3600)
+        assert never.value.details["field"] == "duration"
+        with pytest.raises(InvalidInputData):  # all the memory: over a user's share, never grantable
+            allocate(1 << 30)
+        allocate(400 << 20)
+        with pytest.raises(InsufficientMemory) as later:  # together over half the device: fits once one ends
+            allocate(200 << 20)
+        assert later.value.details["held"] == 400 << 20
+        allocate(1 << 29, duration=30 * 24 * 3600, caller=admin)  # an admin decides for the machine
+        rt.registry.load({"model_id": "m", "model_type": "mlp",
+                          "parameters": {"input_size": 1, "hidden_sizes": [2], "output_size": 1}})
+        for _ in range(2):
+            rt.sessions.create("alice", "m", alice)
+        with pytest.raises(QueueFull):
+            rt.sessions.create("alice", "m", alice)
+        rt.sessions.create("bob", "m", Caller("bob", "user"))
+    finally:
+        rt.close()
+
+
+def test_the_quota_refuses_a_model_from_its_plan_before_building_it(tmp_path):
+    """Issue #17 item 11: a 1 GiB model was fully allocated against a 64 MiB quota before the
+    503. Its bytes are now planned on the meta device and refused unbuilt."""
+    import resource
+
+    rt = make_runtime(tmp_path / "state")
+    try:
+        api = Api(rt)
+        vgpu = rt.vgpus.create({"memory_size": 64 << 20, "compute_units": 1})["virtual_gpu_id"]
+        huge = {"model_id": "huge", "model_type": "mlp", "virtual_gpu_id": vgpu,  # 4 x 8192 x 8192 x 4 B = 1 GiB
+                "parameters": {"input_size": 8192, "hidden_sizes": [8192] * 3, "output_size": 8192}}
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+        t0 = time.monotonic()
+        error = assert_error(api.post("/api/v1/models", huge), 400, "INVALID_INPUT_DATA")  # can never fit: no retry
+        assert time.monotonic() - t0 < 2 and error["details"]["requested"] > 1 << 30
+        assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10) - peak < 256 << 20  # never built
+        assert "huge" not in rt.registry.models
+
+        half = {"model_id": "a", "model_type": "mlp", "virtual_gpu_id": vgpu,  # ~40 MiB each
+                "parameters": {"input_size": 1024, "hidden_sizes": [4096, 1024], "output_size": 1024}}
+        assert_ok(api.post("/api/v1/models", half))
+        later = api.post("/api/v1/models", {**half, "model_id": "b"})
+        assert_error(later, 503, "INSUFFICIENT_MEMORY")  # fits once "a" is unloaded: a 503 that says when
+        assert int(later.headers["Retry-After"]) >= 1
+        assert_error(api.post("/api/v1/virtualization/gpus", {"memory_size": 1 << 40, "compute_units": 1}), 400,
+                     "INVALID_INPUT_DATA")  # a 1 TiB vGPU on this host: never
+        too_deep = {"model_id": "deep", "model_type": "mlp", "parameters": {
+            "input_size": 1, "hidden_sizes": [1] * 2000, "output_size": 1}}
+        assert assert_error(api.post("/api/v1/models", too_deep), 400, "INVALID_INPUT_DATA")
+        with pytest.raises(InvalidInputData, match="hidden_sizes"):  # the runtime holds the bound too
+            rt.registry.load(too_deep)
+    finally:
+        rt.close()
+
+
+def test_the_plan_is_the_measured_size(tmp_path):
+    """models.planned_bytes (meta device) equals what the build then measures, for every family
+    with a plan: the reservation made before a build is the real one, not a guess."""
+    from msmartcompute import models
+
+    specs = [
+        {"model_type": "mlp", "parameters": {"input_size": 7, "hidden_sizes": [33, 17], "output_size": 5}},
+        {"model_type": "mlp", "enable_quantization": True,
+         "parameters": {"input_size": 64, "hidden_sizes": [96], "output_size": 8}},
+        {"model_type": "transformer", "enable_mixed_precision": True,
+         "parameters": {"vocab_size": 50, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}},
+        {"model_type": "encoder", "parameters": {"vocab_size": 50, "hidden_size": 32, "num_layers": 1, "num_heads": 2}},
+    ]
+    try:
+        from hf_fixtures import hf_model, save
+        hf_model("llama")  # needs transformers
+    except ImportError:
+        hf_model = None
+    if hf_model is not None:
+
+        save(hf_model("llama", seed=1), tmp_path / "llama", tokenizer=None)
+        specs.append({"model_type": "transformer", "model_path": str(tmp_path / "llama"), "enable_quantization": True})
+    for spec in specs:
+        spec = {"model_id": "m", **spec}
+        assert models.planned_bytes(spec) == models.build_model(spec, torch.device("cpu")).tensor_bytes(), spec
+    assert models.planned_bytes({"model_id": "p", "model_type": "torchscript", "model_path": "x.pt"}) is None

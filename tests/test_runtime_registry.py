@@ -133,14 +133,19 @@ def test_restore_reports_a_model_that_no_longer_fits(tmp_path):
 
 
 def test_load_refused_when_it_does_not_fit(tmp_path):
-    rt = Runtime(RuntimeConfig(state_dir=tmp_path, host_memory_capacity=100_000))
+    rt = Runtime(RuntimeConfig(state_dir=tmp_path, host_memory_capacity=200_000))
     rt.start()
     try:
-        with pytest.raises(InsufficientMemory) as err:
+        with pytest.raises(InvalidInputData) as err:  # more than the device holds: never (400, planned unbuilt)
+            rt.registry.load(mlp_spec(hidden=(2048,)))  # 4 * (16*2048 + 2048 + 2048*8 + 8) bytes
+        assert err.value.details["requested"] == 4 * (16 * 2048 + 2048 + 2048 * 8 + 8)
+        assert err.value.details["capacity"] == 200_000
+        rt.allocations.allocate({"user_id": "u", "memory_size": 150_000, "compute_units": 1, "duration": 60})
+        with pytest.raises(InsufficientMemory) as err:  # fits the device, not what is left: later (503)
             rt.registry.load(mlp_spec(hidden=(1024,)))  # 4 * (16*1024 + 1024 + 1024*8 + 8) bytes
         assert err.value.details["requested"] == 4 * (16 * 1024 + 1024 + 1024 * 8 + 8)
-        assert err.value.details["available"] == 100_000
-        assert rt.registry.list() == [] and rt.vgpus.reserved_bytes() == 0
+        assert err.value.details["available"] == 50_000
+        assert rt.registry.list() == [] and rt.vgpus.reserved_bytes() == 150_000
     finally:
         rt.close()
 

@@ -106,9 +106,9 @@ def test_allocation_fields_and_ownership(runtime):
     assert a["start_time"].endswith("Z") and a["end_time"] > a["start_time"]
     with pytest.raises(Forbidden):
         runtime.allocations.allocate({"user_id": "alice", "memory_size": MiB, "compute_units": 1, "duration": 1}, caller=BOB)
-    with pytest.raises(Forbidden):
+    with pytest.raises(NotFound):  # another user's: as if it did not exist (a 403 would tell it does)
         runtime.allocations.get(a["allocation_id"], caller=BOB)
-    with pytest.raises(Forbidden):
+    with pytest.raises(NotFound):
         runtime.allocations.deallocate(a["allocation_id"], caller=BOB)
     assert runtime.allocations.list(caller=BOB) == []
     assert runtime.allocations.list(caller=ALICE) == [a] == runtime.allocations.list(caller=ADMIN)

@@ -32,9 +32,9 @@ def test_sessions(tmp_path):
         created = datetime.fromisoformat(s["created_at"])
         assert (datetime.fromisoformat(s["expires_at"]) - created).total_seconds() == pytest.approx(3600, abs=0.01)
         assert rt.sessions.get(s["session_id"], ALICE) == s == rt.sessions.get(s["session_id"], ADMIN)
-        with pytest.raises(Forbidden):
+        with pytest.raises(NotFound):  # another user's: as if it did not exist
             rt.sessions.get(s["session_id"], BOB)
-        with pytest.raises(Forbidden):
+        with pytest.raises(NotFound):
             rt.sessions.delete(s["session_id"], BOB)
         with pytest.raises(Forbidden):
             rt.sessions.create("alice", "mlp", caller=BOB)

@@ -1,5 +1,6 @@
 """The serving processes: messages between fronts and the engine (tensors as raw buffers,
 streams, cancellation, errors), and the supervisor replacing a dead front."""
+import json
 import os
 import signal
 import threading
@@ -128,6 +129,41 @@ def test_rate_limits_are_exact_across_fronts(tmp_path):
         server.stop()
 
 
+def _post(url, path, data: bytes):
+    request = urllib.request.Request(url + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def test_the_rate_token_travels_with_the_call_and_front_answers_spend_one_too(tmp_path):
+    """No message of its own: an inference's token is spent by its one call to the engine (the
+    reply carries the headers), and a request the front answers alone (a bad body) spends one
+    when it is settled, and turns into the 429 once none is left."""
+    server = LiveServer(tmp_path / "state", extra_args=["--workers", "2"],
+                        env={"MSC_RATE_LIMIT_BURST": "100", "MSC_RATE_LIMIT_PER_MINUTE": "5"})
+    good = b'{"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]]}'
+    try:
+        url = server.base_url
+        assert http(url, "POST", "/api/v1/models", MLP_SPEC)[0] == 200  # token 1
+        answers = [_post(url, "/api/v1/inference", body) for body in
+                   (good, b'{"model_id": ', b'{"model_id": "mlp-small", "input_dat": [[1]]}', good,
+                    b'{"model_id": ', good)]
+        assert [a[0] for a in answers] == [200, 400, 400, 200, 429, 429]
+        assert [int(a[1]["X-RateLimit-Remaining"]) for a in answers] == [3, 2, 1, 0, 0, 0]
+        assert all(a[1]["X-RateLimit-Limit"] == "5" for a in answers)
+        for status, headers, body in answers[4:]:
+            assert int(headers["Retry-After"]) >= 1
+            assert json.loads(body)["error"]["code"] == "RATE_LIMIT_EXCEEDED"
+        assert json.loads(answers[0][2])["output_data"] and json.loads(answers[2][2])["error"]["code"] == \
+            "INVALID_INPUT_DATA"
+    finally:
+        server.stop()
+
+
 def test_a_dead_front_is_replaced_and_serving_goes_on(tmp_path):
     server = LiveServer(tmp_path / "state", extra_args=["--workers", "2"])
     try:
@@ -182,3 +218,44 @@ def test_every_engine_call_of_the_api_is_an_operation():
     called = {m for f in api.glob("*.py")
               for m in re.findall(r"\bruntime\.([a-z_]+(?:\.[a-z_]+)?)\(", f.read_text())}
     assert called and called <= OPERATIONS, sorted(called - OPERATIONS)
+
+
+def test_an_inference_queued_past_its_deadline_is_answered_by_the_io_thread(tmp_path):
+    """No thread waits for an inference in the engine: its deadline is kept by the I/O thread,
+    which answers REQUEST_TIMEOUT while the device is still held; the device freed, the next
+    request runs (and one batch serves what queued meanwhile)."""
+    from msmartcompute.runtime.engine import Runtime, RuntimeConfig
+    from msmartcompute.runtime.errors import RequestTimeout
+
+    runtime = Runtime(RuntimeConfig(state_dir=str(tmp_path / "state")))
+    runtime.start()
+    address = f"ipc://{tmp_path}/e.sock"
+    server = EngineServer(runtime, address)
+    stopping = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stopping,), daemon=True)
+    thread.start()
+    (tmp_path / "engine.pid").write_text(str(os.getpid()))
+    client = EngineClient(address, tmp_path / "engine.pid")
+    try:
+        client.registry.load(dict(MLP_SPEC))
+        x = np.ones((1, 4), np.float32)
+        request = {"model_id": "mlp-small", "input_data": x, "options": {}}
+        expected = client.inference.infer(request)["output_data"]
+        with runtime.registry.entry("mlp-small").executor.scheduler.exclusive():
+            t0 = time.monotonic()
+            with pytest.raises(RequestTimeout):
+                client.inference.infer({**request, "options": {"timeout": 0.3}})
+            assert 0.25 < time.monotonic() - t0 < 3
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(client.inference.infer(request)))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(answers) == 4 and all(np.allclose(a["output_data"], expected) for a in answers)
+    finally:
+        stopping.set()
+        thread.join(5)
+        server.close()
+        runtime.close()

@@ -174,8 +174,8 @@ def test_divergence_fails_clearly_and_leaves_the_model(rt):
     rt.registry.load(dict(BLOB_SPEC, parameters={"input_size": 3, "hidden_sizes": [8], "output_size": 1}))
     x = np.ones((8, 3), np.float32)
     before = outputs(rt, "blobs", x)
-    request = {"model_id": "blobs", "training_data": x, "labels": np.full((8, 1), 1e30), "loss_function": "mse",
-               "epochs": 3}  # (1e30)^2 overflows float32: the loss is inf at once
+    request = {"model_id": "blobs", "training_data": np.full((8, 3), 1e30, np.float32), "labels": np.zeros((8, 1)),
+               "loss_function": "mse", "epochs": 3}  # outputs ~1e30, squared: inf in float32 at once
     with pytest.raises(InvalidInputData, match="diverged") as err:
         rt.training.train(request)
     assert err.value.details["field"] == "learning_rate" and err.value.details["epoch"] == 1
@@ -199,6 +199,26 @@ def test_save_path_survives_a_restart(tmp_path):
     rt = make_runtime(tmp_path / "state")
     try:
         np.testing.assert_array_equal(outputs(rt, "blobs", x), trained)
+    finally:
+        rt.close()
+
+
+def test_trained_weights_survive_a_restart_without_save_path(tmp_path):
+    """Issue #17 item 7: a completed training was silently reverted at the next restart."""
+    rt = make_runtime(tmp_path / "state")
+    rt.registry.load(BLOB_SPEC)
+    x, y = blobs(n=64)
+    before = outputs(rt, "blobs", x)
+    out = rt.training.train({"model_id": "blobs", "training_data": x, "labels": y, "epochs": 2})
+    assert out["model_updated"] and out["weights_persisted"]
+    trained = outputs(rt, "blobs", x)
+    assert not np.array_equal(trained, before)
+    rt.close()
+    rt = make_runtime(tmp_path / "state")
+    try:
+        np.testing.assert_array_equal(outputs(rt, "blobs", x), trained)
+        job = wait_job(rt, rt.training.submit({"model_id": "blobs", "training_data": x, "labels": y})["request_id"])
+        assert job["status"] == "completed" and job["weights_persisted"] is True
     finally:
         rt.close()
 

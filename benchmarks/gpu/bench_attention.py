@@ -12,26 +12,20 @@ FLOPs: 4 * B * H * Sq * Sk * D for the forward (two matmuls), halved-ish for cau
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from the checkout
-from benchmarks.gpu.report import write_json  # noqa: E402
+from benchmarks.gpu.report import add_row, listed_or_no_gpu, new_report, parser, skipped  # noqa: E402
 from msmartcompute.bench import cuda_time_ms  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="write the results as JSON to this path")
+    p = parser(__doc__, warmup=5, reps=30)
     p.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen kept about constant")
@@ -42,9 +36,6 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])
     p.add_argument("--impls", nargs="+", default=["ours-cuda", "ours-triton", "sdpa-flash", "sdpa-efficient",
                                                   "sdpa-cudnn"])
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--list", action="store_true", help="print the cases and exit")
     return p.parse_args(argv)
 
 
@@ -112,35 +103,13 @@ def measure(impl, case, dtype, args):
 def main(argv=None):
     args = parse_args(argv)
     all_cases = list(cases(args))
-    if args.list:
-        for case in all_cases:
-            print(json.dumps(case))
-        print(f"{len(all_cases)} cases x {len(args.impls)} implementations")
-        return 0
-    if not torch.cuda.is_available():
-        print("bench_attention: needs a CUDA device (use --list to see the cases)", file=sys.stderr)
-        return 2
+    status = listed_or_no_gpu(args, all_cases, args.impls, "bench_attention")
+    if status is not None:
+        return status
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     impls = {name: implementation(name) for name in args.impls}
-    results = []
-    report = {
-        "card": torch.cuda.get_device_name(),
-        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "python": platform.python_version(),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "timing": f"CUDA events, median of {args.reps} after {args.warmup} warm-up runs",
-        "args": vars(args),
-        "results": results,
-    }
-    try:
-        import triton
-
-        report["triton"] = triton.__version__
-    except ImportError:
-        pass
+    report = new_report(args, cudnn=torch.backends.cudnn.version(),
+                        timing=f"CUDA events, median of {args.reps} after {args.warmup} warm-up runs")
     for case in all_cases:
         for name, impl in impls.items():
             row = dict(case, impl=name, dtype=args.dtype)
@@ -150,13 +119,11 @@ def main(argv=None):
                 try:
                     row.update(measure(impl, case, dtype, args))
                 except Exception as exc:  # an SDPA backend refusing a shape, out of memory, ...
-                    row["skipped"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    row["skipped"] = skipped(exc)
                 torch.cuda.empty_cache()
-            results.append(row)
-            write_json(args.out, report)
             shown = f"{row['tflops']:7.1f} TFLOP/s {row['median_ms']:8.3f} ms" if "tflops" in row else row["skipped"]
-            print(f"d={case['head_dim']:<3} s={case['seqlen']:<6} b={case['batch']:<3} "
-                  f"{'causal' if case['causal'] else 'full  '} {case['mode']:<7} {name:<15} {shown}", flush=True)
+            add_row(report, row, args.out, f"d={case['head_dim']:<3} s={case['seqlen']:<6} b={case['batch']:<3} "
+                    f"{'causal' if case['causal'] else 'full  '} {case['mode']:<7} {name:<15} {shown}")
     if args.out:
         print(f"wrote {args.out}")
     return 0

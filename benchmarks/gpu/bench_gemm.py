@@ -13,16 +13,14 @@ and writes every row plus the card, torch and CUDA versions as JSON to --out.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from the checkout
-from benchmarks.gpu.report import write_json  # noqa: E402
+from benchmarks.gpu.report import new_report, write_json  # noqa: E402
 from msmartcompute.bench import cuda_time_ms  # noqa: E402
 
 
@@ -58,16 +56,7 @@ def run(args) -> dict:
     from msmartcompute import ops
 
     backends = [b for b in args.backends.split(",") if b]
-    report = {
-        "card": torch.cuda.get_device_name(),
-        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "args": vars(args),
-        "results": [],
-    }
+    report = new_report(args)
     for m in (int(v) for v in args.m.split(",")):
         k = n = m if args.square else args.hidden
         shape = (m, k, n)

@@ -13,24 +13,18 @@ Timing: CUDA events around each call after a warm-up, the median of --reps runs.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from the checkout
-from benchmarks.gpu.report import write_json  # noqa: E402
+from benchmarks.gpu.report import add_row, listed_or_no_gpu, new_report, parser, skipped  # noqa: E402
 from msmartcompute.bench import cuda_time_ms  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="write the results as JSON to this path")
+    p = parser(__doc__, warmup=5, reps=30)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     p.add_argument("--heads", type=int, default=32)
@@ -40,9 +34,6 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--impls", nargs="+", default=["paged-cuda", "paged-triton", "dense-cuda", "copy"])
     p.add_argument("--max-cache-gib", type=float, default=8.0, help="skip cases whose K/V cache is larger")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--list", action="store_true", help="print the cases and exit")
     return p.parse_args(argv)
 
 
@@ -102,28 +93,13 @@ def implementation(name, case, dtype):
 def main(argv=None):
     args = parse_args(argv)
     all_cases = list(cases(args))
-    if args.list:
-        for case in all_cases:
-            print(json.dumps(dict(case, kv_cache_gib=round(kv_bytes(case) / 2**30, 3))))
-        print(f"{len(all_cases)} cases x {len(args.impls)} implementations")
-        return 0
-    if not torch.cuda.is_available():
-        print("bench_paged_decode: needs a CUDA device (use --list to see the cases)", file=sys.stderr)
-        return 2
+    status = listed_or_no_gpu(args, all_cases, args.impls, "bench_paged_decode",
+                              lambda case: dict(case, kv_cache_gib=round(kv_bytes(case) / 2**30, 3)))
+    if status is not None:
+        return status
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    results = []
-    report = {
-        "card": torch.cuda.get_device_name(),
-        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "timing": f"CUDA events, median of {args.reps} after {args.warmup} warm-up runs",
-        "bytes": "decode: K and V read once; copy: bytes read + written",
-        "args": vars(args),
-        "results": results,
-    }
+    report = new_report(args, timing=f"CUDA events, median of {args.reps} after {args.warmup} warm-up runs",
+                        bytes="decode: K and V read once; copy: bytes read + written")
     for case in all_cases:
         # the copy first, so every decode row of the case can say its fraction of it
         names = sorted(args.impls, key=lambda name: name != "copy")
@@ -147,12 +123,10 @@ def main(argv=None):
                         elif copy_gbs:
                             row["fraction_of_copy"] = row["gb_per_s"] / copy_gbs
                 except Exception as exc:  # out of memory, a backend refusing a shape, ...
-                    row["skipped"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    row["skipped"] = skipped(exc)
                 torch.cuda.empty_cache()
-            results.append(row)
-            write_json(args.out, report)
             shown = f"{row['gb_per_s']:8.1f} GB/s {row['median_ms']:8.3f} ms" if "gb_per_s" in row else row["skipped"]
-            print(f"b={case['batch']:<3} ctx={case['context']:<6} {name:<13} {shown}", flush=True)
+            add_row(report, row, args.out, f"b={case['batch']:<3} ctx={case['context']:<6} {name:<13} {shown}")
     if args.out:
         print(f"wrote {args.out}")
     return 0

@@ -4,7 +4,6 @@
 // kernels/kv_cache.cu.
 // q/k/v are read through their strides (a KV-cache slice is a view, never copied) as long as the
 // head dim is contiguous and rows start 16-byte aligned; anything else is copied once.
-// The backward takes head dims 32/64/128; for 256 the Python autograd runs the Triton backward.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -30,18 +29,12 @@ cuda::StridedRows bhs_rows(const at::Tensor& t) {
   return {const_cast<void*>(t.const_data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-void check_cuda_attention(const char* op, const at::Tensor& q, int64_t D, int64_t B, int64_t Hkv,
-                          bool backward) {
+void check_cuda_attention(const char* op, const at::Tensor& q, int64_t D, int64_t B, int64_t Hkv) {
   TORCH_CHECK(q.is_cuda(), op, " on CUDA: expected CUDA tensors, got ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
               " on CUDA: expected float16 or bfloat16, got ", q.scalar_type());
-  if (backward) {
-    TORCH_CHECK(D == 32 || D == 64 || D == 128, op, " on CUDA: head dim ", D, " is not supported (q ", q.sizes(),
-                "); supported: 32, 64, 128 (use the Triton backward for 256)");
-  } else {
-    TORCH_CHECK(D == 32 || D == 64 || D == 128 || D == 256, op, " on CUDA: head dim ", D,
-                " is not supported (q ", q.sizes(), "); supported: 32, 64, 128, 256");
-  }
+  TORCH_CHECK(D == 32 || D == 64 || D == 128 || D == 256, op, " on CUDA: head dim ", D,
+              " is not supported (q ", q.sizes(), "); supported: 32, 64, 128, 256");
   TORCH_CHECK(B * Hkv <= 65535, op, " on CUDA: batch * kv heads = ", B * Hkv, " exceeds the 65535 grid limit");
 }
 
@@ -66,22 +59,25 @@ cuda::AttentionParams dense_params(const at::Tensor& q, const at::Tensor& k, con
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                            const at::Tensor& v, bool causal, double scale) {
-  const auto s = check_attention_inputs("fused_attention_fwd", q, k, v, causal);
-  check_cuda_attention("fused_attention_fwd", q, s.D, s.B, s.Hkv, false);
-  const c10::cuda::CUDAGuard guard(q.device());
-  auto qr = readable(q), kr = readable(k), vr = readable(v);
-  auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  auto lse = at::empty({s.B, s.H, s.Sq}, q.options().dtype(at::kFloat));
-  const auto p = dense_params(qr, kr, vr, out, lse, s, causal, scale);
+// Launches the forward kernel on p, with the split-KV workspace it asks for (decode shapes).
+void run_attention_fwd(const cuda::AttentionParams& p, const at::Tensor& q, const char* op) {
   const size_t scratch = cuda::attention_fwd_workspace_bytes(p);
   at::Tensor workspace;
   if (scratch > 0) workspace = at::empty({static_cast<int64_t>(scratch)}, q.options().dtype(at::kByte));
   check_launch(cuda::launch_attention_fwd(p, scratch > 0 ? workspace.mutable_data_ptr() : nullptr,
-                                          float_type(q.scalar_type(), "fused_attention"),
-                                          c10::cuda::getCurrentCUDAStream()),
-               "fused_attention_fwd kernel");
+                                          float_type(q.scalar_type(), op), c10::cuda::getCurrentCUDAStream()),
+               op);
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, bool causal, double scale) {
+  const auto s = check_attention_inputs("fused_attention_fwd", q, k, v, causal);
+  check_cuda_attention("fused_attention_fwd", q, s.D, s.B, s.Hkv);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto qr = readable(q), kr = readable(k), vr = readable(v);
+  auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto lse = at::empty({s.B, s.H, s.Sq}, q.options().dtype(at::kFloat));
+  run_attention_fwd(dense_params(qr, kr, vr, out, lse, s, causal, scale), q, "fused_attention_fwd");
   return {out, lse};
 }
 
@@ -92,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_bwd_cuda(const at
                                                                         double scale) {
   const auto s = check_attention_inputs("fused_attention_bwd", q, k, v, causal);
   check_attention_grads("fused_attention_bwd", q, grad_out, out, lse);
-  check_cuda_attention("fused_attention_bwd", q, s.D, s.B, s.Hkv, true);
+  check_cuda_attention("fused_attention_bwd", q, s.D, s.B, s.Hkv);
   const c10::cuda::CUDAGuard guard(q.device());
   auto qr = readable(q), kr = readable(k), vr = readable(v), outr = readable(out), dout = readable(grad_out);
   auto dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -150,19 +146,15 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(const at::Tensor& q
                                                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                              int64_t max_seqlen_k, bool causal, double scale) {
   const auto s = check_varlen_inputs("varlen_attention_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k);
-  check_cuda_attention("varlen_attention_fwd", q, s.D, s.B, s.Hkv, false);
+  check_cuda_attention("varlen_attention_fwd", q, s.D, s.B, s.Hkv);
   check_max_seqlens("varlen_attention_fwd", max_seqlen_q, max_seqlen_k);
   const c10::cuda::CUDAGuard guard(q.device());
   auto qr = readable(q), kr = readable(k), vr = readable(v);
   auto cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
   auto out = at::empty({s.total_q, s.H, s.D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   auto lse = at::empty({s.H, s.total_q}, q.options().dtype(at::kFloat));
-  const auto p = varlen_params(qr, kr, vr, out, lse, cu_q, cu_k, s, max_seqlen_q, max_seqlen_k, causal, scale);
-  // Varlen never splits the keys across blocks: no workspace.
-  TORCH_INTERNAL_ASSERT(cuda::attention_fwd_workspace_bytes(p) == 0);
-  check_launch(cuda::launch_attention_fwd(p, nullptr, float_type(q.scalar_type(), "varlen_attention"),
-                                          c10::cuda::getCurrentCUDAStream()),
-               "varlen_attention_fwd kernel");
+  run_attention_fwd(varlen_params(qr, kr, vr, out, lse, cu_q, cu_k, s, max_seqlen_q, max_seqlen_k, causal, scale), q,
+                    "varlen_attention_fwd");
   return {out, lse};
 }
 
@@ -171,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, bool causal, double scale) {
   const auto s = check_varlen_inputs("varlen_attention_bwd", q, k, v, cu_seqlens_q, cu_seqlens_k);
-  check_cuda_attention("varlen_attention_bwd", q, s.D, s.B, s.Hkv, true);
+  check_cuda_attention("varlen_attention_bwd", q, s.D, s.B, s.Hkv);
   check_max_seqlens("varlen_attention_bwd", max_seqlen_q, max_seqlen_k);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
                   out.scalar_type() == q.scalar_type(),
@@ -205,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
 at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
   const auto s = check_paged_inputs("paged_attention", q, k_cache, v_cache, block_table, seq_lens);
-  check_cuda_attention("paged_attention", q, s.D, s.B, s.Hkv, false);
+  check_cuda_attention("paged_attention", q, s.D, s.B, s.Hkv);
   TORCH_CHECK(s.max_blocks * s.block_size < (int64_t(1) << 30), "paged_attention: block_table ",
               block_table.sizes(), " x block_size ", s.block_size, " addresses more than 2^30 keys");
   const c10::cuda::CUDAGuard guard(q.device());
@@ -233,13 +225,7 @@ at::Tensor paged_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
   p.block_size = s.block_size;
   p.causal = true;
   p.scale = static_cast<float>(scale);
-  const size_t scratch = cuda::attention_fwd_workspace_bytes(p);
-  at::Tensor workspace;
-  if (scratch > 0) workspace = at::empty({static_cast<int64_t>(scratch)}, q.options().dtype(at::kByte));
-  check_launch(cuda::launch_attention_fwd(p, scratch > 0 ? workspace.mutable_data_ptr() : nullptr,
-                                          float_type(q.scalar_type(), "paged_attention"),
-                                          c10::cuda::getCurrentCUDAStream()),
-               "paged_attention kernel");
+  run_attention_fwd(p, q, "paged_attention");
   return out;
 }
 

@@ -78,6 +78,8 @@ def _respond(req, resp: falcon.Response, status: str, code: str, message: str, d
 
 
 def handle_runtime_error(req, resp, exc: rt.MSCError, params) -> None:
+    if exc.retry_after_s is not None:  # a 503 that may succeed later
+        resp.set_header("Retry-After", str(exc.retry_after_s))
     _respond(req, resp, STATUS_BY_CODE.get(exc.code, falcon.HTTP_500), exc.code, exc.message, exc.details)
 
 

@@ -16,6 +16,4 @@ class JobsResource:
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_JOBS:
             raise InvalidInputData(f"query.limit must be an integer in 1..{MAX_JOBS}",
                                    {"field": "query.limit", "value": raw})
-        caller = req.context.caller
-        owner = None if caller is None or caller.is_admin else caller.user_id  # a user sees their own
-        resp.media = ok({"jobs": self.runtime.list_jobs(owner, int(raw))})
+        resp.media = ok({"jobs": self.runtime.list_jobs(int(raw), req.context.caller)})

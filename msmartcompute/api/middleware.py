@@ -11,7 +11,7 @@ import falcon
 from ..runtime.errors import MSCError, Unauthorized
 from . import errors
 from .pages import STATIC_PREFIX
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, refusal
 
 access_log = logging.getLogger("msmartcompute.access")
 
@@ -129,7 +129,7 @@ class RateLimit:
             return
         set_rate_headers(resp, decision)
         if not decision.allowed and not carried:  # nothing ran: the request is refused after all
-            _answer_error(req, resp, self.limiter.refusal(decision))
+            _answer_error(req, resp, refusal(decision, self.limiter.config))
 
 
 def _answer_error(req, resp, exc: MSCError) -> None:
@@ -151,4 +151,4 @@ def check_rate(limiter: RateLimiter, key: str, resp) -> None:
     decision = limiter.check(key)
     set_rate_headers(resp, decision)
     if not decision.allowed:
-        raise limiter.refusal(decision)
+        raise refusal(decision, limiter.config)

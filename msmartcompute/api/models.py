@@ -1,7 +1,6 @@
 """POST/GET /models, GET/DELETE /models/{model_id}, POST /models/{model_id}/optimize."""
 from __future__ import annotations
 
-from .access import require_admin
 from .envelope import ok
 from .schemas import LoadModel, Optimize, as_matrix, parse
 
@@ -12,7 +11,6 @@ class ModelsResource:
 
     def on_post(self, req, resp):
         body = parse(req, LoadModel)
-        require_admin(req.context.caller, "load models")
         resp.media = ok(self.runtime.registry.load(body, req.context.caller))
 
     def on_get(self, req, resp):
@@ -27,7 +25,6 @@ class ModelResource:
         resp.media = ok(self.runtime.registry.get(model_id))
 
     def on_delete(self, req, resp, model_id):
-        require_admin(req.context.caller, "unload models")
         resp.media = ok(self.runtime.registry.unload(model_id, req.context.caller))
 
 
@@ -37,7 +34,6 @@ class OptimizeResource:
 
     def on_post(self, req, resp, model_id):
         body = parse(req, Optimize)
-        require_admin(req.context.caller, "optimize models")
         request = dict(body)
         if body.get("calibration_data") is not None:
             request["calibration_data"] = as_matrix(body["calibration_data"], "body.calibration_data")

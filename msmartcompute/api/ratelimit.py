@@ -95,12 +95,14 @@ class RateLimiter:
             return Decision(allowed, cfg.per_minute, int(math.floor(sustained.tokens)) if allowed else 0,
                             int(math.ceil(self._wall() + full_in)), retry)
 
-    def refusal(self, decision: Decision) -> RateLimitExceeded:
-        """The error a refused request answers (429)."""
-        retry = max(1, int(decision.retry_after + 0.999))
-        return RateLimitExceeded(f"Rate limit exceeded: {decision.limit} requests per minute, "
-                                 f"bursts of {self.config.burst_per_second} per second",
-                                 {"retry_after": retry, "limit": decision.limit})
+
+
+def refusal(decision: Decision, config: RateLimitConfig) -> RateLimitExceeded:
+    """The error a refused request answers (429)."""
+    retry = max(1, int(decision.retry_after + 0.999))
+    return RateLimitExceeded(f"Rate limit exceeded: {decision.limit} requests per minute, "
+                             f"bursts of {config.burst_per_second} per second",
+                             {"retry_after": retry, "limit": decision.limit})
 
 
 class RemoteRateLimiter:

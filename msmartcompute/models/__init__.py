@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Output, Prepared, ServedModel
+from .base import Output, Prepared, ServedModel, module_bytes
 from .encoder import EncoderModel
 from .mlp import MLPModel
 from . import pretrained
+from .layers import quantized_bytes
 from .programs import ProgramModel
+from .spec import flag
 from .transformer import TransformerModel
 
 _FAMILIES = {
@@ -24,6 +26,29 @@ _FAMILIES = {
     "exported": lambda spec, device: ProgramModel(spec, device, "exported"),
 }
 MODEL_TYPES: tuple[str, ...] = tuple(_FAMILIES)
+
+
+def planned_bytes(spec: dict) -> int | None:
+    """The bytes of parameters and buffers build_model(spec, ...) will hold, from a build on the
+    meta device (shapes only: no memory, no checkpoint read), so a quota refuses a model before
+    it is built. None when only loading tells (user programs, or a plan that fails for a reason
+    the real build would report itself). Raises ValueError for a bad spec, like build_model."""
+    model_type = spec.get("model_type")
+    if model_type not in ("mlp", "transformer", "encoder"):
+        if model_type not in _FAMILIES:
+            raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+        return None
+    planned = pretrained.planned_bytes(spec)
+    if planned is not None:
+        return planned
+    try:  # the home families: built on meta, the checkpoint (if any) not read, quantization computed
+        plain = {k: v for k, v in spec.items() if k not in ("model_path", "enable_quantization")}
+        module = _FAMILIES[model_type](plain, torch.device("meta")).module
+        return quantized_bytes(module) if flag(spec, "enable_quantization") else module_bytes(module)
+    except ValueError:
+        raise
+    except Exception:  # noqa: BLE001 - a meta build the real one does differently: no plan
+        return None
 
 
 def build_model(spec: dict, device: torch.device) -> ServedModel:
@@ -37,4 +62,4 @@ def build_model(spec: dict, device: torch.device) -> ServedModel:
     return _FAMILIES[model_type](spec, torch.device(device))
 
 
-__all__ = ["MODEL_TYPES", "Output", "Prepared", "ServedModel", "build_model"]
+__all__ = ["MODEL_TYPES", "Output", "Prepared", "ServedModel", "build_model", "planned_bytes"]

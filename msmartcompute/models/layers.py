@@ -52,6 +52,20 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def quantized_bytes(module: nn.Module) -> int:
+    """The bytes `module` will hold once quantize_linears() converts it (each Linear's weight:
+    1 byte a value plus a float32 scale per output row), computed without converting it."""
+    total, seen = 0, set()
+    for m in module.modules():
+        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            is_weight = isinstance(m, nn.Linear) and t is m.weight
+            total += t.numel() + 4 * m.out_features if is_weight else t.numel() * t.element_size()
+    return total
+
+
 def quantize_linears(module: nn.Module) -> nn.Module:
     """Replace every nn.Linear inside `module` (in place) by a QuantizedLinear; returns module."""
     for name, child in module.named_children():

@@ -9,7 +9,7 @@ from torch import nn
 
 from .base import Output, Prepared, ServedModel, float_rows, to_numpy
 from .layers import activation
-from .spec import build_module, flag, int_param, tensor_cores
+from .spec import MAX_DIMENSION, MAX_LAYERS, build_module, flag, int_param, tensor_cores
 
 
 class MLP(nn.Sequential):
@@ -25,9 +25,10 @@ class MLP(nn.Sequential):
 
 def _hidden_sizes(params: dict) -> list[int]:
     sizes = params.get("hidden_sizes", [])
-    if not isinstance(sizes, (list, tuple)) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
-        raise ValueError(f"parameters.hidden_sizes must be a list of integers >= 1, got {sizes!r}")
+    if not isinstance(sizes, (list, tuple)) or len(sizes) > MAX_LAYERS or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_DIMENSION for s in sizes):
+        raise ValueError(f"parameters.hidden_sizes must be a list of at most {MAX_LAYERS} integers in "
+                         f"[1, {MAX_DIMENSION}], got {str(sizes)[:200]}")
     return list(sizes)
 
 

@@ -10,9 +10,7 @@ module is built with uninitialised memory on the target device and dtype first, 
 throwaway initialisation and no second copy."""
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 from pathlib import Path
 
 import torch
@@ -20,12 +18,12 @@ import torch.nn.functional as F
 
 from . import bert, hf
 from .attention_context import NoCache
-from .base import Output, Prepared, ServedModel, token_rows
+from .base import Output, Prepared, ServedModel, module_bytes, token_rows
 from .paged import PagedDecoder
 from .gpt2 import GPT2, GPT2Config
 from .llama import Llama, LlamaConfig
-from .layers import quantize_linears
-from .spec import SpecError, compute_dtype, flag, tensor_cores
+from .layers import quantize_linears, quantized_bytes
+from .spec import SpecError, compute_dtype, flag, no_init, tensor_cores
 from .tokenizer import Tokenizer, load_tokenizer
 
 ARCHITECTURES = {"llama": (Llama, LlamaConfig), "mistral": (Llama, LlamaConfig), "qwen2": (Llama, LlamaConfig),
@@ -131,30 +129,9 @@ def _max_length(spec: dict, family: str, config, cfg: dict) -> int:
     return value
 
 
-_INIT_FUNCTIONS = ("kaiming_uniform_", "uniform_", "normal_", "ones_", "zeros_")
-_init_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _no_init():
-    """Modules built without initialising their parameters (the checkpoint overwrites every
-    one): torch.nn.init's fillers do nothing meanwhile, so parameters are uninitialised
-    memory on the target device and the load writes each byte once. (Building on the meta
-    device instead costs 8-13 s the first time in a process, measured: torch imports its
-    meta kernels.) The fillers are module globals, hence the lock."""
-    with _init_lock:
-        saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
-        for name in _INIT_FUNCTIONS:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        try:
-            yield
-        finally:
-            for name, fn in saved.items():
-                setattr(torch.nn.init, name, fn)
-
-
-def build_module(family: str, cfg: dict, spec: dict, device: torch.device):
-    """The architecture's module with the checkpoint's weights, on `device` in the compute dtype."""
+def _empty_module(family: str, cfg: dict, spec: dict, device: torch.device):
+    """(the architecture's module with uninitialised weights on `device` in the compute dtype,
+    its config, the dtype); on the meta device it holds shapes only."""
     module_cls, config_cls = ARCHITECTURES[family]
     try:
         config = config_cls.from_hf(cfg)
@@ -163,8 +140,13 @@ def build_module(family: str, cfg: dict, spec: dict, device: torch.device):
                                       f"needs: {exc}") from None
     _check_parameters(spec, family, config)
     dtype = compute_dtype(spec, device)
-    with torch.device(device), _no_init():
-        module = module_cls(config).to(dtype)
+    with torch.device(device), no_init():
+        return module_cls(config).to(dtype), config, dtype
+
+
+def build_module(family: str, cfg: dict, spec: dict, device: torch.device):
+    """The architecture's module with the checkpoint's weights, on `device` in the compute dtype."""
+    module, config, dtype = _empty_module(family, cfg, spec, device)
     module.reset_buffers()
     body, head = module.weight_targets()
     tied = () if head or family == "bert" else ("lm_head.weight",)
@@ -307,6 +289,18 @@ def pooling_of(spec: dict, folder: str | None) -> tuple[str, bool]:
     if not isinstance(normalize, bool):
         raise SpecError("parameters.normalize", f"parameters.normalize must be true or false, got {normalize!r}")
     return pooling, normalize
+
+
+def planned_bytes(spec: dict) -> int | None:
+    """The bytes of parameters and buffers the checkpoint a spec names will take once built
+    (its config on the meta device: no weights read, no memory used); None when the spec names
+    a home architecture."""
+    found = architecture_of(spec)
+    if found is None:
+        return None
+    family, cfg, _ = found
+    module = _empty_module(family, cfg, spec, torch.device("meta"))[0]
+    return quantized_bytes(module) if flag(spec, "enable_quantization") else module_bytes(module)
 
 
 def build(spec: dict, device: torch.device, model_type: str) -> ServedModel | None:

@@ -19,7 +19,7 @@ from torch import nn
 from .attention_context import AttentionContext, NoCache
 from .base import token_rows
 from .paged import PagedDecoder
-from .spec import build_module, flag, int_param, max_sequence_length
+from .spec import MAX_LAYERS, build_module, flag, int_param, max_sequence_length
 
 
 @dataclass
@@ -51,7 +51,7 @@ class TransformerConfig:
         if heads % kv_heads:
             raise ValueError(f"parameters.num_heads ({heads}) must be divisible by num_kv_heads ({kv_heads})")
         return cls(vocab_size=int_param(p, "vocab_size"), hidden_size=hidden,
-                   num_layers=int_param(p, "num_layers"), num_heads=heads, num_kv_heads=kv_heads,
+                   num_layers=int_param(p, "num_layers", maximum=MAX_LAYERS), num_heads=heads, num_kv_heads=kv_heads,
                    intermediate_size=int_param(p, "intermediate_size", 4 * hidden),
                    max_sequence_length=max_sequence_length(spec))
 

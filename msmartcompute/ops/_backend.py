@@ -156,11 +156,13 @@ def device_label(device: torch.device) -> str:
 
 
 def measure(impls: dict[str, Impl], device: torch.device, warmup: int, min_reps: int, max_reps: int,
-            min_time_s: float) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, str]]:
+            min_time_s: float, clear_after: int | None = None
+            ) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, str]]:
     """Times each callable side by side: `warmup` untimed calls each, then rounds of one timed
     call per callable, in a rotating order, until `min_reps` rounds and `min_time_s` have passed
-    (at most `max_reps`). Returns the samples in seconds, each callable's last result, and the
-    error of any callable that raised (it takes no further part)."""
+    (at most `max_reps`), or, from round `clear_after` on, until one callable's fastest call is
+    under half of every other's. Returns the samples in seconds, each callable's last result, and
+    the error of any callable that raised (it takes no further part)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
@@ -182,6 +184,10 @@ def measure(impls: dict[str, Impl], device: torch.device, warmup: int, min_reps:
             sync()
             samples[name].append(time.perf_counter() - t0)
         rounds += 1
+        if clear_after is not None and rounds >= clear_after and len(order) > 1:
+            fastest, second = sorted(typical(s) for s in samples.values())[:2]
+            if 2 * fastest <= second:
+                break
     return samples, results, errors
 
 
@@ -211,7 +217,9 @@ class _Choices:
     # TIE_MARGIN of the fastest are a tie (a 2-core box shared with builds swings more than
     # that): the one whose samples spread least (interquartile range over median) wins, as the
     # steadier kernel is the better bet for the rest of the process.
-    WARMUP, MIN_REPS, MAX_REPS, MIN_TIME_S, TIE_MARGIN = 2, 9, 41, 0.1, 0.05
+    # A candidate twice as fast as every other after CLEAR_AFTER rounds ends the measuring early:
+    # the first call of a bucket runs inside a served request.
+    WARMUP, MIN_REPS, MAX_REPS, MIN_TIME_S, TIE_MARGIN, CLEAR_AFTER = 2, 9, 41, 0.1, 0.05, 3
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -229,7 +237,7 @@ class _Choices:
                 self.memo[memo_key] = entry["backend"]
                 return runnable[entry["backend"]]()
             samples, results, errors = measure(runnable, device, self.WARMUP, self.MIN_REPS, self.MAX_REPS,
-                                               self.MIN_TIME_S)
+                                               self.MIN_TIME_S, self.CLEAR_AFTER)
             if not samples:
                 raise RuntimeError(f"{op}: every backend failed on these inputs: {errors}")
             times = {b: typical(s) for b, s in samples.items()}

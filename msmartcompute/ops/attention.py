@@ -7,7 +7,6 @@ from ._backend import dispatch, extension_loaded, pow2
 
 # Head dims the tiled GPU kernels are built for; the CPU kernel and the reference take any.
 GPU_HEAD_DIMS = (32, 64, 128, 256)
-CUDA_BACKWARD_HEAD_DIMS = (32, 64, 128)
 _DTYPES = {"cuda": (torch.float16, torch.bfloat16), "cpu": (torch.float32, torch.bfloat16, torch.float16)}
 # The attention schemas the built extension has CUDA kernels for, read once (torch.compile cannot
 # trace the dispatcher query).
@@ -127,14 +126,8 @@ if extension_loaded():
 
     def _backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        if q.is_cuda and q.shape[-1] not in CUDA_BACKWARD_HEAD_DIMS:
-            # The CUDA backward kernels stop at head dim 128; 256 runs the Triton backward.
-            from .triton import attention as triton_attention
-
-            dq, dk, dv = triton_attention.attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
-        else:
-            dq, dk, dv = torch.ops.msmartcompute.fused_attention_bwd(grad_out.contiguous(), q, k, v, out, lse,
-                                                                     ctx.causal, ctx.scale)
+        dq, dk, dv = torch.ops.msmartcompute.fused_attention_bwd(grad_out.contiguous(), q, k, v, out, lse,
+                                                                 ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
     torch.library.register_autograd("msmartcompute::fused_attention_fwd", _backward, setup_context=_setup_context)

@@ -6,7 +6,7 @@ import torch
 
 from . import reference
 from ._backend import dispatch, extension_loaded, pow2
-from .attention import CUDA_BACKWARD_HEAD_DIMS, attention_impls
+from .attention import attention_impls
 
 
 def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k) -> None:
@@ -95,13 +95,7 @@ if extension_loaded():
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         args = (grad_out.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q,
                 ctx.max_seqlen_k, ctx.causal, ctx.scale)
-        cuda_backward = torch._C._dispatch_has_kernel_for_dispatch_key("msmartcompute::varlen_attention_bwd", "CUDA")
-        if q.is_cuda and (q.shape[-1] not in CUDA_BACKWARD_HEAD_DIMS or not cuda_backward):
-            from .triton import varlen_attention as triton_varlen  # the CUDA backward stops at head dim 128
-
-            dq, dk, dv = triton_varlen.varlen_attention_bwd(*args)
-        else:
-            dq, dk, dv = torch.ops.msmartcompute.varlen_attention_bwd(*args)
+        dq, dk, dv = torch.ops.msmartcompute.varlen_attention_bwd(*args)
         return dq, dk, dv, None, None, None, None, None, None
 
     torch.library.register_autograd("msmartcompute::varlen_attention_fwd", _backward, setup_context=_setup_context)

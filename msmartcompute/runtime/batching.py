@@ -82,6 +82,7 @@ class ModelQueue:
         self.priority = priority
         self.items: collections.deque[Pending] = collections.deque()
         self.device_time_s = 0.0      # fair_share: measured run() seconds on this worker
+        self.recent_run_s = 0.0       # moving average of its run() seconds (may a caller run it inline?)
         # Held around every run() and by Registry.swap: a run sees the model's old weights or its
         # new ones (training, optimize), never a mix, and module and dtype change together.
         self.run_lock = threading.Lock()
@@ -172,16 +173,20 @@ class Executor:
                     if not p.future.done():
                         p.future.set_exception(reason)
 
-    def submit(self, model_id: str, pending: Pending, may_run_inline: bool = False) -> ModelQueue | None:
+    def submit(self, model_id: str, pending: Pending, may_run_inline: bool = False,
+               inline_max_s: float | None = None) -> ModelQueue | None:
         """Queue `pending` for the worker. With may_run_inline and an idle executor it is not
         queued: the executor is marked busy and its queue returned, and the caller must then
-        call run_inline(queue, pending) at once."""
+        call run_inline(queue, pending) (requests queued meanwhile join its batch).
+        inline_max_s: only when the model's recent runs took at most this long and no other
+        worker holds the device (the caller must not wait long)."""
         with self._cond:
             q = self.queues.get(model_id)
             if q is None:  # unloaded since the caller looked the model up
                 raise InvalidModelId(f"model {model_id!r} was unloaded", {"model_id": model_id})
             if may_run_inline and not self._busy and not self._stop and not any(
-                    x.items for x in self.queues.values()):
+                    x.items for x in self.queues.values()) and (
+                    inline_max_s is None or (q.recent_run_s <= inline_max_s and self.scheduler.idle())):
                 self._busy = True
                 return q
             if len(q.items) >= q.max_queue_size:
@@ -193,17 +198,21 @@ class Executor:
             self.metrics.record_queue_depth(model_id, len(q.items))
             # Wake the worker only when this changes what it waits for: a first request (starts
             # the delay), a full batch, or batching off. Otherwise it is already timed to the
-            # oldest request (or busy: it takes what is queued when done), and a wake-up per
-            # request costs a GIL hand-off each.
-            if len(q.items) == 1 or len(q.items) >= q.max_batch_size or self.max_queue_delay_s <= 0:
+            # oldest request, and a wake-up per request costs a GIL hand-off each. Never while a
+            # batch runs: whoever runs it serves or signals the queue when it is done.
+            if not self._busy and (len(q.items) == 1 or len(q.items) >= q.max_batch_size
+                                   or self.max_queue_delay_s <= 0):
                 self._cond.notify()
             return None
 
     def run_inline(self, queue: ModelQueue, pending: Pending) -> None:
         """Serve one request on the calling thread (after submit() returned its queue)."""
         try:
+            with self._cond:  # requests queued since it was claimed share its run (batching on)
+                batch = [pending, *queue.take(queue.max_batch_size - 1)] if self.max_queue_delay_s > 0 else [pending]
+                self.metrics.record_queue_depth(queue.model_id, len(queue.items))
             # the caller's own deadline bounds its wait for the device (the worker path prunes instead)
-            self._serve(queue, [pending], deadline=pending.deadline)
+            self._serve(queue, batch, deadline=pending.deadline)
             item = self._take_queued()
             if item is not None:  # queued while this ran: serve them here, sparing a worker wake-up
                 self._serve(*item)
@@ -331,6 +340,7 @@ class Executor:
                 peak = torch.cuda.max_memory_allocated(cuda) - base
             run_s = time.perf_counter() - t0
         queue.device_time_s += run_s
+        queue.recent_run_s += 0.25 * (run_s - queue.recent_run_s)
         if len(outputs) != len(group):
             raise InternalError(f"model returned {len(outputs)} outputs for {len(group)} requests")
         finished = time.monotonic()

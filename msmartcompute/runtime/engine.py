@@ -23,18 +23,18 @@ from pathlib import Path
 import msmartcompute
 
 from . import clock, devices
-from .access import require_admin
+from .access import authorize, owner_filter
 from .batching import Executor
 from .caller import Caller
 from .generation.worker import GenerationWorker
 from .errors import InternalError, MSCError
 from .inference import Inference
-from .jobs import JobRunner
+from .jobs import JobLimits, JobRunner
 from .metrics import Metrics
 from .operations import OPERATIONS
 from .optimize import Optimization
 from .registry import Registry, map_large_blocks
-from .resources import Allocations
+from .resources import AllocationLimits, Allocations
 from .sessions import Sessions
 from .store import STORE_FILENAME, Store
 from .training import Training, TrainingLimits
@@ -52,8 +52,17 @@ class RuntimeConfig:
     max_queue_delay_ms: float = 5.0                # 0: batching off
     max_queue_size: int = 1024                     # per model; beyond it QUEUE_FULL
     request_timeout_s: float = 30.0                # when the request gives no `timeout`
+    max_output_values: int = 1 << 22               # numbers in one response (inference/batch: all together)
     session_ttl_s: float = 3600.0
-    job_workers: int = 4
+    max_sessions_per_user: int = 100
+    max_allocations_per_user: int = 8
+    max_allocation_share_per_user: float = 0.5     # of a device's memory and of its compute units
+    max_allocation_duration_s: float = 24 * 3600.0
+    job_workers: int = 4                           # async inference jobs
+    training_job_workers: int = 1                  # async trainings: their own pool, never holding inference's
+    max_jobs_per_user: int = 64                    # queued + running async jobs of one user (more: QUEUE_FULL)
+    job_read_ttl_s: float = 3600.0                 # a finished job is deleted this long after, once read
+    job_unread_ttl_s: float = 7 * 24 * 3600.0      # ... or this long after, never read
     max_sync_trainings: int = 4                    # POST /training at once (each holds an HTTP thread)
     sync_training_timeout_s: float = 600.0         # POST /training stops after this; longer: /training/async
     model_lock_wait_s: float = 10.0                # a sync training / optimize waits this long for its model
@@ -73,17 +82,19 @@ class Runtime:
         roots = config.model_roots if config.model_roots is not None else [self.state_dir / "models"]
         self.meter = Metrics(self.store, config.metrics_window_s)
         self.vgpus = VGPUManager(self.store, config.host_memory_capacity)
-        self.allocations = Allocations(self.store, self.vgpus)
+        self.allocations = Allocations(self.store, self.vgpus, AllocationLimits(
+            config.max_allocations_per_user, config.max_allocation_share_per_user, config.max_allocation_duration_s))
         self.executors: dict[str, Executor] = {}
         self._executors_lock = threading.Lock()
         self.registry = Registry(self.store, self.vgpus, roots, self._executor_for,
                                  config.max_batch_size, config.max_queue_size)
-        self.sessions = Sessions(self.store, config.session_ttl_s, self.registry.entry)
+        self.sessions = Sessions(self.store, config.session_ttl_s, self.registry.entry, config.max_sessions_per_user)
         self._stop = threading.Event()
-        self.jobs = JobRunner(self.store, config.job_workers)
+        self.jobs = JobRunner(self.store, config.job_workers, {"training": config.training_job_workers},
+                              JobLimits(config.max_jobs_per_user, config.job_read_ttl_s, config.job_unread_ttl_s))
         self.inference = Inference(self.store, self.registry, self.jobs, self.meter,
-                                   config.request_timeout_s, config.job_workers)
-        self.training = Training(self.store, self.registry, self.jobs, config.job_workers, self._stop.is_set,
+                                   config.request_timeout_s, config.job_workers, config.max_output_values)
+        self.training = Training(self.store, self.registry, self.jobs, self._stop.is_set,
                                  TrainingLimits(config.max_sync_trainings, config.sync_training_timeout_s,
                                                 config.model_lock_wait_s))
         self.optimization = Optimization(self.registry, config.model_lock_wait_s)
@@ -144,6 +155,7 @@ class Runtime:
     def _reap(self) -> None:
         self.allocations.expire()
         self.sessions.purge()
+        self.jobs.purge()
 
     def _sample(self) -> None:
         self.meter.persist(self.metrics())
@@ -201,7 +213,7 @@ class Runtime:
 
     # ---- virtual GPUs: deleting one also closes its executor ---------------------------------
     def delete_vgpu(self, vgpu_id: str, caller: Caller | None = None) -> dict:
-        require_admin(caller, "delete a virtual GPU")
+        authorize(caller, "delete_vgpu")
         self.vgpus.delete(vgpu_id)
         with self._executors_lock:
             closing = [self.executors.pop(k, None) for k in (f"vgpu:{vgpu_id}", f"generation:vgpu:{vgpu_id}")]
@@ -232,12 +244,12 @@ class Runtime:
                                   for m, s in ex.snapshots().items()}
         return snapshot
 
-    def list_jobs(self, owner: str | None = None, limit: int = 50) -> list[dict]:
-        """The latest async inference and training jobs, newest first (only `owner`'s when given):
+    def list_jobs(self, limit: int = 50, caller: Caller | None = None) -> list[dict]:
+        """The latest async inference and training jobs, newest first (a user's own only):
         {request_id, kind, status, model_id, owner, created_at, started_at, completed_at, error}, and
         for training epochs, epochs_completed, current_loss, loss_history."""
         out = []
-        for job in self.jobs.recent(limit, owner):
+        for job in self.jobs.recent(limit, owner_filter(caller)):
             item = {"request_id": job["id"], "kind": job["kind"], "status": job["status"],
                     "model_id": job["model_id"], "owner": job["owner"],
                     **{k: clock.iso(job[k]) if job[k] else None for k in ("created_at", "started_at", "completed_at")},

@@ -10,6 +10,7 @@ class MSCError(Exception):
     """Base: a failure the caller can act on, with a stable code and details."""
 
     code = "INTERNAL_ERROR"
+    retry_after_s: int | None = None  # a 503 that may succeed later says when to retry (Retry-After)
 
     def __init__(self, message: str, details: dict | None = None):
         super().__init__(message)
@@ -26,7 +27,11 @@ class ModelAlreadyLoaded(MSCError):
 
 
 class InsufficientMemory(MSCError):
+    """Does not fit now, may once memory is freed (a request that can never fit is an
+    InvalidInputData instead, so clients do not retry it)."""
+
     code = "INSUFFICIENT_MEMORY"
+    retry_after_s = 5
 
 
 def last_line(exc: BaseException, limit: int = 300) -> str:
@@ -85,9 +90,11 @@ class EngineUnavailable(MSCError):
     """The engine process is down (the supervisor is restarting it): a front answers HTTP 503."""
 
     code = "ENGINE_UNAVAILABLE"
+    retry_after_s = 1
 
 
 class QueueFull(MSCError):
     """A model's request queue is at RuntimeConfig.max_queue_size: rejected at once (HTTP 503)."""
 
     code = "QUEUE_FULL"
+    retry_after_s = 1

@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 
 from . import clock, ids
-from .access import require_owner
+from .access import visible
 from .batching import Executor, Pending, Result
 from .caller import Caller
 from .generation.worker import STREAM_END, GenerationWorker
@@ -58,30 +58,74 @@ def prepare(model, request: dict):
     return prepared, (sum(len(row) for row in data) if text is not None else None)
 
 
+def output_values_bound(model, prepared) -> int | None:
+    """How many numbers a request's output holds at most, known before it runs: rows x
+    max_tokens for a decoder, rows x the output width otherwise; None when only the run
+    tells (a user program)."""
+    if model.language_model:
+        max_tokens = getattr(prepared.sampling, "max_tokens", None) or (prepared.options or {}).get("max_tokens")
+        return None if max_tokens is None else prepared.rows * int(max_tokens)
+    try:
+        return prepared.rows * int(model.output_width)
+    except NotImplementedError:
+        return None
+
+
+def output_values(data) -> int:
+    """How many numbers an output holds (a numpy array, or ragged rows of generated ids)."""
+    return int(data.size) if isinstance(data, np.ndarray) else sum(len(row) for row in data)
+
+
+class OutputBudget:
+    """The numbers one response may hold (RuntimeConfig.max_output_values). A JSON answer costs
+    ~10-20 bytes a number, and several times that in memory while it is rendered, so a small
+    request must not build a huge answer: checked before the run from the model's output
+    shape, and after it from the real output. An inference/batch shares one budget."""
+
+    def __init__(self, limit: int):
+        self.limit = self.left = limit
+
+    def check(self, values: int | None, when: str) -> None:
+        if values is not None and values > self.left:
+            raise InvalidInputData(
+                f"the output would hold {values} values {when}, over the response limit of {self.limit} "
+                "(max_output_values, shared by the requests of a batch): send fewer rows or a smaller max_tokens",
+                {"field": "input_data", "output_values": values, "max_output_values": self.limit})
+
+    def spend(self, values: int) -> None:
+        self.left -= values
+
+
 class Inference:
     def __init__(self, store: Store, registry: Registry, jobs: JobRunner, meter: Metrics,
-                 request_timeout_s: float, job_workers: int):
+                 request_timeout_s: float, job_workers: int, max_output_values: int = 1 << 22):
         self.store, self.registry, self.jobs, self.meter = store, registry, jobs, meter
         self.request_timeout_s = request_timeout_s
         self.job_workers = job_workers
+        self.max_output_values = max_output_values
         jobs.register("inference", self._job, rerun_on_restart=True)
 
     def infer(self, request: dict) -> dict:
         """Run one request through its model's batch queue."""
         return self._infer(request, ids.request_id())
 
-    def infer_then(self, request: dict, reply: Callable[[dict | None, MSCError | None], None]
-                   ) -> tuple[Executor, Pending]:
+    def infer_then(self, request: dict, reply: Callable[[dict | None, MSCError | None], None],
+                   inline_max_s: float | None = None) -> tuple[Executor, Pending, object]:
         """infer() with no thread waiting for it (the engine process's path): the request is checked
         and queued now (a bad one raises here), then reply(response, None) or reply(None, error) is
         called once, on the thread that finished it (its model's worker). The request is not waited
         for by a batching timer when its worker is free: a worker takes whatever is queued the
         moment it is free. The caller enforces the deadline: at Pending.deadline it abandons the
-        request (Executor.abandon) and answers REQUEST_TIMEOUT itself, unless reply came first."""
+        request (Executor.abandon) and answers REQUEST_TIMEOUT itself, unless reply came first.
+        inline_max_s: when the executor is idle and the model's recent runs took at most this
+        long, the executor is claimed for the caller instead, and the third value returned is the
+        queue to pass to executor.run_inline(queue, pending) (else None): the caller runs the
+        batch itself, with whatever it queued meanwhile."""
         t0 = time.perf_counter()
         rid = ids.request_id()
         try:
-            executor, pending = self._enqueue(request, rid, no_wait=True)
+            executor, pending, claimed = self._enqueue(request, rid, may_run_inline=inline_max_s is not None,
+                                                       no_wait=True, inline_max_s=inline_max_s)
         except MSCError as exc:
             self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
             raise
@@ -90,6 +134,7 @@ class Inference:
         def finished(future) -> None:
             try:
                 res = future.result()
+                self._spend(res, None)
             except MSCError as exc:
                 reply(None, self._failed(exc, t0, model_id))
                 return
@@ -99,10 +144,15 @@ class Inference:
             if res.done_at > pending.deadline:
                 reply(None, self._failed(_timed_out(pending), t0, model_id))
                 return
+            try:
+                self._spend(res, None)
+            except MSCError as exc:
+                reply(None, self._failed(exc, t0, model_id))
+                return
             reply(self._response(pending, res, t0, model_id), None)
 
         pending.future.add_done_callback(finished)
-        return executor, pending
+        return executor, pending, claimed
 
     def infer_stream(self, request: dict) -> Iterator[dict]:
         """A decoder request whose tokens come as they are sampled. Checked and queued now (a
@@ -115,7 +165,7 @@ class Inference:
         t0 = time.perf_counter()
         rid = ids.request_id()
         try:
-            executor, pending = self._enqueue(request, rid, stream=True)
+            executor, pending, _ = self._enqueue(request, rid, stream=True)
         except MSCError as exc:
             self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
             raise
@@ -145,13 +195,14 @@ class Inference:
                 executor.abandon(pending)
 
     def infer_batch(self, requests: list[dict]) -> dict:
-        """All requests are queued before any is awaited, so they can share batches."""
+        """All requests are queued before any is awaited, so they can share batches. Their
+        outputs share one OutputBudget: a request that would pass it fails alone."""
         t0 = time.perf_counter()
-        queued = []
+        queued, planned, budget = [], OutputBudget(self.max_output_values), OutputBudget(self.max_output_values)
         for request in requests:
             rid = ids.request_id()
             try:
-                queued.append((rid, request, *self._enqueue(request, rid), None))
+                queued.append((rid, request, *self._enqueue(request, rid, budget=planned)[:2], None))
             except MSCError as exc:
                 self.meter.record_inference(False, 0.0, model=self._label(request), code=exc.code)
                 queued.append((rid, request, None, None, exc))
@@ -159,7 +210,7 @@ class Inference:
         for rid, request, executor, pending, exc in queued:
             if exc is None:
                 try:
-                    out = self._finish(executor, pending, t0, request["model_id"])
+                    out = self._finish(executor, pending, t0, request["model_id"], budget)
                     results.append({k: out[k] for k in ("request_id", "output_data", "inference_time",
                                                         *TEXT_FIELDS) if k in out})
                     continue
@@ -173,7 +224,8 @@ class Inference:
         now + (jobs ahead / job workers + 1) x the mean duration of recent inference jobs (else
         the recent inference latency)."""
         entry = self.registry.entry(request.get("model_id"))
-        prepare(entry.model, request)
+        prepared, _ = prepare(entry.model, request)
+        OutputBudget(self.max_output_values).check(output_values_bound(entry.model, prepared), "(from the model)")
         rid = ids.request_id()
         stored = {k: v for k, v in request.items() if k != "input_data"}
         stored["request_id"] = rid
@@ -189,9 +241,9 @@ class Inference:
 
     def get(self, request_id: str, caller: Caller | None = None) -> dict:
         job = self.jobs.get(request_id)
-        if job is None or job["kind"] != "inference":
+        if job is None or job["kind"] != "inference" or not visible(caller, job["owner"]):
             raise NotFound(f"inference request {request_id!r} not found")
-        require_owner(caller, job["owner"], f"request {request_id}")
+        self.jobs.mark_read(job)
         result = job["result"] or {}
         out = {"request_id": request_id, "status": job["status"], "output_data": result.get("output_data"),
                "inference_time": result.get("inference_time"),
@@ -227,10 +279,12 @@ class Inference:
     def _infer(self, request: dict, request_id: str) -> dict:
         t0 = time.perf_counter()
         try:
-            executor, pending = self._enqueue(request, request_id, may_run_inline=True)
+            executor, pending, claimed = self._enqueue(request, request_id, may_run_inline=True)
         except MSCError as exc:
             self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
             raise
+        if claimed is not None:  # the executor was idle: run it on this thread (see batching.py)
+            executor.run_inline(claimed, pending)
         return self._finish(executor, pending, t0, request["model_id"])
 
     def _label(self, request: dict) -> str:
@@ -238,8 +292,11 @@ class Inference:
         model_id = request.get("model_id")
         return model_id if isinstance(model_id, str) and model_id in self.registry.models else "-"
 
-    def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False,
-                 stream: bool = False, no_wait: bool = False) -> tuple[Executor, Pending]:
+    def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False, stream: bool = False,
+                 no_wait: bool = False, budget: OutputBudget | None = None,
+                 inline_max_s: float | None = None) -> tuple[Executor, Pending, object]:
+        """Check and queue one request -> (executor, pending, the claimed queue when the caller
+        must run it inline, else None)."""
         entry = self.registry.entry(request.get("model_id"))
         model, executor = entry.model, entry.executor
         if stream and not isinstance(executor, GenerationWorker):
@@ -247,6 +304,10 @@ class Inference:
                                    f"{entry.model_id!r} is a {entry.spec.get('model_type')} model",
                                    {"field": "options.stream"})
         prepared, prompt_tokens = prepare(model, request)
+        budget = budget or OutputBudget(self.max_output_values)
+        bound = output_values_bound(model, prepared)
+        budget.check(bound, "(from the model)")  # before any work
+        budget.spend(bound or 0)
         # options.timeout is the documented field; a top-level "timeout" is accepted too
         timeout = (request.get("options") or {}).get("timeout", request.get("timeout", self.request_timeout_s))
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
@@ -255,10 +316,10 @@ class Inference:
                           stream=queue_module.SimpleQueue() if stream else None, no_wait=no_wait)
         if prompt_tokens is not None:
             pending.decode_text, pending.prompt_tokens = model.decode_text, prompt_tokens
-        queue = executor.submit(entry.model_id, pending, may_run_inline)
-        if queue is not None:  # the executor was idle: run it on this thread (see batching.py)
-            executor.run_inline(queue, pending)
-        return executor, pending
+        if isinstance(executor, GenerationWorker):  # steps interleave: never run by a caller
+            executor.submit(entry.model_id, pending)
+            return executor, pending, None
+        return executor, pending, executor.submit(entry.model_id, pending, may_run_inline, inline_max_s)
 
     def _wait(self, executor: Executor, pending: Pending) -> Result:
         try:
@@ -270,12 +331,21 @@ class Inference:
             raise _timed_out(pending) from None
         return res
 
-    def _finish(self, executor: Executor, pending: Pending, t0: float, model_id: str) -> dict:
+    def _finish(self, executor: Executor, pending: Pending, t0: float, model_id: str,
+                budget: OutputBudget | None = None) -> dict:
         try:
             res = self._wait(executor, pending)
+            self._spend(res, budget)
         except MSCError as exc:
             raise self._failed(exc, t0, model_id)
         return self._response(pending, res, t0, model_id)
+
+    def _spend(self, res: Result, budget: OutputBudget | None) -> None:
+        """The real output against the response budget (a user program's size is known only now)."""
+        values = output_values(res.output.output_data)
+        budget = budget or OutputBudget(self.max_output_values)
+        budget.check(values, "(as run)")
+        budget.spend(values)
 
     def _failed(self, exc: MSCError, t0: float, model_id: str) -> MSCError:
         self.meter.record_inference(False, time.perf_counter() - t0, model=model_id, code=exc.code)

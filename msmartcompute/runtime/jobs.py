@@ -1,4 +1,4 @@
-"""Async jobs: rows in the store's `jobs` table, run by a small pool of threads.
+"""Async jobs: rows in the store's `jobs` table, run by one pool of threads per kind.
 
 The runner is generic: `register(kind, handler, rerun_on_restart)` plugs a kind in
 (inference here; training adds its own). A handler takes the job's request dict and its
@@ -6,6 +6,14 @@ Deadline token (runtime/deadline.py) and returns a JSON-able result dict, or rai
 MSCError (stored as the job's error). `cancel(job_id)` ends a queued job at once and cancels
 a running one's token, which the handler polls between steps; its Cancelled then ends the job
 `cancelled`.
+
+Each kind has its own workers (`workers_by_kind`, else `workers`), so long trainings never
+hold the threads that async inference needs.
+
+Bounds (JobLimits): one owner has at most `max_active_per_owner` jobs queued or running (more
+is QUEUE_FULL). A finished job is deleted by `purge()` (the runtime's reaper) `read_ttl_s`
+after it finished once its owner read it (`mark_read()`), or `unread_ttl_s` after it finished
+if never read; its id is then NOT_FOUND. The store gives the freed pages back (Store.compact).
 
 A job goes queued -> running -> completed | failed | cancelled. The result is written in the same UPDATE
 that marks the job completed, so a completed job always has its result. On start(), queued
@@ -22,7 +30,7 @@ from typing import Callable
 
 from . import clock
 from .deadline import Deadline
-from .errors import Cancelled, InternalError, MSCError
+from .errors import Cancelled, InternalError, MSCError, QueueFull
 from .store import Store
 
 log = logging.getLogger("msmartcompute.runtime.jobs")
@@ -34,6 +42,16 @@ class Kind:
     rerun_on_restart: bool
 
 
+FINISHED = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    max_active_per_owner: int = 64         # queued + running jobs of one user, every kind together
+    read_ttl_s: float = 3600.0             # a finished job whose result was read is kept this long
+    unread_ttl_s: float = 7 * 24 * 3600.0  # ... one never read, this long
+
+
 def error_dict(exc: BaseException) -> dict:
     if not isinstance(exc, MSCError):
         exc = InternalError(f"{type(exc).__name__}: {exc}")
@@ -41,9 +59,12 @@ def error_dict(exc: BaseException) -> dict:
 
 
 class JobRunner:
-    def __init__(self, store: Store, workers: int = 4):
+    def __init__(self, store: Store, workers: int = 4, workers_by_kind: dict[str, int] | None = None,
+                 limits: JobLimits = JobLimits()):
         self.store = store
         self.workers = workers
+        self.workers_by_kind = dict(workers_by_kind or {})
+        self.limits = limits
         self.kinds: dict[str, Kind] = {}
         self._cond = threading.Condition()
         self._stop = False
@@ -52,16 +73,44 @@ class JobRunner:
         self._tokens_lock = threading.Lock()
 
     def register(self, kind: str, handler: Callable[[dict, Deadline], dict], rerun_on_restart: bool) -> None:
+        """Plug a kind in; registered after start(), its pool starts at once."""
         self.kinds[kind] = Kind(handler, rerun_on_restart)
+        if self._threads:
+            self._start_pool(kind)
 
     # ---- rows ---------------------------------------------------------------------------------
+    def workers_for(self, kind: str) -> int:
+        return self.workers_by_kind.get(kind, self.workers)
+
     def submit(self, job_id: str, kind: str, owner: str | None, request: dict) -> dict:
-        self.store.connect().execute(
-            "INSERT INTO jobs(id, kind, owner, status, request, created_at) VALUES (?, ?, ?, 'queued', ?, ?)",
-            (job_id, kind, owner, json.dumps(request), clock.now()))
+        limit = self.limits.max_active_per_owner
+        # the count and the insert in one statement: concurrent submissions cannot both pass
+        inserted = self.store.connect().execute(
+            "INSERT INTO jobs(id, kind, owner, status, request, created_at) SELECT ?, ?, ?, 'queued', ?, ? "
+            "WHERE (SELECT COUNT(*) FROM jobs WHERE owner IS ? AND status IN ('queued', 'running')) < ?",
+            (job_id, kind, owner, json.dumps(request), clock.now(), owner, limit)).rowcount
+        if not inserted:
+            raise QueueFull(f"{owner or 'this client'} already has {limit} async jobs queued or running; "
+                            "retry when some have finished", {"max_active_jobs": limit, "user_id": owner})
         with self._cond:
-            self._cond.notify()
+            self._cond.notify_all()  # a pool per kind: the right one claims it
         return self.get(job_id)
+
+    def mark_read(self, job: dict) -> None:
+        """Its owner read `job`: once finished, its read_ttl_s runs (see purge)."""
+        if job["status"] in FINISHED and job.get("read_at") is None:
+            self.store.connect().execute("UPDATE jobs SET read_at = ? WHERE id = ?", (clock.now(), job["id"]))
+
+    def purge(self, now: float | None = None) -> int:
+        """Delete finished jobs past their TTL (see the module docstring); returns how many."""
+        now = clock.now() if now is None else now
+        deleted = self.store.connect().execute(
+            "DELETE FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') AND (completed_at < ? OR "
+            "(read_at IS NOT NULL AND completed_at < ?))",
+            (now - self.limits.unread_ttl_s, now - self.limits.read_ttl_s)).rowcount
+        if deleted:
+            self.store.compact()
+        return deleted
 
     def get(self, job_id: str) -> dict | None:
         row = self.store.connect().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -97,10 +146,11 @@ class JobRunner:
         self.store.connect().execute("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
 
     def queued_ahead(self, job_id: str) -> int:
-        """Queued or running jobs created before this one."""
+        """Queued or running jobs of its kind (its pool) created before this one."""
         return self.store.connect().execute(
-            "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') AND rowid < "
-            "(SELECT rowid FROM jobs WHERE id = ?)", (job_id,)).fetchone()[0]
+            "SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running') AND "
+            "kind = (SELECT kind FROM jobs WHERE id = ?1) AND rowid < (SELECT rowid FROM jobs WHERE id = ?1)",
+            (job_id,)).fetchone()[0]
 
     def count(self, status: str) -> int:
         return self.store.connect().execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
@@ -131,8 +181,12 @@ class JobRunner:
         self.recover()
         with self._cond:
             self._stop = False
-        for i in range(self.workers):
-            t = threading.Thread(target=self._loop, name=f"msc-jobs-{i}", daemon=True)
+        for kind in list(self.kinds):
+            self._start_pool(kind)
+
+    def _start_pool(self, kind: str) -> None:
+        for i in range(self.workers_for(kind)):
+            t = threading.Thread(target=self._loop, args=(kind,), name=f"msc-jobs-{kind}-{i}", daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -149,23 +203,20 @@ class JobRunner:
         self._threads.clear()
 
     # ---- workers ------------------------------------------------------------------------------
-    def _claim(self) -> dict | None:
-        if not self.kinds:
-            return None
-        kinds = list(self.kinds)
+    def _claim(self, kind: str) -> dict | None:
         row = self.store.connect().execute(
             "UPDATE jobs SET status = 'running', started_at = ? WHERE id = (SELECT id FROM jobs "
-            f"WHERE status = 'queued' AND kind IN ({', '.join('?' * len(kinds))}) ORDER BY rowid LIMIT 1) "
-            "RETURNING *", (clock.now(), *kinds)).fetchone()
+            "WHERE status = 'queued' AND kind = ? ORDER BY rowid LIMIT 1) RETURNING *",
+            (clock.now(), kind)).fetchone()
         return None if row is None else _row(row)
 
-    def _loop(self) -> None:
+    def _loop(self, kind: str) -> None:
         try:
             while True:
                 with self._cond:
                     if self._stop:
                         return
-                job = self._claim()
+                job = self._claim(kind)
                 if job is None:
                     with self._cond:
                         if not self._stop:

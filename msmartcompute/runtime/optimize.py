@@ -27,7 +27,7 @@ from torch import nn
 from .. import ops
 from ..models.base import is_out_of_memory, module_bytes
 from ..models.layers import QuantizedLinear
-from .access import require_admin
+from .access import authorize
 from .caller import Caller
 from .errors import InvalidInputData, insufficient_memory
 
@@ -194,7 +194,7 @@ class Optimization:
         """{model_id, optimization_type, target_precision, mode, original_size, optimized_size,
         compression_ratio, accuracy_loss, accuracy_metric, accuracy_note, optimization_time,
         model_updated, reason}."""
-        require_admin(caller, "optimize a model")
+        authorize(caller, "optimization.optimize")
         self.registry.entry(model_id)
         with self.registry.exclusive(model_id, self.lock_wait_s):
             entry = self.registry.entry(model_id)

@@ -34,7 +34,7 @@ import torch
 from .. import models
 from ..models.base import is_out_of_memory, module_bytes
 from . import clock, optimize
-from .access import require_admin
+from .access import authorize
 from .batching import Executor, ModelQueue
 from .caller import Caller
 from .generation.worker import GenerationQueue, pool_blocks
@@ -197,6 +197,14 @@ class Registry:
         real.parent.mkdir(parents=True, exist_ok=True)
         return str(real)
 
+    def trained_weights_path(self, model_id: str) -> str | None:
+        """Where a training without save_path keeps its weights, so a restart serves them and
+        does not revert to the loaded ones: `<first model root>/trained/<model_id>.safetensors`;
+        None with no model root (then the trained weights last until the model is unloaded)."""
+        if not self.model_roots:
+            return None
+        return self.resolve_save_path(str(self.model_roots[0] / "trained" / f"{model_id}.safetensors"))
+
     def swap(self, entry: LoadedModel, module, dtype: torch.dtype, spec_changes: dict) -> None:
         """Serve `module` (compute dtype `dtype`) in place of entry's; see the module docstring."""
         with self._lock:
@@ -213,7 +221,7 @@ class Registry:
         release_memory()
 
     def load(self, spec: dict, caller: Caller | None = None, *, persist: bool = True) -> dict:
-        require_admin(caller, "load a model")
+        authorize(caller, "registry.load")
         model_id = spec.get("model_id")
         if not isinstance(model_id, str) or not model_id:
             raise InvalidInputData("model_id must be a non-empty string", {"field": "model_id"})
@@ -236,12 +244,17 @@ class Registry:
             torch_device = self.vgpus.device(device).torch_device
 
             t0 = time.perf_counter()
-            model, memory = self._build(model_id, build_spec, device, torch_device,
-                                        spec.get("optimizations") or [])
+            # the bytes the spec plans are reserved before the build, so a model that cannot fit is
+            # refused unbuilt; the reservation then becomes the measured bytes
+            key = ("model", model_id)
+            self.vgpus.reserve(key, self._planned_bytes(model_id, build_spec), device=device, vgpu=vgpu_id or None)
             try:
-                self.vgpus.reserve(("model", model_id), memory, device=device, vgpu=vgpu_id or None)
-            except MSCError:
-                del model
+                model, memory = self._build(model_id, build_spec, device, torch_device,
+                                            spec.get("optimizations") or [])
+                self.vgpus.resize(key, memory)
+            except BaseException:
+                self.vgpus.release(key)
+                model = None
                 release_memory()
                 raise
             generative = getattr(model, "generative", False)
@@ -265,6 +278,15 @@ class Registry:
                 self.store.put("models", model_id, dict(spec))
             return {"model_id": model_id, "message": "Model loaded successfully",
                     "memory_allocated": int(memory), "load_time": round(load_time, 6)}
+
+    @staticmethod
+    def _planned_bytes(model_id: str, spec: dict) -> int:
+        """models.planned_bytes (0 when only the build tells: user programs); a bad spec is a 400."""
+        try:
+            return models.planned_bytes(spec) or 0
+        except ValueError as exc:
+            details = {"model_id": model_id, **({"field": exc.field} if getattr(exc, "field", None) else {})}
+            raise InvalidInputData(f"cannot load model {model_id!r}: {exc}", details) from None
 
     def _build(self, model_id: str, spec: dict, device: int, torch_device: torch.device,
                optimizations: list):
@@ -309,7 +331,7 @@ class Registry:
         return queue
 
     def unload(self, model_id: str, caller: Caller | None = None, *, forget: bool = True) -> dict:
-        require_admin(caller, "unload a model")
+        authorize(caller, "registry.unload")
         with self._lock:
             if model_id in self.failed and forget:
                 del self.failed[model_id]

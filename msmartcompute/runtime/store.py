@@ -64,6 +64,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN progress TEXT;
     """,
+    # job retention (runtime/jobs.py): when a finished job's result was first read; the indexes
+    # behind the per-user cap and the TTL sweep
+    """
+    ALTER TABLE jobs ADD COLUMN read_at REAL;
+    CREATE INDEX jobs_owner_status ON jobs(owner, status);
+    CREATE INDEX jobs_status_completed ON jobs(status, completed_at);
+    """,
 ]
 
 
@@ -135,6 +142,11 @@ class Store:
 
     def _migrate(self) -> None:
         conn = self.connect()
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            # a new store: freed pages can go back to the file system (compact(), after a purge);
+            # WAL mode already wrote the header, so the setting takes with a VACUUM (of nothing)
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("VACUUM")
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -150,6 +162,11 @@ class Store:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def compact(self) -> None:
+        """Give freed pages back to the file system (stores created with auto_vacuum; an older
+        store keeps them and reuses them: it stops growing instead of shrinking)."""
+        self.connect().executescript("PRAGMA incremental_vacuum")  # execute() would free one page only
 
     def put(self, namespace: str, key: str, value) -> None:
         self.connect().execute(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from torch import nn
 from ..models.base import is_out_of_memory
 from ..models.layers import QuantizedLinear
 from . import clock, ids
-from .access import require_admin, require_owner
+from .access import authorize, visible
 from .caller import Caller
 from .deadline import Deadline
 from .errors import InternalError, InvalidInputData, NotFound, QueueFull, insufficient_memory
@@ -40,6 +41,8 @@ MAX_EPOCHS = 10_000
 MAX_ROWS = 65_536
 MAX_ELEMENTS = 16_777_216
 MAX_STEPS = 10_000_000          # epochs x batches: a bound on one request's work
+MAX_LEARNING_RATE = 1.0         # above it every optimizer here diverges on any model
+MAX_TARGET = 1e9                # |mse target|: its square stays far from float32's overflow
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LOSSES = ("cross_entropy", "mse")
 
@@ -114,7 +117,7 @@ def parse(request: dict, model) -> Plan:
     if not isinstance(hp, dict):
         raise _bad("hyperparameters", "must be an object")
     epochs = _number(request.get("epochs"), "epochs", 1, 1, MAX_EPOCHS, integer=True)
-    lr = _number(request.get("learning_rate"), "learning_rate", 1e-3, 0, 10.0, low_open=True)
+    lr = _number(request.get("learning_rate"), "learning_rate", 1e-3, 0, MAX_LEARNING_RATE, low_open=True)
     optimizer = request.get("optimizer", "adam") or "adam"
     if optimizer not in OPTIMIZERS:
         raise _bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
@@ -178,6 +181,9 @@ def parse(request: dict, model) -> Plan:
             if lab.ndim != 2 or lab.shape[1] != out_width:
                 raise _bad("labels", f"rows must have {out_width} values (the model's output width) for mse, "
                            f"got shape {tuple(lab.shape)}")
+            if np.abs(lab).max() > MAX_TARGET:
+                raise _bad("labels", f"mse targets must lie in [-{MAX_TARGET:g}, {MAX_TARGET:g}] (scale them: "
+                           "their squares must stay finite in float32)")
             y = torch.from_numpy(np.ascontiguousarray(lab, dtype=np.float32))
         else:
             task = "classification"
@@ -190,8 +196,8 @@ def parse(request: dict, model) -> Plan:
                 if int(y.min()) < 0 or int(y.max()) >= out_width:
                     raise _bad("labels", f"class indices must lie in [0, {out_width}) (the model's output width)")
             elif lab.ndim == 2 and lab.shape[1] == out_width:  # one-hot / probability rows
-                if (lab < 0).any():
-                    raise _bad("labels", "one-hot / probability rows must be >= 0")
+                if (lab < 0).any() or (lab > 1).any():
+                    raise _bad("labels", "one-hot / probability rows must lie in [0, 1]")
                 y = torch.from_numpy(np.ascontiguousarray(lab, dtype=np.float32))
             else:
                 raise _bad("labels", f"must be one-hot rows of {out_width} values or class indices, "
@@ -285,6 +291,15 @@ def fit(model, plan: Plan, progress: Callable[[int, float, list[float]], None] |
     return Outcome(module, history, time.perf_counter() - t0, updated)
 
 
+def _write_safetensors(weights: dict, path: str) -> None:
+    """Replace `path` atomically: a crash mid-write leaves the previous file whole."""
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    save_file(weights, tmp)
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class TrainingLimits:
     max_sync: int = 4                  # synchronous trainings at once (each holds an HTTP thread)
@@ -306,10 +321,8 @@ class Training:
     (then REQUEST_TIMEOUT, the model untouched). Long work belongs in /training/async, whose
     jobs `cancel()` stops between mini-batches."""
 
-    def __init__(self, store, registry, jobs, job_workers: int, stopping: Callable[[], bool],
-                 limits: "TrainingLimits | None" = None):
+    def __init__(self, store, registry, jobs, stopping: Callable[[], bool], limits: "TrainingLimits | None" = None):
         self.store, self.registry, self.jobs = store, registry, jobs
-        self.job_workers = job_workers
         self.stopping = stopping
         self.limits = limits or TrainingLimits()
         self._sync_slots = threading.BoundedSemaphore(self.limits.max_sync)
@@ -317,7 +330,8 @@ class Training:
 
     def train(self, request: dict, caller: Caller | None = None) -> dict:
         """Train synchronously: {request_id, final_loss, loss_history, training_time,
-        epochs_completed, model_updated, seed}."""
+        epochs_completed, model_updated, seed, weights_persisted}."""
+        authorize(caller, "training.train")
         if not self._sync_slots.acquire(blocking=False):
             raise QueueFull(f"{self.limits.max_sync} synchronous trainings are running; retry later, or queue "
                             "this one with /training/async", {"max_sync_trainings": self.limits.max_sync})
@@ -331,9 +345,8 @@ class Training:
         """DELETE /training/{id}: a queued job ends `cancelled` at once; a running one stops at
         its next mini-batch, its model untouched. {request_id, status, message}."""
         job = self.jobs.get(request_id)
-        if job is None or job["kind"] != "training":
+        if job is None or job["kind"] != "training" or not visible(caller, job["owner"]):
             raise NotFound(f"training request {request_id!r} not found")
-        require_owner(caller, job["owner"], f"request {request_id}")
         status = self.jobs.cancel(request_id)
         message = {"cancelled": "Training cancelled",
                    "running": "Cancelling: the training stops at its next mini-batch"}.get(
@@ -343,10 +356,10 @@ class Training:
     def submit(self, request: dict, caller: Caller | None = None) -> dict:
         """Queue a training job (validated now). estimated_completion: now + (jobs ahead / job
         workers + 1) x the mean duration of recent training jobs (now when there is none yet)."""
+        authorize(caller, "training.submit")
         entry = self.registry.entry(request.get("model_id"))
         plan = parse(request, entry.model)
         if plan.save_path is not None:
-            require_admin(caller, "save trained weights (save_path)")
             self.registry.resolve_save_path(plan.save_path)
         rid = ids.request_id()
         stored = dict(request, request_id=rid, caller=None if caller is None else [caller.user_id, caller.role])
@@ -359,7 +372,7 @@ class Training:
                                      "epochs": plan.epochs})
         ahead = self.jobs.queued_ahead(rid)
         per_job = self.jobs.mean_duration("training") or 0.0
-        eta = clock.now() + (ahead // max(1, self.job_workers) + 1) * per_job
+        eta = clock.now() + (ahead // max(1, self.jobs.workers_for("training")) + 1) * per_job
         return {"request_id": rid, "status": "queued", "estimated_completion": clock.iso(eta)}
 
     def get(self, request_id: str, caller: Caller | None = None) -> dict:
@@ -367,9 +380,9 @@ class Training:
         epochs_completed, current_loss, model_updated}; while running the progress so far;
         failed adds "error": {code, message}."""
         job = self.jobs.get(request_id)
-        if job is None or job["kind"] != "training":
+        if job is None or job["kind"] != "training" or not visible(caller, job["owner"]):
             raise NotFound(f"training request {request_id!r} not found")
-        require_owner(caller, job["owner"], f"request {request_id}")
+        self.jobs.mark_read(job)
         result, progress = job["result"] or {}, job.get("progress") or {}
         history = result.get("loss_history", progress.get("loss_history") or [])
         out = {"request_id": request_id, "status": job["status"], "final_loss": result.get("final_loss"),
@@ -378,7 +391,7 @@ class Training:
                "epochs": progress.get("epochs", job["request"].get("epochs", 1)),
                "epochs_completed": result.get("epochs_completed", progress.get("epochs_completed", 0)),
                "current_loss": history[-1] if history else None,
-               "model_updated": result.get("model_updated")}
+               "model_updated": result.get("model_updated"), "weights_persisted": result.get("weights_persisted")}
         if job["status"] in ("failed", "cancelled"):
             out["error"] = {k: job["error"][k] for k in ("code", "message")}
         return out
@@ -390,10 +403,7 @@ class Training:
         with self.registry.exclusive(model_id, lock_wait_s, token):
             entry = self.registry.entry(model_id)
             plan = parse(request, entry.model)
-            save_path = None
-            if plan.save_path is not None:
-                require_admin(caller, "save trained weights (save_path)")
-                save_path = self.registry.resolve_save_path(plan.save_path)
+            save_path = None if plan.save_path is None else self.registry.resolve_save_path(plan.save_path)
             try:
                 outcome = fit(entry.model, plan, progress, lambda: self.stopping() or token.stopped())
             except InterruptedError:
@@ -405,18 +415,19 @@ class Training:
                     raise insufficient_memory(exc, "training") from None
                 raise
             changes = {"trained_task": plan.task}
+            if save_path is None and outcome.model_updated:  # kept, so a restart does not revert it
+                save_path = self.registry.trained_weights_path(model_id)
             if save_path is not None:
-                from safetensors.torch import save_file
-
                 weights, spec_key = entry.model.weights_to_save(outcome.module)
-                save_file(weights, save_path)
+                _write_safetensors(weights, save_path)
                 changes[spec_key] = save_path
             if outcome.model_updated or save_path is not None:
                 self.registry.swap(entry, outcome.module, entry.model.dtype, changes)
         history = outcome.loss_history
         return {"request_id": request_id, "final_loss": history[-1], "loss_history": history,
                 "training_time": outcome.training_time, "epochs_completed": len(history),
-                "model_updated": outcome.model_updated, "seed": plan.seed}
+                "model_updated": outcome.model_updated, "seed": plan.seed,
+                "weights_persisted": save_path is not None}
 
     def _job(self, stored: dict, token: Deadline) -> dict:
         rid = stored["request_id"]

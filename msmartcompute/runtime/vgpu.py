@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import clock, devices, ids
-from .access import require_admin
+from .access import authorize
 from .caller import Caller
 from .errors import InsufficientMemory, InvalidInputData, NotFound
 from .store import Store
@@ -108,6 +108,11 @@ class DeviceScheduler:
         with self._cond:
             self._weight.pop(key, None)
             self._vtime.pop(key, None)
+
+    def idle(self) -> bool:
+        """Nobody holds or waits for the device now (a hint: it may change at once)."""
+        with self._cond:
+            return not self._busy and not self._waiting
 
     @contextmanager
     def slot(self, key: str, deadline: float | None = None):
@@ -192,10 +197,18 @@ class VGPUManager:
             if vgpu is not None:
                 v = self.get(vgpu)
                 free_mem, free_cu, where = self.vgpu_free(vgpu), compute_units, f"virtual GPU {vgpu}"
+                total_mem, total_cu = v.memory_size, v.compute_units
                 device = v.physical_gpu_id
             else:
                 free_mem, free_cu = self.device_free(device)
+                total_mem, total_cu = self.device(device).memory_capacity, self.device(device).compute_units
                 where = f"device {device}"
+            if memory > total_mem or compute_units > total_cu:  # no wait would help: a 4xx, not a 503
+                raise InvalidInputData(
+                    f"can never fit: {memory} bytes and {compute_units} compute units requested, {where} has "
+                    f"{total_mem} bytes and {total_cu} compute units in all",
+                    {"requested": int(memory), "capacity": int(total_mem), "requested_compute_units":
+                     int(compute_units), "capacity_compute_units": int(total_cu), "where": where})
             if memory > free_mem:
                 raise InsufficientMemory(
                     f"{memory} bytes requested on {where}, {max(free_mem, 0)} available",
@@ -242,7 +255,7 @@ class VGPUManager:
         return [v.to_dict() for v in list(self.vgpus.values())]
 
     def create(self, request: dict, caller: Caller | None = None, *, persist: bool = True) -> dict:
-        require_admin(caller, "create a virtual GPU")
+        authorize(caller, "vgpus.create")
         with self._lock:
             vid = request.get("virtual_gpu_id") or ids.vgpu_id(self.store)
             if vid in self.vgpus:

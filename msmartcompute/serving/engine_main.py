@@ -12,7 +12,7 @@ from pathlib import Path
 from ..api.ratelimit import RateLimitConfig, RateLimiter
 from ..runtime.engine import Runtime, RuntimeConfig
 from ..runtime.errors import MSCError
-from .children import child_args, child_config, die_with_parent, stop_event
+from .children import child_args, child_config, die_with_parent, settle_heap, stop_event
 from .engine_server import EngineServer
 
 log = logging.getLogger("msmartcompute.engine")
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     limiter = RateLimiter(RateLimitConfig(config.rate_limit_per_minute, config.rate_limit_burst,
                                           config.rate_limit_enabled))
     server = EngineServer(runtime, args.engine_address, limiter)
+    settle_heap()
     pid_file = Path(args.pid_file)
     tmp = pid_file.with_suffix(".tmp")
     tmp.write_text(str(os.getpid()))

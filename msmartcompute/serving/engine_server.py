@@ -5,9 +5,12 @@ One I/O thread owns the ROUTER. For each call it reads it first spends the calle
 token when the call carries one (Call.rate_key: every front's requests are decided here, in
 arrival order), then:
 - `inference.infer` (the hot path) is checked and queued on the I/O thread itself
-  (Inference.infer_then): no thread waits for it; the model's worker that runs the batch sends
-  the replies. The I/O thread keeps the deadlines and answers REQUEST_TIMEOUT for a request
-  still unanswered at its own;
+  (Inference.infer_then): no thread waits for it. When its model's executor is idle and the
+  model is quick (recent runs under INLINE_MAX_S), the I/O thread claims the executor and, once
+  it has read every call already waiting, runs them as one batch itself and sends the replies:
+  no thread hand-off at all. Otherwise the model's worker runs the batch and sends the replies.
+  The I/O thread keeps the deadlines and answers REQUEST_TIMEOUT for a request still
+  unanswered at its own;
 - any other call goes to a pool thread (calls block: a training runs for minutes).
 Threads other than the I/O thread push their replies over an inproc socket (a ZeroMQ socket
 belongs to one thread) and the I/O thread forwards them. A Cancel marks its call: a streaming
@@ -24,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 
+from ..api.ratelimit import refusal
 from ..runtime.errors import InternalError, MSCError, RequestTimeout
 from . import protocol
 
@@ -31,6 +35,9 @@ log = logging.getLogger("msmartcompute.engine")
 
 _REPLIES = "inproc://msc-replies"
 MAX_CALLS = 512  # calls served at once; more wait for a worker thread
+# A model whose recent runs took at most this long is run on the I/O thread when its executor is
+# idle: calls wait that long at most, and a hand-off to the worker and back cost more than the run.
+INLINE_MAX_S = 0.002
 _POLL_MS = 200
 
 
@@ -50,6 +57,7 @@ class EngineServer:
         self._local = threading.local()
         self._io_thread: int | None = None
         self._deadlines: list = []  # heap of (deadline, seq, _Answer) of inferences not yet answered
+        self._claimed: list = []    # (executor, queue, pending) to run on this thread once the socket is read
         self._seq = itertools.count()
 
     def serve(self, stopping: threading.Event) -> None:
@@ -63,6 +71,7 @@ class EngineServer:
                     self._drain(self.replies, lambda frames: self.router.send_multipart(frames, copy=False))
                 else:
                     self._drain(self.router, self._dispatch)
+                    self._run_claimed()
             self._expire()
 
     @staticmethod
@@ -95,7 +104,7 @@ class EngineServer:
             decision = self.limiter.check(message.rate_key)
             rate = decision.as_tuple()
             if not decision.allowed:
-                self._send(front, protocol.Reply(message.call_id, error=_error(self.limiter.refusal(decision)),
+                self._send(front, protocol.Reply(message.call_id, error=_error(refusal(decision, self.limiter.config)),
                                                  rate=rate))
                 return
         if message.op == "ratelimit.check" and self.limiter is not None:
@@ -108,8 +117,8 @@ class EngineServer:
     def _infer(self, front: bytes, call: protocol.Call, rate) -> None:
         answer = _Answer(self, front, call.call_id, rate)
         try:
-            answer.executor, answer.pending = self.runtime.inference.infer_then(*call.args, reply=answer,
-                                                                                **call.kwargs)
+            answer.executor, answer.pending, claimed = self.runtime.inference.infer_then(
+                *call.args, reply=answer, inline_max_s=INLINE_MAX_S, **call.kwargs)
         except MSCError as exc:
             answer(None, exc)
             return
@@ -117,8 +126,19 @@ class EngineServer:
             log.exception("inference.infer failed")
             answer(None, InternalError(f"inference.infer failed: {type(exc).__name__}"))
             return
+        if claimed is not None:
+            self._claimed.append((answer.executor, claimed, answer.pending))
         if not answer.done:
             heapq.heappush(self._deadlines, (answer.pending.deadline, next(self._seq), answer))
+
+    def _run_claimed(self) -> None:
+        """Run the batches of the executors this thread claimed, each with what queued since."""
+        claimed, self._claimed = self._claimed, []
+        for executor, queue, pending in claimed:
+            try:
+                executor.run_inline(queue, pending)
+            except Exception:  # each request is answered already; never let the I/O thread die
+                log.exception("an inline batch failed")
 
     def _poll_ms(self) -> int:
         if not self._deadlines:

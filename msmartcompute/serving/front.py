@@ -17,7 +17,7 @@ from ..api.app import ApiConfig
 from ..api.ratelimit import RateLimitConfig, RemoteRateLimiter
 from ..runtime.keys import KeyStore
 from ..runtime.store import Store
-from .children import child_args, child_config, die_with_parent, stop_event
+from .children import child_args, child_config, die_with_parent, settle_heap, stop_event
 from .connections import connection_settings, guard
 from .engine_client import EngineClient
 
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     listener = socket.socket(fileno=args.listen_fd)
     server = waitress.create_server(app, sockets=[listener], **waitress_settings(config))
     guard(server, config)
+    settle_heap()
     serve_until(server, stopping)
     log.info("front stopping: no new connections; draining in-flight requests (at most %.0f s)", DRAIN_TIMEOUT_S)
     if not drain(server, DRAIN_TIMEOUT_S):

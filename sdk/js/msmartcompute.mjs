@@ -110,8 +110,8 @@ export class MSmartComputeClient {
       const result = await getter(requestId);
       if (onProgress) onProgress(result);
       if (result.status === 'completed') return result;
-      if (result.status === 'failed') {
-        throw new MSmartComputeError('JOB_FAILED', `${requestId} failed: ${result.error?.message}`, { error: result.error });
+      if (result.status === 'failed' || result.status === 'cancelled') {
+        throw new MSmartComputeError('JOB_FAILED', `${requestId} ${result.status}: ${result.error?.message}`, { error: result.error });
       }
       if (Date.now() > deadline) throw new MSmartComputeError('REQUEST_TIMEOUT', `${requestId} still ${result.status}`);
       if (this.signal?.aborted) throw new MSmartComputeError('ABORTED', `waiting for ${requestId} was aborted`);
@@ -128,6 +128,7 @@ export class MSmartComputeClient {
     return this.request('POST', '/training/async', trainingBody(modelId, trainingData, labels, fields));
   }
   getTraining(requestId) { return this.request('GET', `/training/${enc(requestId)}`); }
+  cancelTraining(requestId) { return this.request('DELETE', `/training/${enc(requestId)}`); }
 
   // body: { optimization_type, target_precision, calibration_data, options }
   optimizeModel(modelId, body) { return this.request('POST', `/models/${enc(modelId)}/optimize`, body); }

@@ -190,6 +190,36 @@ void test_causal_and_packing() {
   expect(causal_key_end(0, 1, 5, 3) == 0, "rows with no visible key give an empty range");
 }
 
+// The backward's tiles (BwdTiles): what the kernels assume of them, per head dim.
+template <int D>
+void check_backward_tiles() {
+  using B = BwdTiles<D>;
+  constexpr int kWarps = 4, kSmemLimit = 99 * 1024;  // sm_86/89: the smallest of the cards we build for
+  expect(B::kDkdvSmem <= kSmemLimit && B::kDqSmem <= kSmemLimit, "backward tiles fit 99 KB", D, B::kDkdvSmem,
+         B::kDqSmem);
+  expect(B::kKeys == 16 * kWarps && B::kDqRows == 16 * kWarps, "each warp owns 16 keys / rows", D);
+  // ldmatrix.x4 loads the B fragments of two 8-wide n-tiles: row counts and column spans step by 16.
+  expect(B::kStepRows % 16 == 0 && B::kDqKeys % 16 == 0 && B::kOutCols % 16 == 0, "steps of 16", D);
+  expect(D % B::kOutCols == 0, "the column split divides D", D, B::kOutCols);
+  // dK and dV accumulators of one thread: at most 128 floats (256 spill; D 256 splits the columns).
+  expect(2 * (B::kOutCols / 8) * 4 <= 128, "dK/dV accumulators fit the registers", D, B::kOutCols);
+  // The dK/dV blocks' stores (block z, column tile i, lane quad t, pair element) cover each of the D
+  // columns exactly once.
+  std::vector<int> written(D, 0);
+  for (int z = 0; z < D / B::kOutCols; ++z)
+    for (int i = 0; i < B::kOutCols / 8; ++i)
+      for (int t = 0; t < 4; ++t)
+        for (int h = 0; h < 2; ++h) ++written[z * B::kOutCols + i * 8 + 2 * t + h];
+  for (int c = 0; c < D; ++c) expect(written[c] == 1, "every dK/dV column written once", D, c, written[c]);
+}
+
+void test_backward_tiles() {
+  check_backward_tiles<32>();
+  check_backward_tiles<64>();
+  check_backward_tiles<128>();
+  check_backward_tiles<256>();
+}
+
 }  // namespace
 
 int main() {
@@ -198,6 +228,7 @@ int main() {
   test_ldmatrix_on_swizzled_tiles();
   test_swizzle_is_conflict_free();
   test_causal_and_packing();
+  test_backward_tiles();
   std::printf("%s: %d failure(s)\n", failures ? "FAIL" : "ok", failures);
   return failures ? 1 : 0;
 }

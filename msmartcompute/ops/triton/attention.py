@@ -73,6 +73,38 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _bwd_dkdv_step(dk, dv, k, v, q, do, lse_log2, delta, rows, cols, n_rows, n_cols, offset, scale_log2,
+                   CAUSAL: tl.constexpr):
+    """dK (unscaled) and dV of a key block [BLOCK_N, D] plus one query block's share: P^T recomputed
+    from the base-2 log-sum-exp, dV += P^T dO, dK += (P^T * (V dO^T - delta)) Q. Shared by the fused
+    and the varlen backward; rows/cols index the sequence, n_rows/n_cols are its lengths."""
+    st = tl.dot(k, tl.trans(q)) * scale_log2  # [BLOCK_N, BLOCK_M]
+    valid = (rows[None, :] < n_rows) & (cols[:, None] < n_cols)
+    if CAUSAL:
+        valid = valid & (cols[:, None] <= rows[None, :] + offset)
+    pt = tl.where(valid, tl.math.exp2(st - lse_log2[None, :]), 0.0)
+    dv += tl.dot(pt.to(do.dtype), do)
+    dpt = tl.dot(v, tl.trans(do))  # [BLOCK_N, BLOCK_M]
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dq_step(dq, q, do, k, v, lse_log2, delta, rows, cols, n_rows, n_cols, offset, scale_log2,
+                 CAUSAL: tl.constexpr):
+    """dQ (unscaled) of a query block plus one key block's share: dQ += (P * (dO V^T - delta)) K."""
+    s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N]
+    valid = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= rows[:, None] + offset)
+    p = tl.where(valid, tl.math.exp2(s - lse_log2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k)
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,  # [B,H,SQ,D], [B,HKV,SK,D] x2, [B,H,SQ,D], [B,H,SQ] x2
     dk_ptr, dv_ptr,  # [B, HKV, SK, D] x2
@@ -107,15 +139,7 @@ def _attn_bwd_dkdv_kernel(
             do = tl.load(do_ptr + q_offs, mask=rows[:, None] < SQ, other=0.0)
             lse = tl.load(lse_ptr + head * SQ + rows, mask=rows < SQ, other=0.0) * 1.4426950408889634
             delta = tl.load(delta_ptr + head * SQ + rows, mask=rows < SQ, other=0.0)
-            st = tl.dot(k, tl.trans(q)) * scale_log2  # [BLOCK_N, BLOCK_M]
-            valid = (rows[None, :] < SQ) & (cols[:, None] < SK)
-            if CAUSAL:
-                valid = valid & (cols[:, None] <= rows[None, :] + offset)
-            pt = tl.where(valid, tl.math.exp2(st - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do)
-            dpt = tl.dot(v, tl.trans(do))  # [BLOCK_N, BLOCK_M]
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q)
+            dk, dv = _bwd_dkdv_step(dk, dv, k, v, q, do, lse, delta, rows, cols, SQ, SK, offset, scale_log2, CAUSAL)
     tl.store(dk_ptr + kv_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=cols[:, None] < SK)
     tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=cols[:, None] < SK)
 
@@ -151,14 +175,7 @@ def _attn_bwd_dq_kernel(
         kv_offs = kv_head * SK * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
         k = tl.load(k_ptr + kv_offs, mask=cols[:, None] < SK, other=0.0)  # [BLOCK_N, D]
         v = tl.load(v_ptr + kv_offs, mask=cols[:, None] < SK, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N]
-        valid = (rows[:, None] < SQ) & (cols[None, :] < SK)
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= rows[:, None] + offset)
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq = _bwd_dq_step(dq, q, do, k, v, lse, delta, rows, cols, SQ, SK, offset, scale_log2, CAUSAL)
     tl.store(dq_ptr + q_offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=rows[:, None] < SQ)
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _LOG2E, _bwd_config, _fwd_config
+from .attention import _LOG2E, _bwd_config, _bwd_dkdv_step, _bwd_dq_step, _fwd_config
 
 
 @triton.jit
@@ -115,15 +115,8 @@ def _varlen_bwd_dkdv_kernel(
             do = tl.load(do_ptr + q_offs, mask=rows[:, None] < len_q, other=0.0)
             lse = tl.load(lse_ptr + h * TOTAL_Q + q0 + rows, mask=rows < len_q, other=0.0) * 1.4426950408889634
             delta = tl.load(delta_ptr + h * TOTAL_Q + q0 + rows, mask=rows < len_q, other=0.0)
-            st = tl.dot(k, tl.trans(q)) * scale_log2  # [BLOCK_N, BLOCK_M]
-            valid = (rows[None, :] < len_q) & (cols[:, None] < len_k)
-            if CAUSAL:
-                valid = valid & (cols[:, None] <= rows[None, :] + offset)
-            pt = tl.where(valid, tl.math.exp2(st - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do)
-            dpt = tl.dot(v, tl.trans(do))  # [BLOCK_N, BLOCK_M]
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q)
+            dk, dv = _bwd_dkdv_step(dk, dv, k, v, q, do, lse, delta, rows, cols, len_q, len_k, offset, scale_log2,
+                                    CAUSAL)
     tl.store(dk_ptr + kv_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=cols[:, None] < len_k)
     tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=cols[:, None] < len_k)
 
@@ -167,14 +160,7 @@ def _varlen_bwd_dq_kernel(
         kv_offs = ((k0 + cols) * hkv + kv_h)[:, None] * HEAD_DIM + dims[None, :]
         k = tl.load(k_ptr + kv_offs, mask=cols[:, None] < len_k, other=0.0)  # [BLOCK_N, D]
         v = tl.load(v_ptr + kv_offs, mask=cols[:, None] < len_k, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N]
-        valid = (rows[:, None] < len_q) & (cols[None, :] < len_k)
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= rows[:, None] + offset)
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq = _bwd_dq_step(dq, q, do, k, v, lse, delta, rows, cols, len_q, len_k, offset, scale_log2, CAUSAL)
     tl.store(dq_ptr + q_offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=rows[:, None] < len_q)
 
 
