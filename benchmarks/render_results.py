@@ -153,14 +153,18 @@ def side_by_side(data: dict) -> list[str]:
     names = list(dict.fromkeys(name for r in rows for name in r["side_by_side_us"]))
     out = ["", "Interleaved in one run: each backend's fastest call in us (the estimate auto chooses by); "
            "auto / fastest candidate by fastest call and by median (goal <= 1.10); ours / torch below 1: "
-           "our kernel wins.", "",
+           "our kernel wins. \"calls stalled\": a median over 1.5x the fastest call, most calls waited for a "
+           "core taken by another process; the figures of that row are the machine's load, not the kernels.", "",
            "| op | shape | " + " | ".join(names) + " | auto chose | auto / fastest | (median) | ours / torch |",
            "|---|---|" + "---:|" * len(names) + "---|---:|---:|---:|"]
     for r in rows:
         t = r["side_by_side_us"]
         ours = min((t[n] for n in names if n not in ("auto", "torch") and n in t), default=None)
         ratio = f"{ours / t['torch']:.2f}" if ours and t.get("torch") else "-"
-        out.append(f"| {r['op']} | {r['shape']} | " + " | ".join(sig(t[n]) if n in t else "-" for n in names) +
+        # A median far above the fastest call: most calls waited for a core (another process's load).
+        stalled = any(m > 1.5 * t[n] for n, m in (r.get("median_us") or {}).items() if n in t)
+        out.append(f"| {r['op']} | {r['shape']}{' (calls stalled)' if stalled else ''} | " +
+                   " | ".join(sig(t[n]) if n in t else "-" for n in names) +
                    f" | {r.get('chose') or '-'} | {r['auto_over_fastest']:.2f} | "
                    f"{r['auto_over_fastest_median']:.2f} | {ratio} |")
     return out

@@ -48,10 +48,10 @@ def hf_config(family: str, **overrides):
         return transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
                                        bos_token_id=0, eos_token_id=1, **overrides)
     if family == "bert":
-        return transformers.BertConfig(**common, **overrides)
+        return transformers.BertConfig(**{**common, **overrides})
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
            "qwen2": transformers.Qwen2Config}[family]
-    return cls(**common, num_key_value_heads=2, bos_token_id=0, eos_token_id=1, **overrides)
+    return cls(**{**common, "num_key_value_heads": 2, "bos_token_id": 0, "eos_token_id": 1, **overrides})
 
 
 def hf_model(family: str, seed: int = 0, **overrides):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -115,6 +116,69 @@ def test_streamed_completion_and_chat(client):
     text = "".join(c.choices[0].delta.content or "" for c in chat if c.choices)
     assert chat[-1].usage is not None and chat[-1].usage.completion_tokens >= len(text) * 0  # usage chunk last
     assert any(c.choices and c.choices[0].finish_reason for c in chat)
+
+
+def generation(server, model_id: str) -> dict:
+    r = requests.get(server.base_url + "/api/v1/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+    return r.json()["metrics"]["generation"][model_id]
+
+
+def test_stream_goes_token_by_token_and_a_closed_stream_cancels(server, client):
+    plain = client.completions.create(model="chat-llama", prompt="the quick", max_tokens=40, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    chunks = list(client.completions.create(model="chat-llama", prompt="the quick", max_tokens=40, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert len(texts) > 5 and "".join(texts) == plain.choices[0].text      # incremental deltas
+    assert chunks[-1].choices[0].finish_reason == "length" and plain.usage.completion_tokens == 40
+    # the first chunk comes while the generation runs: closing the stream then cancels it (a model
+    # with room for 3000 tokens, so the generation cannot end before the close is seen)
+    save(hf_model("llama", seed=6, max_position_embeddings=4096), server.folder / "long-llama")
+    r = requests.post(server.base_url + "/api/v1/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                      json={"model_id": "long-llama", "model_type": "transformer", "model_path": "long-llama"},
+                      timeout=120)
+    assert r.status_code == 200, r.text
+    stream = client.completions.create(model="long-llama", prompt="numbers 1", max_tokens=3000, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    assert first.choices[0].text and first.choices[0].finish_reason is None
+    stream.close()
+    deadline = time.monotonic() + 20
+    while generation(server, "long-llama")["cancelled_sequences"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    after = generation(server, "long-llama")
+    assert after["cancelled_sequences"] == 1 and after["tokens_generated"] < 3000
+    assert after["kv_blocks_used"] == 0 and after["running"] == 0
+
+
+def test_streamed_stop_string_and_the_raw_events(server, client):
+    full = client.completions.create(model="chat-llama", prompt="hello", max_tokens=30, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    want = full[:full.index(stop)]
+    cut = client.completions.create(model="chat-llama", prompt="hello", max_tokens=30, temperature=0, stop=stop,
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == want and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < 30                                # generation ended at the stop
+    raw = requests.post(server.base_url + "/v1/chat/completions", stream=True, timeout=60,
+                        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                        json={"model": "chat-llama", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                              "max_tokens": 30, "temperature": 0, "stop": [stop], "n": 2, "ignore_eos": True})
+    assert raw.headers["Content-Type"].startswith("text/event-stream")
+    lines = [line for line in raw.iter_lines() if line]
+    assert lines[-1] == b"data: [DONE]"
+    chunks = [json.loads(line[len(b"data: "):]) for line in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    for i in range(2):
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == i]
+        assert mine[0]["delta"]["role"] == "assistant" and mine[-1]["finish_reason"] in ("stop", "length")
+        text = "".join(c["delta"].get("content", "") for c in mine)
+        assert stop not in text
+    plain = client.chat.completions.create(model="chat-llama", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=30, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    first = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks
+                    if c["choices"] and c["choices"][0]["index"] == 0)
+    assert first == plain.choices[0].message.content
 
 
 def test_embeddings_equal_transformers(server, client):

@@ -115,3 +115,24 @@ def test_encoder_text_gives_embeddings(api):
     assert "output_text" not in body
     norm = sum(x * x for x in body["output_data"][0]) ** 0.5
     assert abs(norm - 1) < 1e-5
+
+
+def test_streamed_input_text_sends_text_deltas_and_stops_at_a_stop_string(api):
+    import json
+
+    assert_ok(api.post("/api/v1/models", {"model_id": "llama", "model_type": "transformer",
+                                          "model_path": "tiny-llama"}))
+    options = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    plain = assert_ok(api.post("/api/v1/inference", {"model_id": "llama", "input_text": "the quick",
+                                                     "options": options}))
+    text = plain["output_text"][0]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    resp = api.post("/api/v1/inference", {"model_id": "llama", "input_text": "the quick",
+                                          "options": {**options, "stream": True, "stop": stop}})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    blocks = [b for b in resp.text.split("\n\n") if b.strip()]
+    events = [json.loads(b.split("data: ", 1)[1]) for b in blocks]
+    assert blocks[-1].startswith("event: done") and events[-1]["success"]
+    deltas = [e["text"][0] for e in events[:-1]]
+    assert len(deltas) > 3 and "".join(deltas) == text[:text.index(stop)] == events[-1]["output_text"][0]
+    assert events[-1]["finish_reasons"] == ["stop"]

@@ -266,7 +266,15 @@ def test_no_path_falls_back_to_torch_sdpa(tmp_path, family, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("torch SDPA was called")
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", refuse)
+    from msmartcompute import ops
+    heads, paged, varlen = [], ops.paged_attention, ops.varlen_attention  # (query heads, kv heads) seen
+    monkeypatch.setattr(ops, "paged_attention", lambda q, kc, *a, **kw: heads.append((q.shape[2], kc.shape[2]))
+                        or paged(q, kc, *a, **kw))
+    monkeypatch.setattr(ops, "varlen_attention", lambda q, k, *a, **kw: heads.append((q.shape[1], k.shape[1]))
+                        or varlen(q, k, *a, **kw))
     assert as_lists(ours.run([ours.prepare(prompts, {"max_tokens": 6, "temperature": 0})])[0].output_data) == wants
+    kv_heads = 2 if family == "llama" else 4                # GQA: the cache keeps the checkpoint's kv heads
+    assert heads and all(h == (4, kv_heads) for h in heads)
     valid = ids != 0
     valid[1] = True
     positions = (torch.arange(6) - 3 * ~valid[:, :1]).clamp(min=0)

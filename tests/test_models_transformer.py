@@ -247,3 +247,26 @@ def test_encoder_mean_pools_and_is_bidirectional(encoder):
     with torch.no_grad():  # the first position sees the last token: not causal
         first = [encoder.module.layers[0](encoder.module.embed(t), pos, NoCache(causal=False), 0)[0, 0] for t in (tokens, changed)]
     assert not torch.equal(first[0], first[1])
+
+
+def test_a_step_of_mixed_chunks_equals_each_chunk_alone(lm):
+    """PagedDecoder.step runs a step's decodes as one batch and its prefill chunks left-padded as
+    another; each chunk's logits (in the chunks' order) equal that chunk run alone."""
+    from msmartcompute.models.paged import ChunkInput
+
+    a, b, c, d = (prompt(1, 9, 60 + i)[0].tolist() for i in range(4))
+    tables = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    together, alone = lm.new_kv_cache(12, 4), lm.new_kv_cache(12, 4)
+    warm = [ChunkInput(a[:6], 0, tables[0], True), ChunkInput(c[:4], 0, tables[2], True)]
+    mixed = [ChunkInput(a[6:7], 6, tables[0], True),        # a decode
+             ChunkInput(b[:5], 0, tables[1], True),         # a whole prompt
+             ChunkInput(c[4:5], 4, tables[2], True),        # a one-token prefill chunk after a longer one
+             ChunkInput(d[:3], 0, tables[3], False)]        # the first chunk of a longer prompt
+    with torch.inference_mode():
+        for cache in (together, alone):
+            lm.step(cache, warm)
+        got = lm.step(together, mixed)
+        want = torch.cat([lm.step(alone, [chunk]) for chunk in mixed])
+    assert got.shape == (3, VOCAB)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together[0].k, alone[0].k)   # padding was never stored

@@ -45,7 +45,7 @@ def test_auto_returns_the_fastest_candidate_and_its_result():
     assert _backend.dispatch("toy_op", None, torch.device("cpu"), ("k",), impls) == "fast"
     [entry] = choices("toy_op")
     assert entry["backend"] == "torch" and entry["times_us"]["cpu"] > entry["times_us"]["torch"]
-    assert entry["samples"] == _backend._Choices.CLEAR_AFTER  # a clear winner ends the measuring early
+    assert entry["samples"] == _backend._Choices.CLEAR_AFTER  # a clear winner (3 ms vs ~0) ends it early
     assert _backend.dispatch("toy_op", None, torch.device("cpu"), ("k",), impls) == "fast"
 
 

@@ -2,23 +2,27 @@
 vs Hugging Face transformers' generate, on the same requests, side by side in one run.
 
 Workload (fixed seed): 64 requests at concurrency 32, prompt lengths 16-256, max_tokens 8-128,
-temperature 0 and 0.8 alternating, on a tiny Llama-architecture decoder (RMSNorm, rotary,
-grouped-query attention; the home `transformer` family, weights from the spec's seed).
+temperature 0 and 0.8 alternating, on a tiny Llama-architecture decoder loaded as a real Hugging
+Face checkpoint: transformers' LlamaForCausalLM (RMSNorm, rotary, SwiGLU, grouped-query
+attention) saved with save_pretrained (config.json + model.safetensors), which every server
+loads from its model root through models/llama.py, and the hf target from the same folder.
 
 Targets, measured one after the other, round by round:
 - ours: `msmartcompute serve` from this tree, whole responses like the other two (tokens/s);
 - ours_stream: the same server, every request with options.stream (time to first token = the
   first SSE event; 32 streams cost the server a thread wake-up and a write per token each);
-- static: `msmartcompute serve` from a git worktree of main before the generation engine
-  (`--baseline-rev`): a request is batched only with requests of the same (temperature, top_p,
-  max_tokens), run to the end; it streams nothing, so its first token arrives with the response;
-- hf: transformers' LlamaForCausalLM of the same shape (SwiGLU width chosen for the same MLP
-  parameter count), in this process: the requests in batches of 32 in arrival order, each batch
-  split by temperature and left-padded, `generate(max_new_tokens = the group's largest)`; a
-  request's time to first token is its group's end (generate returns the whole batch at once).
+- static: `msmartcompute serve` from the tree of main before pretrained decoders ran on the
+  generation engine (`--baseline-rev`, unpacked with git archive): a request is batched only
+  with requests of the same (temperature, top_p, max_tokens), run to the end over a dense KV
+  cache; it streams nothing, so its first token arrives with the response;
+- hf: transformers' LlamaForCausalLM from the same folder, in this process: the requests in
+  batches of 32 in arrival order, each batch split by temperature and left-padded,
+  `generate(max_new_tokens = the group's largest)`; a request's time to first token is its
+  group's end (generate returns the whole batch at once).
 Generated tokens/s counts the tokens each request asked for (max_tokens; no EOS in these
 models), over the wall time from the first request sent to the last answer. Greedy answers of
-ours and static are compared token for token (a mismatch is reported, not hidden).
+ours are compared token for token with static's and hf's (a mismatch is reported, not hidden).
+Every target is warmed with one whole pass first (the kernel backends measure at each new shape).
 
 Run: python -m benchmarks.generation.run --rounds 2 --out benchmarks/results/generation-cpu-2core.json
 """
@@ -28,6 +32,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,11 +47,13 @@ import torch
 from benchmarks.harness import Goal, Servers, judge, progress, write_result
 from benchmarks.serving import targets
 
-BASELINE_REV = "ec28ca8"  # main before the generation engine: static batching of decoders
+BASELINE_REV = "17d0d33"  # main before pretrained decoders ran on the generation engine: static batching
 PARAMS = {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-          "intermediate_size": 256}
-SPEC = {"model_id": "llama-tiny", "model_type": "transformer", "seed": 11, "max_sequence_length": 512,
-        "max_batch_size": 32, "parameters": PARAMS}
+          "intermediate_size": 170}
+CHECKPOINT = "llama-tiny"   # the folder under each server's model root
+SEED = 11
+SPEC = {"model_id": "llama-tiny", "model_type": "transformer", "model_path": CHECKPOINT, "max_sequence_length": 512,
+        "max_batch_size": 32}
 GOALS = [Goal("tokens_per_s", "ours", "static", ">=", 3.0), Goal("tokens_per_s", "ours", "hf", ">=", 2.0),
          Goal("ttft_p99_s", "ours_stream", "static", "<=", 0.5)]
 
@@ -134,22 +141,36 @@ def load_http(name: str, port: int, requests: list[dict], concurrency: int, stre
     return res, outputs
 
 
-def hf_model():
+def make_checkpoint(folder: Path) -> Path:
+    """The tiny Llama checkpoint as transformers writes it (weights from SEED, no EOS: every
+    request generates its max_tokens)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=PARAMS["vocab_size"], hidden_size=PARAMS["hidden_size"],
                       num_hidden_layers=PARAMS["num_layers"], num_attention_heads=PARAMS["num_heads"],
-                      num_key_value_heads=PARAMS["num_kv_heads"],
-                      intermediate_size=PARAMS["intermediate_size"] * 2 // 3,  # 3 SwiGLU matrices ~ our 2
+                      num_key_value_heads=PARAMS["num_kv_heads"], intermediate_size=PARAMS["intermediate_size"],
                       max_position_embeddings=SPEC["max_sequence_length"], pad_token_id=0,
                       bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
-    torch.manual_seed(SPEC["seed"])
-    return LlamaForCausalLM(cfg).eval()
+    torch.manual_seed(SEED)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def hf_model(folder: Path):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+
+def with_checkpoint(state_dir: Path, checkpoint: Path) -> Path:
+    """A server's state dir holding the checkpoint under its model root (<state>/models)."""
+    shutil.copytree(checkpoint, state_dir / "models" / CHECKPOINT)
+    return state_dir
 
 
 @torch.inference_mode()
-def load_hf(model, requests: list[dict], concurrency: int) -> dict:
-    ttft, latency, tokens = [], [], 0
+def load_hf(model, requests: list[dict], concurrency: int) -> tuple[dict, list]:
+    ttft, latency, tokens, outputs = [], [], 0, [None] * len(requests)
     t0 = time.perf_counter()
     for lo in range(0, len(requests), concurrency):
         batch = requests[lo:lo + concurrency]
@@ -167,11 +188,12 @@ def load_hf(model, requests: list[dict], concurrency: int) -> dict:
                                  pad_token_id=0)
             assert out.shape[1] == width + new
             done = time.perf_counter()
-            for r in group:  # a request gets its own max_tokens of the padded batch's output
+            for row, r in enumerate(group):  # a request gets its own max_tokens of the padded batch's output
                 tokens += r["max_tokens"]
                 ttft.append(done - started)
                 latency.append(done - started)
-    return summary("hf", time.perf_counter() - t0, tokens, ttft, latency, 0)
+                outputs[requests.index(r)] = out[row, width:width + r["max_tokens"]].tolist()
+    return summary("hf", time.perf_counter() - t0, tokens, ttft, latency, 0), outputs
 
 
 def baseline_checkout(rev: str, where: Path) -> Path:
@@ -207,28 +229,34 @@ def main(argv=None) -> int:
     requests = workload(args.requests)
     rows, outputs = [], {}
     with tempfile.TemporaryDirectory(prefix="msc-gen-") as tmp, Servers() as servers:
+        checkpoint = make_checkpoint(Path(tmp) / "checkpoint")
         ports = {}
         if "ours" in names or "ours_stream" in names:
-            proc, target = targets.ours("ours", SPEC, Path(tmp) / "ours", {"max_queue_delay_ms": 5})
+            proc, target = targets.ours("ours", SPEC, with_checkpoint(Path(tmp) / "ours", checkpoint),
+                                        {"max_queue_delay_ms": 5})
             servers.add("ours", proc)
             ports["ours"] = ports["ours_stream"] = target.port
         if "static" in names:
             repo = baseline_checkout(args.baseline_rev, Path(args.baseline_dir))
-            proc, target = targets.ours("static", SPEC, Path(tmp) / "static", {"max_queue_delay_ms": 5}, repo=repo)
+            proc, target = targets.ours("static", SPEC, with_checkpoint(Path(tmp) / "static", checkpoint),
+                                        {"max_queue_delay_ms": 5}, repo=repo)
             servers.add("static", proc)
             ports["static"] = target.port
-        model = hf_model() if "hf" in names else None
+        model = hf_model(checkpoint) if "hf" in names else None
 
-        for name in names:  # warm up every target (first-call allocations, lazy inits) before measuring
+        # warm up every target with one whole pass (first-call allocations, lazy inits, the kernel
+        # backends' first measurements at each new shape) before measuring
+        for name in names:
+            servers.only(name.removesuffix("_stream"))
             if name == "hf":
-                load_hf(model, requests[:4], 4)
+                load_hf(model, requests, args.concurrency)
             else:
-                load_http(name, ports[name], requests[:4], 4, stream=name == "ours_stream")
+                load_http(name, ports[name], requests, args.concurrency, stream=name == "ours_stream")
         for rnd in range(args.rounds):
             for name in names:
                 servers.only(name.removesuffix("_stream"))  # hf: every server frozen
                 if name == "hf":
-                    row = load_hf(model, requests, args.concurrency)
+                    row, outputs[name] = load_hf(model, requests, args.concurrency)
                 else:
                     row, outputs[name] = load_http(name, ports[name], requests, args.concurrency,
                                                    stream=name == "ours_stream")
@@ -242,14 +270,20 @@ def main(argv=None) -> int:
     if "ours" in outputs and "static" in outputs:
         agreement = sum(outputs["ours"][i] == outputs["static"][i] for i in greedy)
         progress(f"greedy answers equal (ours vs static): {agreement}/{len(greedy)}")
+    agreement_hf = None
+    if "ours" in outputs and "hf" in outputs:
+        agreement_hf = sum(outputs["ours"][i] == outputs["hf"][i] for i in greedy)
+        progress(f"greedy answers equal (ours vs transformers' generate): {agreement_hf}/{len(greedy)}")
     seeded = None
     if "ours" in outputs and "ours_stream" in outputs:  # sampled ones too: a request's tokens depend on its seed only
         seeded = sum(outputs["ours"][i] == outputs["ours_stream"][i] for i in range(len(requests)))
         progress(f"answers equal (ours vs ours_stream, other batch mates): {seeded}/{len(requests)}")
     goals = judge(GOALS, rows)
     write_result(args.out, "generation-load", args.machine,
-                 {**vars(args), "spec": SPEC, "hf_intermediate_size": PARAMS["intermediate_size"] * 2 // 3},
-                 rows, goals, greedy_equal_ours_static=agreement, greedy_requests=len(greedy),
+                 {**vars(args), "spec": SPEC, "checkpoint": {"architecture": "LlamaForCausalLM", **PARAMS, "seed": SEED,
+                                                             "format": "safetensors"}},
+                 rows, goals, greedy_equal_ours_static=agreement, greedy_equal_ours_hf=agreement_hf,
+                 greedy_requests=len(greedy),
                  all_equal_ours_ours_stream=seeded)
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 

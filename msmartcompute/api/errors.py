@@ -57,14 +57,22 @@ _OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "inv
                  429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
 
 
+def openai_error(status: str, code: str, message: str, details: dict | None) -> dict:
+    """OpenAI's error shape: {"error": {message, type, param, code}} (also an event of a /v1/ stream)."""
+    number = int(status.split()[0])
+    kind = _OPENAI_TYPES.get(number, "server_error" if number >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": (details or {}).get("field"), "code": code.lower()}}
+
+
+def openai_error_of(exc: rt.MSCError) -> dict:
+    return openai_error(STATUS_BY_CODE.get(exc.code, falcon.HTTP_500), exc.code, exc.message, exc.details)
+
+
 def _respond(req, resp: falcon.Response, status: str, code: str, message: str, details: dict | None) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON  # a resource may have set another type before it failed
-    if req.path.startswith("/v1/"):  # OpenAI's shape: {"error": {message, type, param, code}}
-        number = int(status.split()[0])
-        kind = _OPENAI_TYPES.get(number, "server_error" if number >= 500 else "invalid_request_error")
-        resp.media = {"error": {"message": message, "type": kind, "param": (details or {}).get("field"),
-                                "code": code.lower()}}
+    if req.path.startswith("/v1/"):
+        resp.media = openai_error(status, code, message, details)
         return
     resp.media = error(code, message, details)
 

@@ -2,23 +2,29 @@
 /v1/chat/completions and /v1/embeddings, on the same models and keys (Bearer).
 
 Each resource turns an OpenAI body into one runtime inference request (prompts x n rows
-of input_text, so they share one batch) and the result into OpenAI's response shape.
-Errors on these paths use OpenAI's shape (api/errors.py). `stream=true` answers as
-Server-Sent Events in OpenAI's chunk format; the finished result comes as one chunk per
-choice (token-by-token streaming needs the generation engine), then `data: [DONE]`.
+of input_text, generated together by the generation engine) and the result into OpenAI's
+response shape. Errors on these paths use OpenAI's shape (api/errors.py). `stream=true`
+answers as Server-Sent Events in OpenAI's chunk format, token by token: each engine step's
+text deltas (`Inference.infer_stream`) become one chunk per choice that has new text, then a
+chunk with each choice's finish_reason, the usage chunk when `stream_options.include_usage`,
+and `data: [DONE]`; an error after the first chunk is an `{"error": ...}` event. Closing the
+connection cancels the generation at its next step.
 
-`stop` strings cut the generated text at the first one (finish_reason "stop"); the model
-still generated up to max_tokens or its end-of-sequence token, so usage counts those."""
+`stop` strings end a choice's generation at the token that completes one (finish_reason
+"stop"; the text is cut before it, and a stream never sends any of it). Extensions (as vLLM
+takes them): `top_k`, `ignore_eos`."""
 from __future__ import annotations
 
 import base64
 import time
+from typing import Iterator
 
 import falcon
 import numpy as np
 import orjson
 
-from ..runtime.errors import InvalidInputData
+from ..runtime.errors import InvalidInputData, MSCError
+from .errors import openai_error_of
 from .schemas import MAX_ROWS
 
 MAX_N = 16
@@ -65,6 +71,14 @@ def _sampling(body: dict) -> dict:
     seed = _get(body, "seed", int, None, lambda v: v >= 0, "a non-negative integer")
     if seed is not None:
         options["seed"] = seed
+    top_k = _get(body, "top_k", int, None, lambda v: v >= -1, "an integer >= -1 (-1 or 0: off)")
+    if top_k is not None:
+        options["top_k"] = max(0, top_k)
+    if _get(body, "ignore_eos", bool, False):
+        options["ignore_eos"] = True
+    stops = _stops(body)
+    if stops:
+        options["stop"] = stops
     if body.get("max_completion_tokens") is not None:  # the chat API's newer name
         options["max_tokens"] = _get(body, "max_completion_tokens", int, 16, lambda v: v >= 1, "an integer >= 1")
     for name in ("logprobs", "top_logprobs", "suffix", "tools", "functions", "logit_bias"):
@@ -85,25 +99,16 @@ def _stops(body: dict) -> list[str]:
     return stops
 
 
-def _cut(text: str, stops: list[str], reason: str) -> tuple[str, str]:
-    """text up to the first stop string (finish_reason "stop"), else unchanged."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], "stop") if cut >= 0 else (text, reason)
-
-
-def _generate(runtime, model_id: str, prompts: list[str], body: dict, *, framed: bool) -> tuple[dict, list]:
-    """Run prompts x n through the model: (runtime result, [(text, finish_reason)] per choice)."""
+def _request(model_id: str, prompts: list[str], body: dict, *, framed: bool) -> dict:
+    """The runtime request for prompts x n choices (choice i is row i: prompt i // n)."""
     n = _get(body, "n", int, 1, lambda v: 1 <= v <= MAX_N, f"an integer in [1, {MAX_N}]")
-    if len(prompts) * n > MAX_CHOICES:  # every choice is a row of one batch
+    if len(prompts) * n > MAX_CHOICES:  # every choice is a row of one request
         raise _bad("n", f"prompts x n = {len(prompts) * n} choices, more than the limit of {MAX_CHOICES}")
-    stops = _stops(body)
     request = {"model_id": model_id, "input_text": [p for p in prompts for _ in range(n)],
                "options": _sampling(body)}
     if framed:  # the chat template already placed the special tokens
         request["add_special_tokens"] = False
-    result = runtime.inference.infer(request)
-    choices = [_cut(text, stops, reason) for text, reason in zip(result["output_text"], result["finish_reasons"])]
-    return result, choices
+    return request
 
 
 def _usage(result: dict) -> dict:
@@ -111,11 +116,50 @@ def _usage(result: dict) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _stream(resp, chunks: list[dict]) -> None:
-    """Server-Sent Events: one `data:` line per chunk, then [DONE]."""
+def _answer(runtime, resp, body: dict, request: dict, reply, head, choice) -> None:
+    """Run the request: `reply(result)` is the whole response body; with stream=true the chunks
+    go out as they are generated, each `head(request_id)` plus choices built by
+    `choice(index, text delta or None, finish_reason or None)`."""
+    if body.get("stream") is not True:
+        resp.media = reply(runtime.inference.infer(request))
+        return
+    events = runtime.inference.infer_stream(request)   # a bad request fails here, as a plain JSON error
     resp.content_type = "text/event-stream"
     resp.set_header("Cache-Control", "no-cache")
-    resp.data = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    resp.stream = _server_sent_events(_chunks(events, head, choice, _include_usage(body)))
+
+
+def _chunks(events, head, choice, include_usage: bool) -> Iterator[dict]:
+    """The engine's events -> OpenAI chunks, one choice each (as OpenAI sends them): each step's
+    new text per choice, then every choice's finish_reason, then the usage when asked."""
+    try:
+        for event in events:
+            top = head(event["request_id"])
+            if "output_data" in event:  # the final response
+                for i, why in enumerate(event["finish_reasons"]):
+                    yield {**top, "choices": [choice(i, None, why)]}
+                if include_usage:
+                    yield {**top, "choices": [], "usage": _usage(event)}
+                return
+            for i, text in enumerate(event["text"]):
+                if text:
+                    yield {**top, "choices": [choice(i, text, None)]}
+    finally:
+        events.close()
+
+
+def _server_sent_events(chunks) -> Iterator[bytes]:
+    """Chunks as `data:` events, then [DONE]; an error mid-stream is an error event in OpenAI's
+    shape. When the client goes away waitress closes this iterator, which closes the engine's
+    stream: the generation is cancelled at its next step."""
+    try:
+        for chunk in chunks:
+            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    except MSCError as exc:
+        yield b"data: " + orjson.dumps(openai_error_of(exc)) + b"\n\n"
+    finally:
+        chunks.close()
 
 
 def _include_usage(body: dict) -> bool:
@@ -146,17 +190,18 @@ class CompletionsResource:
         if not isinstance(prompts, list) or not prompts or len(prompts) > MAX_ROWS \
                 or not all(isinstance(p, str) and p for p in prompts):
             raise _bad("prompt", "prompt must be a non-empty string or a list of non-empty strings")
-        result, choices = _generate(self.runtime, model_id, prompts, body, framed=False)
-        rid, created = "cmpl-" + result["request_id"], int(time.time())
-        items = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                 for i, (text, reason) in enumerate(choices)]
-        head = {"id": rid, "object": "text_completion", "created": created, "model": model_id}
-        if body.get("stream") is True:
-            chunks = [{**head, "choices": [item]} for item in items]
-            if _include_usage(body):
-                chunks.append({**head, "choices": [], "usage": _usage(result)})
-            return _stream(resp, chunks)
-        resp.media = {**head, "choices": items, "usage": _usage(result)}
+        request = _request(model_id, prompts, body, framed=False)
+        head = {"object": "text_completion", "created": int(time.time()), "model": model_id}
+
+        def reply(result):
+            return {"id": "cmpl-" + result["request_id"], **head, "usage": _usage(result), "choices": [
+                {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                for i, (text, reason) in enumerate(zip(result["output_text"], result["finish_reasons"]))]}
+
+        def choice(i, text, reason):
+            return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+
+        _answer(self.runtime, resp, body, request, reply, lambda rid: {"id": "cmpl-" + rid, **head}, choice)
 
 
 def _messages(body: dict) -> list[dict]:
@@ -186,22 +231,26 @@ class ChatCompletionsResource:
         body = _body(req)
         model_id = _model(body, self.runtime, "transformer")
         prompt = self.runtime.inference.chat_prompt(model_id, _messages(body))
-        result, choices = _generate(self.runtime, model_id, [prompt], body, framed=True)
-        rid, created = "chatcmpl-" + result["request_id"], int(time.time())
-        head = {"id": rid, "created": created, "model": model_id}
-        if body.get("stream") is True:
-            chunks = []
-            for i, (text, reason) in enumerate(choices):
-                chunks.append({**head, "object": "chat.completion.chunk", "choices": [
-                    {"index": i, "delta": {"role": "assistant", "content": text}, "finish_reason": None}]})
-                chunks.append({**head, "object": "chat.completion.chunk", "choices": [
-                    {"index": i, "delta": {}, "finish_reason": reason}]})
-            if _include_usage(body):
-                chunks.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(result)})
-            return _stream(resp, chunks)
-        resp.media = {**head, "object": "chat.completion", "usage": _usage(result), "choices": [
-            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-            for i, (text, reason) in enumerate(choices)]}
+        request = _request(model_id, [prompt], body, framed=True)
+        head = {"created": int(time.time()), "model": model_id}
+
+        def reply(result):
+            return {"id": "chatcmpl-" + result["request_id"], **head, "object": "chat.completion",
+                    "usage": _usage(result), "choices": [
+                        {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                        for i, (text, reason) in enumerate(zip(result["output_text"], result["finish_reasons"]))]}
+
+        started = set()
+
+        def choice(i, text, reason):
+            delta = {} if text is None else {"content": text}
+            if i not in started:  # a choice's first chunk names the role
+                started.add(i)
+                delta = {"role": "assistant", **delta}
+            return {"index": i, "delta": delta, "finish_reason": reason}
+
+        _answer(self.runtime, resp, body, request, reply,
+                lambda rid: {"id": "chatcmpl-" + rid, **head, "object": "chat.completion.chunk"}, choice)
 
 
 class EmbeddingsResource:

@@ -134,13 +134,13 @@ class InferenceOptions(Body):
     stop_token_ids: Annotated[list[_int(0, 1 << 24)], Meta(
         max_length=64, description="token ids that end a row (not part of its output)")] | None = None
     stop: Annotated[str | list[str], Meta(description=(
-        "a string or a list of strings that end a row (models with a tokenizer); the text is cut "
-        "before it"))] | None = None
+        "a string or a list of strings that end a row at the token that completes one, across token "
+        "boundaries (models with a tokenizer); the text is cut before it, and a stream never sends it"))] | None = None
     ignore_eos: Annotated[bool, Meta(description="keep generating past the model's EOS token")] | None = None
     stream: Annotated[bool, Meta(description=(
         "answer with Server-Sent Events (text/event-stream): one `data:` event {request_id, token_ids: "
-        "[new ids per row]} per generation step, then `event: done` with the usual response envelope "
-        "(or `event: error` with the error envelope)"))] | None = None
+        "[new ids per row]} per generation step (with input_text also text: [new text per row]), then "
+        "`event: done` with the usual response envelope (or `event: error` with the error envelope)"))] | None = None
 
 
 class Inference(Body):

@@ -7,11 +7,10 @@ A decoder's module offers `hidden(tokens [B, S], positions [B, S], ctx) -> [B, S
 goes through the context (attention_context.py), so a paged step is `hidden(...,
 PagedCache(caches, CacheStep(...)))` for every family.
 
-One engine step holds decode tokens and prefill chunks of many sequences (ChunkInput); they are
-grouped into batches of equal length (ChunkGroup), each with its block tables, cache slots and
-key counts. All the decodes of a step are one group (one forward of [B, 1]); a prefill chunk is
-its own group unless others have its length. Which blocks a sequence owns is the runtime's
-business (runtime/generation/blocks.py)."""
+One engine step holds decode tokens and prefill chunks of many sequences (ChunkInput); they run
+as at most two batches (ChunkGroup: the decodes as [B, 1], the prefill chunks left-padded), each
+with its block tables, cache slots and key counts. Which blocks a sequence owns is the
+runtime's business (runtime/generation/blocks.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,32 +37,41 @@ class ChunkInput:
 
 @dataclass
 class ChunkGroup:
-    tokens: torch.Tensor               # [B, n] long
-    positions: torch.Tensor            # [B, n] long, each row's token indices
+    tokens: torch.Tensor               # [B, n] long, each chunk left-padded to the longest
+    positions: torch.Tensor            # [B, n] long, each row's token indices (padding: any valid one)
     block_table: torch.Tensor          # [B, max_blocks] int32
-    slot_mapping: torch.Tensor         # [B * n] int64, cache slot of every new token
+    slot_mapping: torch.Tensor         # [B * n] int64, cache slot of every new token (-1: padding)
     seq_lens: torch.Tensor             # [B] int32, keys per row including the new tokens
     sampled_rows: list[int]            # rows whose last-position logits are wanted
+    sampled_chunks: list[int]          # their indices in the step's chunks
 
 
 def group_chunks(chunks: list[ChunkInput], block_size: int, device: torch.device) -> list[ChunkGroup]:
-    """Consecutive chunks of equal length share a group; the groups keep the chunks' order."""
-    groups, i = [], 0
-    while i < len(chunks):
-        n, j = len(chunks[i].tokens), i
-        while j < len(chunks) and len(chunks[j].tokens) == n:
-            j += 1
-        run = chunks[i:j]
+    """At most two forwards per step: the single-token chunks (decodes) as one [B, 1] batch and the
+    longer ones (prefill chunks) left-padded into one [B, n] batch. Padding is token 0 at slot -1:
+    never stored, and the paged kernel's end-aligned causal mask keeps the real tokens exact (a
+    padding query's output is not used)."""
+    groups = []
+    for rows in ([i for i, c in enumerate(chunks) if len(c.tokens) == 1],
+                 [i for i, c in enumerate(chunks) if len(c.tokens) > 1]):
+        if not rows:
+            continue
+        run = [chunks[i] for i in rows]
+        n = max(len(c.tokens) for c in run)
         width = max(len(c.block_table) for c in run)
         table = torch.tensor([c.block_table + [0] * (width - len(c.block_table)) for c in run],
                              dtype=torch.int32, device=device)
         starts = torch.tensor([c.start for c in run], dtype=torch.long, device=device)
-        positions = starts[:, None] + torch.arange(n, device=device)                  # [B, n]
+        lengths = torch.tensor([len(c.tokens) for c in run], dtype=torch.long, device=device)
+        index = starts[:, None] + torch.arange(n, device=device) - (n - lengths)[:, None]  # [B, n] token index
+        positions = index.clamp(min=0)
         block = table.long().gather(1, positions // block_size)
-        groups.append(ChunkGroup(torch.tensor([c.tokens for c in run], dtype=torch.long, device=device),
-                                 positions, table, (block * block_size + positions % block_size).flatten(),
-                                 (starts + n).to(torch.int32), [r for r, c in enumerate(run) if c.samples]))
-        i = j
+        slots = torch.where(index >= starts[:, None], block * block_size + positions % block_size, -1)
+        sampled = [r for r, c in enumerate(run) if c.samples]
+        groups.append(ChunkGroup(torch.tensor([[0] * (n - len(c.tokens)) + c.tokens for c in run], dtype=torch.long,
+                                              device=device),
+                                 positions, table, slots.flatten(), (starts + lengths).to(torch.int32), sampled,
+                                 [rows[r] for r in sampled]))
     return groups
 
 
@@ -201,11 +209,14 @@ class PagedDecoder(ServedModel):
 
     def step(self, caches: list[PagedKVCache], chunks: list[ChunkInput]) -> torch.Tensor:
         """One generation step over many sequences -> logits [N, V] of the sampling chunks, in
-        order: one paged forward per group of equal-length chunks, lm_head on sampled rows only."""
-        logits = []
+        their order: one paged forward for the decodes and one for the prefill chunks
+        (group_chunks), lm_head on the sampled rows only."""
+        logits, order = [], []
         with tensor_cores(self.tensor_cores, self.device):
             for g in group_chunks(chunks, caches[0].k.shape[1], self.device):
                 ctx = PagedCache(caches, CacheStep(g.block_table, g.slot_mapping, g.seq_lens))
                 h = self.module.hidden(g.tokens, g.positions, ctx)                         # [B, n, C]
                 logits.append(self.module.logits(h[g.sampled_rows, -1]))
-        return torch.cat(logits)
+                order += g.sampled_chunks
+        out = torch.cat(logits)
+        return out if order == sorted(order) else out[torch.tensor(order).argsort()]

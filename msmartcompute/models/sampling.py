@@ -133,17 +133,30 @@ def _draw(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, 
           u: torch.Tensor) -> torch.Tensor:
     """logits [R, V], per-row temperature (> 0) / top_p / top_k (0: off) [R] and uniform draws
     u [R, 1] -> token ids [R]: u maps through the cumulative distribution of the kept tokens
-    (the top_k most likely, then the smallest prefix of them whose mass reaches top_p)."""
+    (the top_k most likely, then the smallest prefix of them whose mass reaches top_p). A row
+    that keeps every token (top_p 1, top_k 0) takes the distribution in vocabulary order: no sort."""
     probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)    # [R, V]
+    plain = (top_p >= 1) & (top_k == 0)
+    if bool(plain.all()):
+        return _pick(probs.cumsum(dim=-1), u)
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    if bool(plain.any()):
+        out[plain] = _pick(probs[plain].cumsum(dim=-1), u[plain])
+    cut = ~plain
+    sorted_probs, order = probs[cut].sort(dim=-1, descending=True)  # [R', V]
     before = sorted_probs.cumsum(dim=-1) - sorted_probs           # mass of the tokens ahead
-    kept = torch.where(before < top_p[:, None], sorted_probs, torch.zeros_like(sorted_probs))
+    kept = torch.where(before < top_p[cut, None], sorted_probs, torch.zeros_like(sorted_probs))
     rank = torch.arange(logits.shape[-1], device=logits.device)
-    kept = torch.where((top_k[:, None] > 0) & (rank[None, :] >= top_k[:, None]), torch.zeros_like(kept), kept)
+    k = top_k[cut, None]
+    kept = torch.where((k > 0) & (rank[None, :] >= k), torch.zeros_like(kept), kept)
     kept[:, 0] = sorted_probs[:, 0]                               # the top token always stays
-    cdf = kept.cumsum(dim=-1)                                     # [R, V]
-    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=logits.shape[-1] - 1)  # [R, 1]
-    return order.gather(-1, pick).squeeze(-1)
+    out[cut] = order.gather(-1, _pick(kept.cumsum(dim=-1), u[cut])[:, None]).squeeze(-1)
+    return out
+
+
+def _pick(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """cdf [R, V] (unnormalised), u [R, 1] in [0, 1) -> the index [R] where u * total falls."""
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float,

@@ -161,7 +161,7 @@ def measure(impls: dict[str, Impl], device: torch.device, warmup: int, min_reps:
     """Times each callable side by side: `warmup` untimed calls each, then rounds of one timed
     call per callable, in a rotating order, until `min_reps` rounds and `min_time_s` have passed
     (at most `max_reps`), or, from round `clear_after` on, until one callable's fastest call is
-    under half of every other's. Returns the samples in seconds, each callable's last result, and
+    under a third of every other's. Returns the samples in seconds, each callable's last result, and
     the error of any callable that raised (it takes no further part)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     results: dict[str, Any] = {}
@@ -186,7 +186,7 @@ def measure(impls: dict[str, Impl], device: torch.device, warmup: int, min_reps:
         rounds += 1
         if clear_after is not None and rounds >= clear_after and len(order) > 1:
             fastest, second = sorted(typical(s) for s in samples.values())[:2]
-            if 2 * fastest <= second:
+            if 3 * fastest <= second:
                 break
     return samples, results, errors
 
@@ -217,9 +217,10 @@ class _Choices:
     # TIE_MARGIN of the fastest are a tie (a 2-core box shared with builds swings more than
     # that): the one whose samples spread least (interquartile range over median) wins, as the
     # steadier kernel is the better bet for the rest of the process.
-    # A candidate twice as fast as every other after CLEAR_AFTER rounds ends the measuring early:
-    # the first call of a bucket runs inside a served request.
-    WARMUP, MIN_REPS, MAX_REPS, MIN_TIME_S, TIE_MARGIN, CLEAR_AFTER = 2, 9, 41, 0.1, 0.05, 3
+    # A candidate three times as fast as every other after CLEAR_AFTER rounds ends the measuring
+    # early (the first call of a bucket runs inside a served request); not sooner, as a stalled
+    # two-thread call looks 4x slower than it is.
+    WARMUP, MIN_REPS, MAX_REPS, MIN_TIME_S, TIE_MARGIN, CLEAR_AFTER = 2, 9, 41, 0.2, 0.05, 5
 
     def __init__(self):
         self.lock = threading.Lock()
