@@ -1,7 +1,6 @@
 """Shared pieces of the reliability tests: user TorchScript programs saved under a model root,
 a tiny HTTP client for live servers, and the server process's resident memory."""
 import json
-import os
 import urllib.error
 import urllib.request
 import warnings

@@ -5,7 +5,6 @@ to $MSC_TEST_OUTPUT (CI) or the test's tmp_path."""
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 

@@ -7,7 +7,6 @@ from safetensors.torch import save_file
 
 from msmartcompute.models import build_model
 from msmartcompute.models.layers import QuantizedLinear
-from msmartcompute import ops
 from msmartcompute.models.attention_context import NoCache
 from msmartcompute.models.sampling import sample
 

@@ -8,7 +8,7 @@ import pytest
 
 from msmartcompute.runtime.caller import Caller
 from msmartcompute.runtime.engine import Runtime, RuntimeConfig
-from msmartcompute.runtime.errors import Forbidden, InvalidInputData, InvalidModelId, NotFound
+from msmartcompute.runtime.errors import InvalidInputData, InvalidModelId, NotFound
 
 ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 ALICE, BOB, ADMIN = Caller("alice", "user"), Caller("bob", "user"), Caller("root", "admin")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue as queue_module
 import threading
 import time
 from dataclasses import dataclass, field
