@@ -204,8 +204,10 @@ class JobRunner:
 
     # ---- workers ------------------------------------------------------------------------------
     def _claim(self, kind: str) -> dict | None:
+        # the worker reads the clock before a concurrent submit may insert the row it then claims:
+        # MAX keeps started_at from preceding created_at
         row = self.store.connect().execute(
-            "UPDATE jobs SET status = 'running', started_at = ? WHERE id = (SELECT id FROM jobs "
+            "UPDATE jobs SET status = 'running', started_at = MAX(?, created_at) WHERE id = (SELECT id FROM jobs "
             "WHERE status = 'queued' AND kind = ? ORDER BY rowid LIMIT 1) RETURNING *",
             (clock.now(), kind)).fetchone()
         return None if row is None else _row(row)
