@@ -35,6 +35,21 @@ class Slow(torch.nn.Module):
         return x * 2 + (y[0, 0] - 1.0)
 
 
+def slow_units_for(seconds: float) -> int:
+    """How many Slow units take at least `seconds` on this machine now: a unit is ~2 ms on a quiet
+    core and ~10 ms on a loaded one, so a fixed count holds a request in flight for too short a
+    time on a quiet machine. Measured here with this process's threads, which the server's
+    engine does not exceed, so the server takes at least as long."""
+    import time
+    w, y = torch.eye(512) * 0.5, torch.ones(512, 512)
+    y = (y @ w) * 2.0  # warm-up
+    start, units = time.perf_counter(), 20
+    for _ in range(units):
+        y = (y @ w) * 2.0
+    per_unit = (time.perf_counter() - start) / units
+    return max(1, int(seconds / per_unit) + 1)
+
+
 def save_program(module: torch.nn.Module, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():

@@ -16,7 +16,7 @@ from live_server import LiveServer
 from msmartcompute.runtime.jobs import JobRunner
 from msmartcompute.runtime.keys import KeyStore
 from msmartcompute.runtime.store import Store
-from reliability_helpers import Slow, http, program_spec, quiet_env, save_program
+from reliability_helpers import Slow, http, program_spec, quiet_env, save_program, slow_units_for
 
 
 def _job_states(state_dir) -> dict[str, int]:
@@ -128,9 +128,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tmp_path):
     try:
         assert http(url, "POST", "/api/v1/models", program_spec("slow", path, max_batch_size=1))[0] == 200
         results = {}
+        units = slow_units_for(0.6)
 
         def call(i):
-            x = [[60.0 + i, float(i)]]  # ~0.6 s each, served one after another
+            x = [[float(units + i), float(i)]]  # >= 0.6 s each, served one after another
             results[i] = (x, *http(url, "POST", "/api/v1/inference", {"model_id": "slow", "input_data": x}))
 
         threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
