@@ -64,8 +64,9 @@ def test_sigkill_with_jobs_in_flight_loses_nothing(tmp_path, kill):
                              {"user_id": "alice", "memory_size": 1 << 20, "compute_units": 1, "duration": 3600}, alice)
         assert status == 200
         inputs = {}
+        units = slow_units_for(0.2)
         for i in range(16):
-            x = [[20.0 + i, float(i), -0.5]]  # ~0.2-0.35 s each, one at a time
+            x = [[float(units + i), float(i), -0.5]]  # >= 0.2 s each, one at a time
             status, body = http(url, "POST", "/api/v1/inference/async", {"model_id": "slow", "input_data": x}, alice)
             assert status == 200 and body["status"] == "queued"
             inputs[body["request_id"]] = x
