@@ -62,3 +62,14 @@ def live_server(tmp_path):
     server = LiveServer(tmp_path / "state")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def rt(tmp_path):
+    """A started Runtime whose state dir is tmp_path (a module may define its own rt)."""
+    from msmartcompute.runtime.engine import Runtime, RuntimeConfig
+
+    runtime = Runtime(RuntimeConfig(state_dir=tmp_path))
+    runtime.start()
+    yield runtime
+    runtime.close()

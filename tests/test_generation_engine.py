@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from msmartcompute.runtime.engine import Runtime, RuntimeConfig
+from generation_helpers import concurrently
 from msmartcompute.runtime.errors import InsufficientMemory, InvalidInputData, RequestTimeout
 
 VOCAB = 97
@@ -21,38 +21,12 @@ def lm_spec(model_id="lm", **kw):
             "parameters": dict(PARAMS), **kw}
 
 
-@pytest.fixture
-def rt(tmp_path):
-    runtime = Runtime(RuntimeConfig(state_dir=tmp_path))
-    runtime.start()
-    yield runtime
-    runtime.close()
-
-
 def prompt(seed: int, length: int, rows: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, (rows, length))
 
 
 def request(data, model_id="lm", **options):
     return {"model_id": model_id, "input_data": data, "options": {"temperature": 0, **options}}
-
-
-def concurrently(rt, requests):
-    out, barrier = [None] * len(requests), threading.Barrier(len(requests))
-
-    def call(i):
-        barrier.wait()
-        try:
-            out[i] = rt.inference.infer(requests[i])
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            out[i] = exc
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
 
 
 def ids(response: dict) -> list:

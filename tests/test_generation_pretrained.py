@@ -13,19 +13,11 @@ import pytest
 import torch
 
 from hf_fixtures import hf_model, save
-from msmartcompute.runtime.engine import Runtime, RuntimeConfig
+from generation_helpers import concurrently
 
 pytest.importorskip("transformers")
 
 FAMILIES = ["llama", "gpt2", "mistral", "qwen2"]
-
-
-@pytest.fixture
-def rt(tmp_path):
-    runtime = Runtime(RuntimeConfig(state_dir=tmp_path))
-    runtime.start()
-    yield runtime
-    runtime.close()
 
 
 def checkpoint(rt, tmp_path, family="llama", model_id="lm", seed=3, tokenizer="bpe", **spec):
@@ -47,21 +39,6 @@ def hf_greedy(ref, prompt: list[int], max_tokens: int, eos: int | None) -> list[
         out = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
                            eos_token_id=eos, pad_token_id=0)[0, len(prompt):].tolist()
     return out[:out.index(eos)] if eos is not None and eos in out else out
-
-
-def concurrently(rt, requests):
-    out, barrier = [None] * len(requests), threading.Barrier(len(requests))
-
-    def call(i):
-        barrier.wait()
-        out[i] = rt.inference.infer(requests[i])
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
 
 
 def generation(rt, model_id="lm") -> dict:
