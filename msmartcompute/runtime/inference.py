@@ -122,19 +122,13 @@ class Inference:
         queue to pass to executor.run_inline(queue, pending) (else None): the caller runs the
         batch itself, with whatever it queued meanwhile."""
         t0 = time.perf_counter()
-        rid = ids.request_id()
-        try:
-            executor, pending, claimed = self._enqueue(request, rid, may_run_inline=inline_max_s is not None,
-                                                       no_wait=True, inline_max_s=inline_max_s)
-        except MSCError as exc:
-            self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
-            raise
+        executor, pending, claimed = self._admit(request, ids.request_id(), t0, may_run_inline=inline_max_s is not None,
+                                                 no_wait=True, inline_max_s=inline_max_s)
         model_id = request["model_id"]
 
         def finished(future) -> None:
             try:
                 res = future.result()
-                self._spend(res, None)
             except MSCError as exc:
                 reply(None, self._failed(exc, t0, model_id))
                 return
@@ -163,12 +157,7 @@ class Inference:
         Closing the iterator early (the client went away) cancels the request: it leaves
         the batch at the next step and its KV blocks are freed."""
         t0 = time.perf_counter()
-        rid = ids.request_id()
-        try:
-            executor, pending, _ = self._enqueue(request, rid, stream=True)
-        except MSCError as exc:
-            self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
-            raise
+        executor, pending, _ = self._admit(request, ids.request_id(), t0, stream=True)
         return self._stream_events(executor, pending, t0, request["model_id"])
 
     def _stream_events(self, executor: GenerationWorker, pending: Pending, t0: float,
@@ -278,11 +267,7 @@ class Inference:
 
     def _infer(self, request: dict, request_id: str) -> dict:
         t0 = time.perf_counter()
-        try:
-            executor, pending, claimed = self._enqueue(request, request_id, may_run_inline=True)
-        except MSCError as exc:
-            self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
-            raise
+        executor, pending, claimed = self._admit(request, request_id, t0, may_run_inline=True)
         if claimed is not None:  # the executor was idle: run it on this thread (see batching.py)
             executor.run_inline(claimed, pending)
         return self._finish(executor, pending, t0, request["model_id"])
@@ -291,6 +276,14 @@ class Inference:
         """The model label of a metric: a loaded model's id, else "-" (label values stay few)."""
         model_id = request.get("model_id")
         return model_id if isinstance(model_id, str) and model_id in self.registry.models else "-"
+
+    def _admit(self, request: dict, request_id: str, t0: float, **enqueue) -> tuple[Executor, Pending, object]:
+        """_enqueue, counting a refused request in the metrics."""
+        try:
+            return self._enqueue(request, request_id, **enqueue)
+        except MSCError as exc:
+            self.meter.record_inference(False, time.perf_counter() - t0, model=self._label(request), code=exc.code)
+            raise
 
     def _enqueue(self, request: dict, request_id: str, may_run_inline: bool = False, stream: bool = False,
                  no_wait: bool = False, budget: OutputBudget | None = None,
