@@ -6,7 +6,7 @@ GPU but no server stack:
 - every test case that runs on CUDA carries the `gpu` mark: the ones marked by hand and
   every case parametrized with device="cuda", so `-m gpu` selects all of them;
 - a test module that imports a package of the server stack (falcon, waitress, orjson,
-  msgspec, pyzmq: SERVER_STACK), directly or through a helper, is skipped where that
+  msgspec, greenlet: SERVER_STACK), directly or through a helper, is skipped where that
   package is not installed, instead of breaking collection.
 """
 import os
@@ -21,7 +21,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Top-level modules the GPU machine lacks (.ci/rehearse_gpu_run.sh removes these too).
-SERVER_STACK = ("falcon", "waitress", "orjson", "msgspec", "zmq")
+SERVER_STACK = ("falcon", "waitress", "orjson", "msgspec", "greenlet")
 
 
 def runs_on_cuda(item) -> bool:

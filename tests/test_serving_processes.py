@@ -10,7 +10,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-import zmq
 
 from api_helpers import MLP_SPEC
 from live_server import LiveServer
@@ -64,7 +63,7 @@ class _Streams:
 
 @pytest.fixture
 def engine(tmp_path):
-    address = f"ipc://{tmp_path}/e.sock"
+    address = str(tmp_path / "e.sock")
     runtime = _Streams()
     server = EngineServer(runtime, address)
     stopping = threading.Event()
@@ -229,7 +228,7 @@ def test_an_inference_queued_past_its_deadline_is_answered_by_the_io_thread(tmp_
 
     runtime = Runtime(RuntimeConfig(state_dir=str(tmp_path / "state")))
     runtime.start()
-    address = f"ipc://{tmp_path}/e.sock"
+    address = str(tmp_path / "e.sock")
     server = EngineServer(runtime, address)
     stopping = threading.Event()
     thread = threading.Thread(target=server.serve, args=(stopping,), daemon=True)

@@ -74,7 +74,8 @@ class WholeResponseTask(WSGITask):
 
 
 class GuardedChannel(HTTPChannel):
-    """An HTTPChannel whose request must finish arriving within the read deadlines."""
+    """An HTTPChannel whose request must finish arriving within the read deadlines, served on the
+    front's one thread (serving/loop.py)."""
 
     task_class = WholeResponseTask
     error_task_class = EnvelopeErrorTask
@@ -89,6 +90,15 @@ class GuardedChannel(HTTPChannel):
         if self.request is None:  # nothing partly read is left
             self.request_started = None
         return result
+
+    def _flush_outbufs_below_high_watermark(self):
+        # waitress waits on outbuf_lock for its loop thread to send; here the loop is this very
+        # thread, so the request sleeps instead while the loop turns and the client takes its bytes
+        high = self.adj.outbuf_high_watermark
+        while self.connected and self.total_outbufs_len > high:
+            self._flush_exception(self._flush_some, do_close=False)
+            if self.connected and self.total_outbufs_len > high:
+                self.server.task_dispatcher.sleep(0.005)
 
     def readable(self):
         # asked on every loop turn (at most 0.2 s apart), so a late request is dropped on time

@@ -1,14 +1,14 @@
 """A front process: `python -m msmartcompute.serving.front ...` (started by the supervisor).
 waitress + the Falcon app on the listening socket it inherits (shared by every front), over an
 EngineClient instead of a Runtime: HTTP, typed decoding, validation, auth and response encoding
-happen here, everything else in the engine. SIGTERM: stop accepting, finish what is in flight
-(at most DRAIN_TIMEOUT_S), exit 0."""
+happen here, everything else in the engine. One thread: waitress' loop, each request a greenlet
+on it (serving/loop.py). SIGTERM: stop accepting, finish what is in flight (at most
+DRAIN_TIMEOUT_S), exit 0."""
 from __future__ import annotations
 
 import logging
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from ..runtime.store import Store
 from .children import child_args, child_config, die_with_parent, settle_heap, stop_event
 from .connections import connection_settings, guard
 from .engine_client import EngineClient
+from .loop import Loop
 
 log = logging.getLogger("msmartcompute.front")
 
@@ -28,7 +29,7 @@ DRAIN_TIMEOUT_S = 30.0
 
 def waitress_settings(config) -> dict:
     """The one place the waitress settings of every front are decided."""
-    return {"threads": config.threads, "ident": "msmartcompute", "max_request_body_size": config.max_body_bytes,
+    return {"ident": "msmartcompute", "max_request_body_size": config.max_body_bytes,
             "clear_untrusted_proxy_headers": True,
             # flush each write at once: a streamed token must not wait for 18 kB of output
             # (waitress' default send_bytes) or for the request's end
@@ -43,39 +44,29 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(args.parent)
     config = child_config(args)
     stopping = stop_event()
-    engine = EngineClient(args.engine_address, Path(args.pid_file))
+    loop = Loop()
+    engine = EngineClient(args.engine_address, Path(args.pid_file), loop)
     store = Store(Path(config.state_dir) / "msmartcompute.sqlite3")
     rate_limit = RateLimitConfig(config.rate_limit_per_minute, config.rate_limit_burst, config.rate_limit_enabled)
     app = create_app(engine, ApiConfig(max_body_bytes=config.max_body_bytes, open_mode=args.open_mode,
                                        rate_limit=rate_limit, cors_origins=tuple(config.cors_origins)),
                      keys=KeyStore(store), limiter=RemoteRateLimiter(engine, rate_limit))
     listener = socket.socket(fileno=args.listen_fd)
-    server = waitress.create_server(app, sockets=[listener], **waitress_settings(config))
+    # the loop is the task dispatcher: waitress starts no task threads
+    server = waitress.create_server(app, sockets=[listener], _dispatcher=loop, **waitress_settings(config))
+    loop.attach(server)
     guard(server, config)
     settle_heap()
-    serve_until(server, stopping)
+    while not stopping.is_set():
+        loop.run_once(0.2)  # short turns: a signal is noticed within 0.2 s
     log.info("front stopping: no new connections; draining in-flight requests (at most %.0f s)", DRAIN_TIMEOUT_S)
-    if not drain(server, DRAIN_TIMEOUT_S):
+    if not drain(loop, DRAIN_TIMEOUT_S):
         log.warning("drain timed out after %.0f s: closing the remaining connections", DRAIN_TIMEOUT_S)
     store.close()
     return 0
 
 
-def _server_map(server) -> dict:
-    return server._map if hasattr(server, "_map") else server.map  # one socket / several (MultiSocketServer)
-
-
-def serve_until(server, stopping: threading.Event) -> None:
-    """waitress's own loop, in short turns so a signal is noticed within 0.2 s."""
-    from waitress import wasyncore
-
-    smap = _server_map(server)
-    use_poll = server.adj.asyncore_use_poll
-    while not stopping.is_set():
-        wasyncore.loop(timeout=0.2, map=smap, use_poll=use_poll, count=1)
-
-
-def drain(server, timeout_s: float) -> bool:
+def drain(loop: Loop, timeout_s: float) -> bool:
     """Close the listening sockets, keep the loop turning until no channel has a request being
     read, queued, served or written out (or timeout_s passes), then close everything.
     Returns whether every in-flight request finished."""
@@ -83,7 +74,7 @@ def drain(server, timeout_s: float) -> bool:
     from waitress.channel import HTTPChannel
     from waitress.server import BaseWSGIServer
 
-    smap = _server_map(server)
+    smap = loop.map
     for listener in [d for d in list(smap.values()) if isinstance(d, BaseWSGIServer)]:
         wasyncore.dispatcher.close(listener)  # refuse new connections; the trigger stays
 
@@ -93,11 +84,9 @@ def drain(server, timeout_s: float) -> bool:
 
     deadline = time.monotonic() + timeout_s
     while busy() and time.monotonic() < deadline:
-        wasyncore.loop(timeout=0.05, map=smap, use_poll=server.adj.asyncore_use_poll, count=1)
+        loop.run_once(0.05)
     drained = not busy()
-    dispatcher = getattr(server, "task_dispatcher", None)
-    if dispatcher is not None:
-        dispatcher.shutdown(cancel_pending=True, timeout=5)
+    loop.shutdown()
     wasyncore.close_all(smap)
     return drained
 

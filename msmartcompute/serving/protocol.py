@@ -1,6 +1,8 @@
-"""The messages between front processes and the engine process (ZeroMQ multipart, msgspec).
+"""The messages between front processes and the engine process (msgspec headers and raw
+buffers, framed on a Unix stream socket).
 
-front (DEALER, one per front thread)          engine (ROUTER)
+front (one connection per front process,      engine (one I/O thread reads every connection)
+       or per thread of a plain client)
   [header: Call, *buffers]             ->   (rate_key set: spend one token of that caller first)
                                        <-   [header: Reply, *buffers]   (one, or a stream of them;
                                                 the first carries the rate-limit decision)
@@ -11,9 +13,15 @@ a raw buffer in its own frame (zero-copy on both ends); the header holds an Ext 
 the frame's index, dtype and shape. A Caller travels as an Ext too. A unary call gets one Reply
 with `last` set; a streaming one (the operation returned an iterator) gets Replies with `last`
 false and then a final one with `last` set; an error is a Reply with `error` set and `last` set.
+
+On the socket a message is [u32 length of the rest][u32 frame count][u32 length of each frame]
+[frames...]: written with one sendmsg (the buffers are not joined first) and cut back into
+frames by MessageReader.
 """
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 from typing import Any
 
@@ -104,3 +112,76 @@ def _decode(decoder, frames):
         return decoder.decode(frames[0])
     finally:
         _local.frames = None
+
+
+# ---- framing on a stream socket ------------------------------------------------------------------
+_HEAD = struct.Struct("<II")  # length of the rest of the message, number of frames
+
+
+def pack(frames: list) -> list:
+    """The buffers of one message on the wire: its head, then the frames themselves."""
+    views = [memoryview(f.reshape(-1).view(np.uint8)) if isinstance(f, np.ndarray) else memoryview(f)
+             for f in frames]  # bytes of any array, empty and 0-d ones too
+    lengths = [v.nbytes for v in views]
+    rest = 4 * len(views) + sum(lengths)
+    if rest >= 1 << 32:
+        raise ValueError("a message to or from the engine must be under 4 GiB")
+    return [_HEAD.pack(rest, len(views)) + struct.pack(f"<{len(views)}I", *lengths), *views]
+
+
+def send_buffers(sock: socket.socket, buffers: list) -> list:
+    """Send as much of `buffers` as the socket takes now (all of it, on a blocking socket);
+    returns what is left (empty when all went)."""
+    while buffers:
+        try:
+            sent = sock.sendmsg(buffers[:512])  # under IOV_MAX
+        except (BlockingIOError, InterruptedError):
+            return buffers
+        while sent:
+            first = len(buffers[0]) if isinstance(buffers[0], bytes) else buffers[0].nbytes
+            if sent >= first:
+                sent -= first
+                buffers = buffers[1:]
+            else:
+                buffers = [memoryview(buffers[0])[sent:], *buffers[1:]]
+                sent = 0
+    return buffers
+
+
+class MessageReader:
+    """Bytes read from a stream socket in, whole messages (lists of frames) out. A frame is a
+    view into memory no one else reads or writes, so arrays decoded from it stay valid."""
+
+    def __init__(self):
+        self._pending = bytearray()
+        self._need = _HEAD.size  # bytes _pending must hold before a message can be cut from it
+
+    def feed(self, data: bytes) -> list[list[memoryview]]:
+        if self._pending:
+            self._pending += data
+            if len(self._pending) < self._need:  # a large message still arriving: no copy per read
+                return []
+            data, self._pending = bytes(self._pending), bytearray()
+        view, pos, messages = memoryview(data), 0, []
+        while len(view) - pos >= _HEAD.size:
+            rest, count = _HEAD.unpack_from(view, pos)
+            end = pos + _HEAD.size + rest
+            if end > len(view):
+                self._pending += view[pos:]
+                self._need = end - pos
+                return messages
+            lengths = struct.unpack_from(f"<{count}I", view, pos + _HEAD.size)
+            at = pos + _HEAD.size + 4 * count
+            body = view
+            if count > 1:  # arrays: their own writable copy (torch.from_numpy wants one), reused by no one
+                body, at = memoryview(bytearray(view[at:end])), 0
+            frames = []
+            for length in lengths:
+                frames.append(body[at:at + length])
+                at += length
+            messages.append(frames)
+            pos = end
+        if pos < len(view):
+            self._pending += view[pos:]
+        self._need = _HEAD.size
+        return messages

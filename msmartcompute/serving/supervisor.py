@@ -41,10 +41,10 @@ class Supervisor:
         self.config = config
         self.workers = workers
         self.listener = socket.create_server((config.host, config.port), backlog=2048)
-        self.run_dir = Path(tempfile.mkdtemp(prefix="msc-"))  # short: ipc:// paths are limited to ~107 bytes
+        self.run_dir = Path(tempfile.mkdtemp(prefix="msc-"))  # short: a Unix socket path is limited to ~107 bytes
         self.pid_file = Path(config.state_dir) / "engine.pid"
         self.listener.set_inheritable(True)
-        self.child_argv = [*child_argv, "--engine-address", f"ipc://{self.run_dir}/engine.sock",
+        self.child_argv = [*child_argv, "--engine-address", str(self.run_dir / "engine.sock"),
                            "--pid-file", str(self.pid_file), "--parent", str(os.getpid())]
         if open_mode:
             self.child_argv.append("--open-mode")
