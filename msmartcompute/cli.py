@@ -50,7 +50,7 @@ def serve(args: argparse.Namespace) -> int:
     from .runtime.store import STORE_FILENAME, Store, StoreDamaged
     from .serving.supervisor import Supervisor, default_workers
 
-    config = _config(args, {"host": args.host, "port": args.port, "threads": args.threads,
+    config = _config(args, {"host": args.host, "port": args.port,
                             "require_keys": args.require_keys})
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -87,8 +87,8 @@ def serve(args: argparse.Namespace) -> int:
     if workers < 1:
         raise CliError("--workers must be at least 1")
     child_argv = [arg for name, value in (("--config", args.config), ("--host", config.host),
-                                          ("--port", config.port), ("--state-dir", config.state_dir),
-                                          ("--threads", config.threads)) if value is not None
+                                          ("--port", config.port), ("--state-dir", config.state_dir))
+                  if value is not None
                   for arg in (name, str(value))]
     try:
         supervisor = Supervisor(config, child_argv, workers, open_mode)
@@ -235,8 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start the REST server", parents=[state])
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8080)")
-    p.add_argument("--threads", type=int,
-                   help="waitress worker threads (default 32: a batch holds at most this many requests)")
     p.add_argument("--workers", type=int,
                    help="front processes (HTTP), sharing one socket (default: one per core, at least 2)")
     p.add_argument("--require-keys", action="store_true", default=None,

@@ -1,6 +1,6 @@
 """Server configuration: defaults < config file (JSON or TOML) < MSC_* env < flags.
 
-File sections: [server] (host, port, state_dir, threads, log_level, max_body_bytes, cors_origins,
+File sections: [server] (host, port, state_dir, log_level, max_body_bytes, cors_origins,
 and the connection limits below),
 [security] (api_keys = [{key, user_id, role}], require_keys, rate_limit_per_minute,
 rate_limit_burst, rate_limit_enabled), [inference] and [virtualization] (fields of
@@ -20,7 +20,6 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     state_dir: Path = Path("var")
-    threads: int = 32      # >= the concurrency batching should serve: a queued request holds its thread
     log_level: str = "INFO"
     max_body_bytes: int = 64 * 1024 * 1024
     cors_origins: list = field(default_factory=list)  # browser origins allowed cross-origin ("*": any)
@@ -40,17 +39,17 @@ class ServerConfig:
 
 
 _CONNECTION_KEYS = ("connection_limit", "idle_timeout_s", "header_timeout_s", "body_timeout_s", "max_header_bytes")
-_SERVER_KEYS = ("host", "port", "state_dir", "threads", "log_level", "max_body_bytes", "cors_origins",
+_SERVER_KEYS = ("host", "port", "state_dir", "log_level", "max_body_bytes", "cors_origins",
                 *_CONNECTION_KEYS)
 _SECURITY_KEYS = ("rate_limit_per_minute", "rate_limit_burst", "rate_limit_enabled", "require_keys")
 _ENV = {
-    "host": "MSC_HOST", "port": "MSC_PORT", "state_dir": "MSC_STATE_DIR", "threads": "MSC_THREADS",
+    "host": "MSC_HOST", "port": "MSC_PORT", "state_dir": "MSC_STATE_DIR",
     "log_level": "MSC_LOG_LEVEL", "max_body_bytes": "MSC_MAX_BODY_BYTES",
     "rate_limit_per_minute": "MSC_RATE_LIMIT_PER_MINUTE", "rate_limit_burst": "MSC_RATE_LIMIT_BURST",
     "rate_limit_enabled": "MSC_RATE_LIMIT_ENABLED", "cors_origins": "MSC_CORS_ORIGINS",
     "require_keys": "MSC_REQUIRE_KEYS",
 }
-_INT_KEYS = {"port", "threads", "max_body_bytes", "rate_limit_per_minute", "rate_limit_burst", "connection_limit",
+_INT_KEYS = {"port", "max_body_bytes", "rate_limit_per_minute", "rate_limit_burst", "connection_limit",
              "max_header_bytes"}
 _POSITIVE_FLOAT_KEYS = {"idle_timeout_s", "header_timeout_s", "body_timeout_s"}
 

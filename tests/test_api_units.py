@@ -133,10 +133,10 @@ def test_openapi_document_is_valid_openapi3():
 
 def test_config_precedence(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('[server]\nport = 9000\nthreads = 2\n[security]\nrate_limit_per_minute = 50\n'
+    path.write_text('[server]\nport = 9000\nlog_level = "DEBUG"\n[security]\nrate_limit_per_minute = 50\n'
                     '[inference]\nmax_queue_delay_ms = 3\n[[models]]\nmodel_id = "m"\nmodel_type = "mlp"\n')
-    config = load_config(path, {"threads": 4}, environ={"MSC_PORT": "9100"})
-    assert (config.port, config.threads, config.rate_limit_per_minute) == (9100, 4, 50)
+    config = load_config(path, {"log_level": "WARNING"}, environ={"MSC_PORT": "9100"})
+    assert (config.port, config.log_level, config.rate_limit_per_minute) == (9100, "WARNING", 50)
     assert config.runtime == {"max_queue_delay_ms": 3} and config.models[0]["model_id"] == "m"
     path.write_text('[nonsense]\nx = 1\n')
     with pytest.raises(ValueError, match="unknown section"):

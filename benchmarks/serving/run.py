@@ -58,8 +58,7 @@ def start_case(case: str, work: Path, args, servers: Servers) -> tuple[dict, str
         tgts[pair[1].name] = pair[1]
 
     if case == "overhead":
-        add(targets.ours("ours", {**spec, "max_batch_size": 32}, work / "ours", {**roots, **args.runtime},
-                         args.threads))
+        add(targets.ours("ours", {**spec, "max_batch_size": 32}, work / "ours", {**roots, **args.runtime}))
         add(targets.bare("bare", name, weights, work / "bare", args.bare_threads))
         if "torchserve" in args.skip:
             progress("torchserve: skipped (--skip torchserve)")
@@ -110,7 +109,6 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=3000, help="request budget per measurement")
     p.add_argument("--seconds", type=float, default=5.0, help="time limit per measurement")
     p.add_argument("--rounds", type=int, default=3, help="repeat every measurement; goals take the median")
-    p.add_argument("--threads", type=int, default=None, help="waitress threads of our server (default: its own)")
     p.add_argument("--bare-threads", type=int, default=8)
     p.add_argument("--runtime", type=json.loads, default={}, help="extra [inference] settings for 'ours' (JSON)")
     p.add_argument("--skip", default="", help="comma list of targets to skip (torchserve)")

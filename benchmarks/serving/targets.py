@@ -115,13 +115,13 @@ class Process:
         self._log.close()
 
 
-def ours(name: str, spec: dict, state_dir: Path, runtime: dict, threads: int | None = None,
+def ours(name: str, spec: dict, state_dir: Path, runtime: dict,
          extra_args: tuple = (), repo: Path = REPO) -> tuple[Process, Target]:
     """`msmartcompute serve` with auth and rate limiting on (one admin key with a high limit),
     logging at WARNING, the model preloaded from the config file."""
     port = free_port()
     config = {
-        "server": {"log_level": "WARNING", **({"threads": threads} if threads else {})},
+        "server": {"log_level": "WARNING"},
         "security": {"api_keys": [{"key": BENCH_KEY, "user_id": "bench", "role": "admin"}],
                      "rate_limit_enabled": True, "rate_limit_per_minute": 100_000_000,
                      "rate_limit_burst": 10_000_000},

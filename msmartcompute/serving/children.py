@@ -31,7 +31,6 @@ def child_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--state-dir")
-    p.add_argument("--threads", type=int)
     p.add_argument("--engine-address", required=True)
     p.add_argument("--pid-file", required=True)
     p.add_argument("--parent", type=int, required=True)
@@ -41,8 +40,7 @@ def child_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def child_config(args: argparse.Namespace):
-    config = load_config(args.config, {"host": args.host, "port": args.port, "state_dir": args.state_dir,
-                                       "threads": args.threads})
+    config = load_config(args.config, {"host": args.host, "port": args.port, "state_dir": args.state_dir})
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return config
 
