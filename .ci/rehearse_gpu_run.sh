@@ -3,7 +3,7 @@
 # this CPU machine in an environment like the GPU machine's: a fresh venv (not ours, and no
 # system site-packages) whose site-packages link every package of .venv except the server
 # stack the GPU machine lacks (tests/conftest.py's SERVER_STACK: falcon, waitress, orjson,
-# msgspec, pyzmq) and our own editable install, so the package comes from PYTHONPATH as
+# msgspec, greenlet) and our own editable install, so the package comes from PYTHONPATH as
 # there. Those are then truly absent: import fails natively and find_spec says None, in
 # subprocesses too. Fails if a CUDA test case does not collect, if a module holding CUDA cases
 # is skipped there (it would silently run nothing on the GPU), or if a bench script cannot load.
@@ -22,7 +22,7 @@ for entry in "$SRC"/*; do
   name=$(basename "$entry")
   skip=0
   case "$name" in msmartcompute*|__editable__*) skip=1 ;; esac
-  for module in $STACK; do  # the module, its dist-info, and py<module> distributions (pyzmq)
+  for module in $STACK; do  # the module, its dist-info, and py<module> distributions
     case "$name" in "$module"|"$module"-*|"$module".*|py"$module"|py"$module"[-.]*) skip=1 ;; esac
   done
   [ $skip -eq 1 ] || ln -s "$entry" "$DST/"
