@@ -261,28 +261,28 @@ class _LoopConnection:
 
 
 class _EngineSocket(wasyncore.dispatcher):
-    """The engine's connection in the front's loop: replies read as they come, messages written
-    at once or, when the socket is full, as it drains."""
+    """The engine's connection in the front's loop: replies read as they come; the calls of one
+    loop turn written together at its end (one sendmsg, one wake-up of the engine, which then
+    reads them all and batches them), and what the socket could not take as it drains."""
 
     def __init__(self, owner: _LoopConnection, sock: socket.socket):
         super().__init__(sock, map=owner.loop.map)
+        self.connected = True  # waitress' dispatcher leaves it False for a socket it is given
         self.owner = owner
         self.reader = protocol.MessageReader()
         self.outbox: list = []
 
     def push(self, buffers: list) -> None:
-        if self.outbox:
-            self.outbox.extend(buffers)  # keep the order
-            return
-        try:
-            self.outbox = protocol.send_buffers(self.socket, buffers)
-        except OSError:
-            self.handle_close()
+        if not self.outbox:
+            self.owner.loop.at_turn_end(self.handle_write)
+        self.outbox.extend(buffers)
 
     def writable(self) -> bool:
         return bool(self.outbox)
 
     def handle_write(self) -> None:
+        if not self.outbox or not self.connected:
+            return
         try:
             self.outbox = protocol.send_buffers(self.socket, self.outbox)
         except OSError:

@@ -47,16 +47,35 @@ SEND_TIMEOUT_S = 10.0
 
 class FrontConnection:
     """One front's (or one client thread's) connection: read by the I/O thread only, written
-    by any thread, one whole message at a time."""
+    by any thread, one whole message at a time. The I/O thread's own replies (an inline batch,
+    refusals, timeouts) are held until the end of its turn and written together: one sendmsg
+    and one wake-up of the front for a whole batch instead of one per request."""
 
-    __slots__ = ("sock", "reader", "lock", "__weakref__")
+    __slots__ = ("sock", "reader", "lock", "io_thread", "held", "dirty", "__weakref__")
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, dirty: list):
         sock.settimeout(SEND_TIMEOUT_S)  # reads happen only once epoll says there are bytes
         self.sock, self.reader, self.lock = sock, protocol.MessageReader(), threading.Lock()
+        self.io_thread = threading.get_ident()  # made by the I/O thread
+        self.held: list = []  # buffers the I/O thread wrote this turn
+        self.dirty = dirty    # the connections holding some, flushed at the end of the turn
 
     def send(self, reply: protocol.Reply) -> None:
         buffers = protocol.pack(protocol.encode(reply))
+        if threading.get_ident() == self.io_thread:
+            if not self.held:
+                self.dirty.append(self)
+            self.held.extend(buffers)
+            return
+        self._write(buffers)
+
+    def flush(self) -> None:
+        buffers, self.held = self.held, []
+        self._write(buffers)
+
+    def _write(self, buffers: list) -> None:
+        if self.sock.fileno() < 0:
+            return  # the front went away meanwhile
         with self.lock:
             try:
                 protocol.send_buffers(self.sock, buffers)
@@ -85,6 +104,7 @@ class EngineServer:
         self.cancelled: set[tuple[FrontConnection, int]] = set()
         self._deadlines: list = []  # heap of (deadline, seq, _Answer) of inferences not yet answered
         self._claimed: list = []    # (executor, queue, pending) to run on this thread once the sockets are read
+        self._dirty: list[FrontConnection] = []  # connections holding this turn's replies
         self._seq = itertools.count()
 
     def serve(self, stopping: threading.Event) -> None:
@@ -96,6 +116,9 @@ class EngineServer:
                     self._read(key.data)
             self._run_claimed()
             self._expire()
+            dirty, self._dirty[:] = list(self._dirty), []
+            for front in dirty:
+                front.flush()
 
     def _accept(self) -> None:
         while True:
@@ -103,7 +126,7 @@ class EngineServer:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            self.selector.register(sock, selectors.EVENT_READ, FrontConnection(sock))
+            self.selector.register(sock, selectors.EVENT_READ, FrontConnection(sock, self._dirty))
 
     def _read(self, front: FrontConnection) -> None:
         try:

@@ -30,6 +30,7 @@ class Loop:
         self.use_poll = True
         self._ready: deque = deque()  # (greenlet, exception or None) to switch into, in order
         self._timers: list = []       # heap of (monotonic time, seq, greenlet)
+        self._turn_end: list = []     # callables to run once this turn's requests have run
         self._seq = itertools.count()
 
     def attach(self, server) -> None:
@@ -68,6 +69,11 @@ class Loop:
     def resume(self, request: greenlet.greenlet, exception: BaseException | None = None) -> None:
         self._ready.append((request, exception))
 
+    def at_turn_end(self, fn) -> None:
+        """Run fn once every request ready this turn has run (the engine socket writes what they
+        sent in one go)."""
+        self._turn_end.append(fn)
+
     def sleep(self, seconds: float) -> None:
         heapq.heappush(self._timers, (time.monotonic() + seconds, next(self._seq), greenlet.getcurrent()))
         self.wait()
@@ -95,6 +101,9 @@ class Loop:
                     request.throw(exception)
             except Exception:  # waitress' service() catches the app's; this is a bug of ours
                 log.exception("a request's greenlet failed")
+        turn_end, self._turn_end = self._turn_end, []
+        for fn in turn_end:
+            fn()
 
 
 def _no_wake() -> None:
