@@ -197,6 +197,66 @@ def test_a_dead_front_is_replaced_and_serving_goes_on(tmp_path):
     assert not _pids_alive(children)  # SIGTERM took the whole group down
 
 
+def test_a_front_serves_many_connections_at_once_on_its_one_thread(tmp_path):
+    """48 clients on one front: every request is a greenlet on the front's loop, parked while the
+    engine works, so the front runs on exactly one thread under load (waitress' own dispatcher
+    ran requests on its 32 task threads) and every answer is the right one. (numpy's BLAS would
+    add threads of its own per core: held to one here.)"""
+    server = LiveServer(tmp_path / "state", extra_args=["--workers", "1"],
+                        env={"MSC_RATE_LIMIT_BURST": "100000", "MSC_RATE_LIMIT_PER_MINUTE": "1000000",
+                             "OPENBLAS_NUM_THREADS": "1"})
+    try:
+        url = server.base_url
+        assert http(url, "POST", "/api/v1/models", MLP_SPEC)[0] == 200
+        rows = np.random.default_rng(0).standard_normal((48, 4)).round(3).tolist()
+        expected = [http(url, "POST", "/api/v1/inference", {"model_id": "mlp-small", "input_data": [r]})[1]
+                    ["output_data"] for r in rows]
+        front = [p for p in server.children() if p != server.engine_pid()][0]
+        answers, barrier, seen = {}, threading.Barrier(len(rows)), set()
+
+        def client(i):
+            barrier.wait()
+            answers[i] = [http(url, "POST", "/api/v1/inference", {"model_id": "mlp-small", "input_data": [rows[i]]})
+                          for _ in range(10)]
+
+        clients = [threading.Thread(target=client, args=(i,)) for i in range(len(rows))]
+        for t in clients:
+            t.start()
+        while any(t.is_alive() for t in clients):
+            seen.add(len(os.listdir(f"/proc/{front}/task")))
+            time.sleep(0.01)
+        assert seen == {1}, seen
+        for i, got in answers.items():
+            assert all(status == 200 for status, _ in got), got
+            assert all(np.allclose(body["output_data"], expected[i], rtol=1e-4, atol=1e-5) for _, body in got), \
+                (got[0][1], expected[i])
+        assert len(answers) == len(rows)
+    finally:
+        server.stop()
+
+
+def test_messages_survive_any_cut_of_the_byte_stream():
+    """A stream socket delivers bytes in any pieces: every message comes back whole, arrays
+    included (empty, 0-d, large), however the bytes of several messages are split."""
+    rng = np.random.default_rng(1)
+    replies = [protocol.Reply(i, {"a": rng.standard_normal((i % 7, 3)).astype(np.float32), "n": i,
+                                  "s": np.asarray(np.float64(i)), "text": "x" * i})
+               for i in range(40)]
+    replies.append(protocol.Reply(99, {"big": rng.standard_normal((700, 1000))}, last=False))
+    wire = b"".join(bytes(b) for r in replies for b in protocol.pack(protocol.encode(r)))
+    for trial in range(20):
+        reader, got, at = protocol.MessageReader(), [], 0
+        while at < len(wire):
+            step = int(rng.integers(1, 3 if trial == 0 else 300_000))
+            got += [protocol.decode_reply(m) for m in reader.feed(wire[at:at + step])]
+            at += step
+        assert [g.call_id for g in got] == [r.call_id for r in replies]
+        for g, r in zip(got, replies):
+            for k, v in r.value.items():
+                assert np.array_equal(g.value[k], v) if isinstance(v, np.ndarray) else g.value[k] == v
+        assert got[-1].value["big"].flags.writeable and not got[-1].last
+
+
 def test_fronts_do_not_import_torch():
     import subprocess
     import sys
