@@ -3,7 +3,8 @@ off vs on, measured side by side in one run on this machine. Writes one JSON res
 
     python -m benchmarks.serving.run --machine "2-core x86_64, no GPU" --out benchmarks/results/x.json
 
-Cases (each server is its own process group on a loopback port, all started before measuring;
+Cases (each server is its own process group on a loopback port, all started and then warmed
+with --warmup-seconds of load at the highest concurrency before measuring;
 for every round and concurrency the targets are measured one after the other, so a ratio is
 always taken between neighbouring measurements; the servers not under load are paused with
 SIGSTOP: benchmarks/harness.py):
@@ -109,6 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=3000, help="request budget per measurement")
     p.add_argument("--seconds", type=float, default=5.0, help="time limit per measurement")
     p.add_argument("--rounds", type=int, default=3, help="repeat every measurement; goals take the median")
+    p.add_argument("--warmup-seconds", type=float, default=15.0,
+                   help="load on every server before the first round (TorchServe's Java gets faster for ~30 s)")
     p.add_argument("--bare-threads", type=int, default=8)
     p.add_argument("--runtime", type=json.loads, default={}, help="extra [inference] settings for 'ours' (JSON)")
     p.add_argument("--skip", default="", help="comma list of targets to skip (torchserve)")
@@ -132,6 +135,11 @@ def main(argv=None) -> int:
                 inputs = rng.standard_normal((64, models.MODELS[name][0])).astype(np.float32)
                 with torch.inference_mode():
                     expected = module(torch.from_numpy(inputs)).numpy()
+                for t, target in tgts.items():  # every server at its steady state (TorchServe's JIT) first
+                    servers.only(t)
+                    progress(f"[{case}] warming {t}: {args.warmup_seconds:.0f} s at c={max(concs)}")
+                    run_load(target, inputs, expected, max(concs), 10 ** 9, args.warmup_seconds,
+                             atol=1e-3 * float(np.abs(expected).max()), rtol=1e-3)
                 total, step = args.rounds * len(concs) * len(tgts), 0
                 for rnd in range(args.rounds):
                     for c in concs:
