@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 DEPS_STAMP := $(VENV)/.deps-$(subst =,_,$(TORCH_SPEC))
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cpp kernels/*.cu kernels/*.cuh kernels/*.h) setup.py
 
-.PHONY: serve test build bench bench-serving cmake-test clean
+.PHONY: serve test build bench bench-serving cmake-test gpu-wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,19 @@ bench: build
 bench-serving: build
 	$(PY) -m benchmarks.serving.run --out benchmarks/results/serving-load-latest.json
 	$(PY) benchmarks/render_results.py
+
+# The server stack the GPU machine lacks (Python 3.12 there, no network), as wheels in .whl for
+# the device call to carry: benchmarks/gpu/run_all.sh installs them for bench_fronts.py. The
+# versions are this venv's.
+GPU_WHEELS := falcon waitress orjson msgspec greenlet
+gpu-wheels: $(DEPS_STAMP)
+	rm -rf .whl && mkdir -p .whl
+	for name in $(GPU_WHEELS); do \
+	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl "$$name==$$($(PY) -c "import importlib.metadata as m; print(m.version('$$name'))")" || exit 1; \
+	done
+	ls .whl
 
 cmake-test: $(DEPS_STAMP)
 	PY=$(abspath $(PY)) bash tests/cpp/run_cmake.sh

@@ -257,6 +257,26 @@ def test_messages_survive_any_cut_of_the_byte_stream():
         assert got[-1].value["big"].flags.writeable and not got[-1].last
 
 
+def test_the_gpu_fronts_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/gpu/bench_fronts.py, which a lent GPU machine runs (#16's 8-fronts check), at
+    toy sizes here: both servers answer every request of a multi-process load, and the report
+    holds each round and the speed-up."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "fronts.json"
+    result = subprocess.run([sys.executable, "benchmarks/gpu/bench_fronts.py", "--out", str(out), "--workers", "1,2",
+                             "--concurrency", "4", "--client-processes", "2", "--seconds", "0.5", "--rounds", "1",
+                             "--warmup-seconds", "0.3"], cwd=os.path.dirname(os.path.dirname(__file__)),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["errors"] == 0
+    assert [(r["workers"], r["round"]) for r in report["rows"]] == [(1, 0), (2, 0)]
+    assert all(r["requests"] > 0 and r["checked"] > 0 and r["wrong"] == 0 for r in report["rows"])
+    assert report["speedup_over_first"]["1"] == 1.0 and report["speedup_over_first"]["2"] > 0
+
+
 def test_fronts_do_not_import_torch():
     import subprocess
     import sys

@@ -5,9 +5,11 @@
 #   summary.txt   environment line, then each step's limit, exit status, time and last lines
 #   steps.log     the build's and every benchmark script's output, one header per step
 #   tests.log     pytest -v: one line per CUDA test case as it finishes
-#   tests.xml     JUnit XML of the same (written on SIGINT too: the step is stopped with INT)
-#   bench_<name>.json   every benchmarks/gpu/bench_*.py, each rewriting its JSON after every row
+#   bench_<name>.json   every benchmarks/gpu/bench_*.py (5), each rewriting its JSON after every row
 # The device tool brings back at most 8 files: keep it so.
+# bench_fronts needs the server stack, which the machine lacks: `make gpu-wheels` here and carry
+# `.whl`; it is installed into a folder of its own and put on that script's path only (with it on
+# pytest's path, modules needing test-only packages the machine lacks would be collected).
 #
 #   usage: OUT=/dir bash benchmarks/gpu/run_all.sh [build] [tests] [bench]   (default: all three)
 #          OUT=/dir bash benchmarks/gpu/run_all.sh --rehearse   (CI, no GPU: collect + import only)
@@ -105,7 +107,7 @@ if wanted tests; then
   XDIST=()
   "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n "$(( $(nproc) > 8 ? 8 : $(nproc) ))")
   limit=$(( $(left) - 100 )); [ $limit -gt 180 ] && limit=180
-  step tests "$limit" "$OUT/tests.log" "${PYTEST[@]}" -v -rfE "${XDIST[@]}" --junitxml="$OUT/tests.xml"
+  step tests "$limit" "$OUT/tests.log" "${PYTEST[@]}" -v -rfE "${XDIST[@]}"
 fi
 
 # ---- 3. every GPU benchmark script, the time left shared out (at least 30 s each); sizes cut
@@ -115,7 +117,15 @@ declare -A FIT=(
   [bench_gemm]="--m 1,16,256,4096 --reps 20 --warmup 5"
   [bench_paged_decode]="--contexts 1024 16384 --reps 10 --warmup 3"
   [bench_serving]="--batch 1,8 --reps 1 --new-tokens 32"
+  [bench_fronts]="--seconds 4 --rounds 2 --warmup-seconds 8"
 )
+SITE=/tmp/msc-server-stack
+if wanted bench && compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    && note "server stack installed from .whl: $(cd .whl && ls *.whl | cut -d- -f1-2 | tr '\n' ' ')" \
+    || note "WARNING: installing .whl failed: bench_fronts cannot run"
+fi
+declare -A SCRIPT_PATH=([bench_fronts]="$SITE:$PYTHONPATH")
 if wanted bench; then
   scripts=(benchmarks/gpu/bench_*.py)
   n=${#scripts[@]}
@@ -125,7 +135,8 @@ if wanted bench; then
     n=$(( n - 1 ))
     if [ "$(left)" -le 0 ]; then note "== $name skipped: out of time"; continue; fi
     # shellcheck disable=SC2086  # FIT holds words
-    step "$name" "$limit" "$STEPS_LOG" "$PY" "$script" --out "$OUT/$name.json" ${FIT[$name]:-}
+    step "$name" "$limit" "$STEPS_LOG" env PYTHONPATH="${SCRIPT_PATH[$name]:-$PYTHONPATH}" \
+      "$PY" "$script" --out "$OUT/$name.json" ${FIT[$name]:-}
   done
 fi
 

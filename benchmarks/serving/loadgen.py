@@ -2,7 +2,9 @@
 
 `concurrency` threads each keep one keep-alive connection and send requests back to back
 (closed loop) until `requests` have been sent or `time_limit_s` has passed, whichever comes
-first: it always stops by itself. A sample of responses is checked against the model's local
+first: it always stops by itself. With `processes` > 1 the threads are spread over that many
+forked processes, so one interpreter's GIL does not cap the load (a server with many fronts on
+many cores answers faster than one Python process can ask). A sample of responses is checked against the model's local
 output, so a target cannot look fast by answering wrongly (a wrong answer counts as an error).
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import itertools
+import multiprocessing
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,9 +58,49 @@ def _require_loopback(host: str) -> None:
 
 def run_load(target: Target, inputs: np.ndarray, expected: np.ndarray, concurrency: int,
              requests: int, time_limit_s: float, check_every: int = 10, warmup: int = 0,
-             rtol: float = 1e-4, atol: float = 1e-5) -> LoadResult:
+             rtol: float = 1e-4, atol: float = 1e-5, processes: int = 1) -> LoadResult:
     """inputs: [P, in] float32 request rows (request i sends row i % P); expected: [P, out]."""
     _require_loopback(target.host)
+    args = (target, inputs, expected, check_every, warmup, rtol, atol)
+    if processes <= 1:
+        parts = [_load(*args, concurrency, requests, time_limit_s)]
+    else:
+        parts = _forked(args, concurrency, requests, time_limit_s, processes)
+    latencies = [dt for part in parts for dt in part["latencies"]]
+    errors, elapsed = sum(p["errors"] for p in parts), max(p["elapsed"] for p in parts)
+    lat = np.sort(np.asarray(latencies)) * 1000 if latencies else np.asarray([float("nan")])
+    return LoadResult(target.name, concurrency, len(latencies) + errors, errors, sum(p["wrong"] for p in parts),
+                      sum(p["checked"] for p in parts), elapsed, len(latencies) / elapsed if elapsed > 0 else 0.0,
+                      float(np.percentile(lat, 50)), float(np.percentile(lat, 99)),
+                      next((p["first_error"] for p in parts if p["first_error"]), None))
+
+
+def _forked(args: tuple, concurrency: int, requests: int, time_limit_s: float, processes: int) -> list[dict]:
+    """_load in `processes` forked children, the connections and the request budget shared out."""
+    ctx = multiprocessing.get_context("fork")  # the child inherits target's encode/decode closures as is
+    shares = [n for n in (concurrency // processes + (i < concurrency % processes) for i in range(processes)) if n]
+    children, pipes = [], []
+    for share in shares:
+        receive, send = ctx.Pipe(duplex=False)
+
+        def child(send=send, share=share):
+            send.send(_load(*args, share, max(1, requests * share // concurrency), time_limit_s))
+
+        proc = ctx.Process(target=child, daemon=True)
+        proc.start()
+        send.close()
+        children.append(proc)
+        pipes.append(receive)
+    try:
+        return [pipe.recv() for pipe in pipes]
+    finally:
+        for proc in children:
+            proc.join(10)
+
+
+def _load(target: Target, inputs: np.ndarray, expected: np.ndarray, check_every: int, warmup: int,
+          rtol: float, atol: float, concurrency: int, requests: int, time_limit_s: float) -> dict:
+    """One process's share: its latencies (s) and counts."""
     bodies = [target.encode(inputs[i:i + 1]) for i in range(len(inputs))]
     headers = {"Content-Type": "application/json", **target.headers}
     counter = itertools.count()
@@ -131,9 +174,4 @@ def run_load(target: Target, inputs: np.ndarray, expected: np.ndarray, concurren
     stop_at[0] = t0 + time_limit_s
     for t in threads:
         t.join(time_limit_s + 120)
-    elapsed = time.perf_counter() - t0
-    answered = len(latencies) + stats["errors"]
-    lat = np.sort(np.asarray(latencies)) * 1000 if latencies else np.asarray([float("nan")])
-    return LoadResult(target.name, concurrency, answered, stats["errors"], stats["wrong"], stats["checked"],
-                      elapsed, len(latencies) / elapsed if elapsed > 0 else 0.0,
-                      float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), stats["first_error"])
+    return {**stats, "latencies": latencies, "elapsed": time.perf_counter() - t0}
