@@ -117,7 +117,7 @@ declare -A FIT=(
   [bench_gemm]="--m 1,16,256,4096 --reps 20 --warmup 5"
   [bench_paged_decode]="--contexts 1024 16384 --reps 10 --warmup 3"
   [bench_serving]="--batch 1,8 --reps 1 --new-tokens 32"
-  [bench_fronts]="--seconds 4 --rounds 2 --warmup-seconds 8"
+  [bench_fronts]="--seconds 3 --rounds 2 --warmup-seconds 5"
 )
 SITE=/tmp/msc-server-stack
 if wanted bench && compgen -G ".whl/*.whl" >/dev/null; then
