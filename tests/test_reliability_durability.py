@@ -30,6 +30,9 @@ def _wait_terminal(base_url, key, ids, timeout=120):
     while pending and time.monotonic() < deadline:
         for rid in sorted(pending):
             status, body = http(base_url, "GET", f"/api/v1/inference/{rid}", key=key)
+            if status == 429:  # 16 jobs polled 10 times a second outrun the 100/s burst: wait as told
+                time.sleep(body["error"]["details"]["retry_after"])
+                continue
             assert status == 200, (rid, status, body)  # a job never vanishes
             if body["status"] in ("completed", "failed"):
                 out[rid] = body
