@@ -74,9 +74,9 @@ class FrontConnection:
         self._write(buffers)
 
     def _write(self, buffers: list) -> None:
-        if self.sock.fileno() < 0:
-            return  # the front went away meanwhile
         with self.lock:
+            if self.sock.fileno() < 0:
+                return  # the front went away meanwhile
             try:
                 protocol.send_buffers(self.sock, buffers)
             except OSError as exc:  # gone, or stuck past SEND_TIMEOUT_S: the I/O thread sees it closed
@@ -85,6 +85,10 @@ class FrontConnection:
                     self.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def close(self) -> None:
+        with self.lock:  # never while another thread writes: its descriptor could be reused meanwhile
+            self.sock.close()
 
 
 class EngineServer:
@@ -137,7 +141,7 @@ class EngineServer:
             data = b""
         if not data:  # the front went away (or its connection was closed for being stuck)
             self.selector.unregister(front.sock)
-            front.sock.close()
+            front.close()
             self.cancelled = {key for key in self.cancelled if key[0] is not front}
             return
         for frames in front.reader.feed(data):
@@ -146,7 +150,7 @@ class EngineServer:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         for key in list(self.selector.get_map().values()):
-            key.fileobj.close()
+            (key.fileobj if key.data is None else key.data).close()  # the listener, or a FrontConnection
         self.selector.close()
         try:
             os.unlink(self.address)
