@@ -1,6 +1,6 @@
 """Server configuration: defaults < config file (JSON or TOML) < MSC_* env < flags.
 
-File sections: [server] (host, port, state_dir, log_level, max_body_bytes, cors_origins,
+File sections: [server] (host, port, state_dir, log_level, front_stall_timeout_s, max_body_bytes, cors_origins,
 and the connection limits below),
 [security] (api_keys = [{key, user_id, role}], require_keys, rate_limit_per_minute,
 rate_limit_burst, rate_limit_enabled), [inference] and [virtualization] (fields of
@@ -21,6 +21,9 @@ class ServerConfig:
     port: int = 8080
     state_dir: Path = Path("var")
     log_level: str = "INFO"
+    # A front whose one thread has not turned its loop for this long (wedged in a request) is
+    # killed and replaced by the supervisor (serving/heartbeat.py).
+    front_stall_timeout_s: float = 60.0
     max_body_bytes: int = 64 * 1024 * 1024
     cors_origins: list = field(default_factory=list)  # browser origins allowed cross-origin ("*": any)
     # What one front process accepts from the network (serving/connections.py applies them):
@@ -40,18 +43,18 @@ class ServerConfig:
 
 _CONNECTION_KEYS = ("connection_limit", "idle_timeout_s", "header_timeout_s", "body_timeout_s", "max_header_bytes")
 _SERVER_KEYS = ("host", "port", "state_dir", "log_level", "max_body_bytes", "cors_origins",
-                *_CONNECTION_KEYS)
+                "front_stall_timeout_s", *_CONNECTION_KEYS)
 _SECURITY_KEYS = ("rate_limit_per_minute", "rate_limit_burst", "rate_limit_enabled", "require_keys")
 _ENV = {
     "host": "MSC_HOST", "port": "MSC_PORT", "state_dir": "MSC_STATE_DIR",
     "log_level": "MSC_LOG_LEVEL", "max_body_bytes": "MSC_MAX_BODY_BYTES",
     "rate_limit_per_minute": "MSC_RATE_LIMIT_PER_MINUTE", "rate_limit_burst": "MSC_RATE_LIMIT_BURST",
     "rate_limit_enabled": "MSC_RATE_LIMIT_ENABLED", "cors_origins": "MSC_CORS_ORIGINS",
-    "require_keys": "MSC_REQUIRE_KEYS",
+    "require_keys": "MSC_REQUIRE_KEYS", "front_stall_timeout_s": "MSC_FRONT_STALL_TIMEOUT_S",
 }
 _INT_KEYS = {"port", "max_body_bytes", "rate_limit_per_minute", "rate_limit_burst", "connection_limit",
              "max_header_bytes"}
-_POSITIVE_FLOAT_KEYS = {"idle_timeout_s", "header_timeout_s", "body_timeout_s"}
+_POSITIVE_FLOAT_KEYS = {"idle_timeout_s", "header_timeout_s", "body_timeout_s", "front_stall_timeout_s"}
 
 
 def _coerce(name: str, value):

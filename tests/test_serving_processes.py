@@ -277,6 +277,32 @@ def test_the_gpu_fronts_benchmark_runs_end_to_end(tmp_path):
     assert report["speedup_over_first"]["1"] == 1.0 and report["speedup_over_first"]["2"] > 0
 
 
+def test_a_front_wedged_in_a_request_is_killed_and_replaced(tmp_path):
+    """A front serves every request on its one thread: if its loop stops turning (here it is
+    frozen with SIGSTOP; a request stuck in a bug looks the same), the supervisor sees its
+    heartbeat go stale, kills it and starts another, and serving goes on."""
+    server = LiveServer(tmp_path / "state", extra_args=["--workers", "2"], env={"MSC_FRONT_STALL_TIMEOUT_S": "1.5"})
+    try:
+        url = server.base_url
+        assert http(url, "POST", "/api/v1/models", MLP_SPEC)[0] == 200
+        engine = server.engine_pid()
+        fronts = [p for p in server.children() if p != engine]
+        time.sleep(3)  # longer than the timeout: a live, idle front is not stalled
+        assert sorted(p for p in server.children() if p != engine) == sorted(fronts)
+        os.kill(fronts[0], signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while fronts[0] in server.children() or len(server.children()) < 3:
+            assert time.monotonic() < deadline, server.children()
+            time.sleep(0.2)
+        assert not _pids_alive([fronts[0]]) and server.engine_pid() == engine
+        for _ in range(10):  # new connections: the new front and the other one both answer
+            status, body = http(url, "POST", "/api/v1/inference", {"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]]})
+            assert status == 200, body
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
+
+
 def test_fronts_do_not_import_torch():
     import subprocess
     import sys

@@ -35,6 +35,7 @@ def child_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pid-file", required=True)
     p.add_argument("--parent", type=int, required=True)
     p.add_argument("--listen-fd", type=int)
+    p.add_argument("--heartbeat", help="a front's heartbeat file (serving/heartbeat.py)")
     p.add_argument("--open-mode", action="store_true")
     return p.parse_args(argv)
 

@@ -20,6 +20,7 @@ from ..runtime.store import Store
 from .children import child_args, child_config, die_with_parent, settle_heap, stop_event
 from .connections import connection_settings, guard
 from .engine_client import EngineClient
+from .heartbeat import Heartbeat
 from .loop import Loop
 
 log = logging.getLogger("msmartcompute.front")
@@ -56,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     server = waitress.create_server(app, sockets=[listener], _dispatcher=loop, **waitress_settings(config))
     loop.attach(server)
     guard(server, config)
+    heartbeat = Heartbeat(Path(args.heartbeat)) if args.heartbeat else None
     settle_heap()
     while not stopping.is_set():
         loop.run_once(0.2)  # short turns: a signal is noticed within 0.2 s
+        if heartbeat is not None:
+            heartbeat.beat()
     log.info("front stopping: no new connections; draining in-flight requests (at most %.0f s)", DRAIN_TIMEOUT_S)
     if not drain(loop, DRAIN_TIMEOUT_S):
         log.warning("drain timed out after %.0f s: closing the remaining connections", DRAIN_TIMEOUT_S)

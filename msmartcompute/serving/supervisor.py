@@ -3,7 +3,8 @@
 It binds the listening socket once (every front inherits it, so the kernel spreads
 connections over them), starts the engine process, waits until it is ready, starts N fronts,
 then watches them every 0.2 s:
-- a front that dies is replaced (the others keep serving meanwhile);
+- a front that dies is replaced (the others keep serving meanwhile), and so is a front whose
+  loop has not turned for `front_stall_timeout_s` (heartbeat.py: it is killed first);
 - an engine that dies is started again; until it is back, fronts answer 503 ENGINE_UNAVAILABLE
   in the envelope; it restores the registry, vGPUs, allocations and jobs from the store, as
   any restart does;
@@ -24,6 +25,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from .heartbeat import Heartbeat
 
 log = logging.getLogger("msmartcompute")
 
@@ -54,6 +57,7 @@ class Supervisor:
         self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         self.engine: subprocess.Popen | None = None
         self.fronts: list[subprocess.Popen | None] = [None] * workers
+        self.beats: list[Heartbeat | None] = [None] * workers
         self.stopping = threading.Event()
 
     def _spawn(self, module: str, *extra: str, pass_fds=()) -> subprocess.Popen:
@@ -72,8 +76,21 @@ class Supervisor:
 
     def _start_front(self, i: int) -> None:
         fd = self.listener.fileno()
-        self.fronts[i] = self._spawn("front", "--listen-fd", str(fd), pass_fds=(fd,))
+        beat = self.run_dir / f"front-{i}.beat"
+        if self.beats[i] is not None:
+            self.beats[i].close()
+        self.beats[i] = Heartbeat(beat, reset=True)
+        self.fronts[i] = self._spawn("front", "--listen-fd", str(fd), "--heartbeat", str(beat), pass_fds=(fd,))
         log.info("front %d started (pid %d)", i, self.fronts[i].pid)
+
+    def _kill_stalled_fronts(self) -> None:
+        limit = self.config.front_stall_timeout_s
+        for i, front in enumerate(self.fronts):
+            if front.poll() is None and self.beats[i].age() > limit:
+                log.error("front %d (pid %d) has not turned its loop for %.0f s (a request wedged in it): "
+                          "killing it", i, front.pid, self.beats[i].age())
+                front.kill()
+                front.wait()
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,6 +116,7 @@ class Supervisor:
                     self._gone(self.engine)
                     self._start_engine()
                     last_restart = time.monotonic()
+                self._kill_stalled_fronts()
                 for i, front in enumerate(self.fronts):
                     if front.poll() is not None:
                         log.error("front %d exited (status %s): replacing it", i, front.returncode)
