@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from generation_helpers import concurrently
+from concurrency_helpers import concurrently
 from msmartcompute.runtime.errors import InsufficientMemory, InvalidInputData, RequestTimeout
 
 VOCAB = 97

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hf_fixtures import hf_model, save
-from generation_helpers import concurrently
+from concurrency_helpers import concurrently
 
 pytest.importorskip("transformers")
 

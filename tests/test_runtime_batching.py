@@ -13,6 +13,8 @@ from msmartcompute.runtime.engine import Runtime, RuntimeConfig
 from msmartcompute.runtime.errors import InsufficientMemory, InternalError, QueueFull, RequestTimeout
 from msmartcompute.runtime.vgpu import DeviceScheduler
 
+from concurrency_helpers import concurrently
+
 IN, OUT = 24, 12
 
 
@@ -31,19 +33,8 @@ def rows(seed, n):
     return np.random.default_rng(seed).standard_normal((n, IN)).astype(np.float32)
 
 
-def run_concurrently(rt, inputs, model_id="mlp"):
-    results, barrier = [None] * len(inputs), threading.Barrier(len(inputs))
-
-    def call(i):
-        barrier.wait()
-        results[i] = rt.inference.infer({"model_id": model_id, "input_data": inputs[i]})
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
+def mlp_requests(inputs, model_id="mlp"):
+    return [{"model_id": model_id, "input_data": x} for x in inputs]
 
 
 def test_64_concurrent_requests_batch_and_match_unbatched(tmp_path):
@@ -51,7 +42,7 @@ def test_64_concurrent_requests_batch_and_match_unbatched(tmp_path):
     try:
         rt.registry.load(mlp_spec())
         inputs = [rows(i, 1 + i % 3) for i in range(64)]
-        results = run_concurrently(rt, inputs)
+        results = concurrently(rt, mlp_requests(inputs))
         sizes = {int(k): v for k, v in rt.metrics()["batch_sizes"].items()}
         assert sum(k * v for k, v in sizes.items()) == 64
         assert max(sizes) > 1, sizes
@@ -79,7 +70,7 @@ def test_zero_delay_turns_batching_off(tmp_path):
     rt = make_runtime(tmp_path, max_queue_delay_ms=0)
     try:
         rt.registry.load(mlp_spec())
-        run_concurrently(rt, [rows(i, 1) for i in range(16)])
+        assert all(isinstance(r, dict) for r in concurrently(rt, mlp_requests([rows(i, 1) for i in range(16)])))
         assert rt.metrics()["batch_sizes"] == {"1": 16}
     finally:
         rt.close()
@@ -251,17 +242,7 @@ def test_generation_batches_mixed_options_and_counts_tokens(tmp_path):
         model = rt.registry.models["lm"].model
         requests = [{"model_id": "lm", "input_data": np.random.default_rng(i).integers(0, 50, (1 + i % 2, 5)),
                      "options": {"temperature": 0, "max_tokens": 3 + 2 * (i % 2)}} for i in range(12)]
-        results, barrier = [None] * 12, threading.Barrier(12)
-
-        def call(i):
-            barrier.wait()
-            results[i] = rt.inference.infer(requests[i])
-
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = concurrently(rt, requests)
         for req, res in zip(requests, results):
             alone = model.run([model.prepare(req["input_data"], req["options"])])[0]
             np.testing.assert_array_equal(np.asarray(res["output_data"]), alone.output_data)

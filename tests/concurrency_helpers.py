@@ -1,4 +1,4 @@
-"""Shared pieces of the generation engine tests."""
+"""Many inference requests at once, for the batching and generation tests."""
 import threading
 
 
