@@ -260,7 +260,7 @@ def test_messages_survive_any_cut_of_the_byte_stream():
 def test_the_gpu_fronts_benchmark_runs_end_to_end(tmp_path):
     """benchmarks/gpu/bench_fronts.py, which a lent GPU machine runs (#16's 8-fronts check), at
     toy sizes here: both servers answer every request of a multi-process load, and the report
-    holds each round and the speed-up."""
+    holds each round and the judged goal."""
     import subprocess
     import sys
 
@@ -274,7 +274,9 @@ def test_the_gpu_fronts_benchmark_runs_end_to_end(tmp_path):
     assert report["complete"] and report["errors"] == 0
     assert [(r["workers"], r["round"]) for r in report["rows"]] == [(1, 0), (2, 0)]
     assert all(r["requests"] > 0 and r["checked"] > 0 and r["wrong"] == 0 for r in report["rows"])
-    assert report["speedup_over_first"]["1"] == 1.0 and report["speedup_over_first"]["2"] > 0
+    (goal,) = report["goals"]  # judged as run.py judges its goals; 2 fronts on this box need not be faster
+    assert (goal["ours"], goal["baseline"], goal["goal"]) == ("fronts_2", "fronts_1", ">= 4.0")
+    assert len(goal["ratios"]) == 1 and goal["ratios"][0] > 0
 
 
 def test_a_front_wedged_in_a_request_is_killed_and_replaced(tmp_path):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup-seconds", type=float, default=10.0)
+    p.add_argument("--goal", type=float, default=4.0, help="the last front count over the first, at least")
     return p.parse_args(argv)
 
 
@@ -44,7 +44,7 @@ def run(args) -> dict:
     import numpy as np
     import torch
 
-    from benchmarks.harness import Servers
+    from benchmarks.harness import Goal, Servers, judge
     from benchmarks.serving import model as models, targets
     from benchmarks.serving.loadgen import run_load
 
@@ -82,10 +82,8 @@ def run(args) -> dict:
                 write_json(args.out, report)
                 print(f"round {rnd} fronts {n:>2}: {res.requests_per_s:9.1f} req/s p50 {res.p50_ms:6.2f} ms "
                       f"p99 {res.p99_ms:6.2f} ms errors {res.errors}", flush=True)
-    median = {n: statistics.median(r["requests_per_s"] for r in report["rows"] if r["workers"] == n) for n in counts}
-    base = counts[0]
-    report["median_requests_per_s"] = median
-    report["speedup_over_first"] = {n: median[n] / median[base] if median[base] else None for n in counts}
+    report["goals"] = judge([Goal("requests_per_s", f"fronts_{counts[-1]}", f"fronts_{counts[0]}", ">=", args.goal,
+                                  {"concurrency": args.concurrency})], report["rows"])
     report["errors"] = sum(r["errors"] for r in report["rows"])
     report["complete"] = True
     return report
@@ -101,8 +99,6 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = run(args)
     write_json(args.out, report)
-    for n, x in report["speedup_over_first"].items():
-        print(f"fronts {n}: {report['median_requests_per_s'][n]:.1f} req/s, {x:.2f}x the first")
     print(f"wrote {args.out}")
     return 0 if report["errors"] == 0 else 1
 
