@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from msmartcompute.models import Prepared
-from msmartcompute.runtime.batching import ModelQueue, Pending, choose_queue
+from msmartcompute.runtime.batching import ModelQueue, Outcome, Pending, choose_queue
 from msmartcompute.runtime.engine import Runtime, RuntimeConfig
 from msmartcompute.runtime.errors import InsufficientMemory, InternalError, QueueFull, RequestTimeout
 from msmartcompute.runtime.vgpu import DeviceScheduler
@@ -253,3 +253,28 @@ def test_generation_batches_mixed_options_and_counts_tokens(tmp_path):
         assert m["tokens_per_second"] > 0
     finally:
         rt.close()
+
+
+def test_an_outcome_is_set_once_and_wakes_its_waiters_and_callbacks():
+    outcome = Outcome()
+    with pytest.raises(TimeoutError):
+        outcome.result(timeout=0.01)
+    seen = []
+    outcome.add_done_callback(lambda o: seen.append(("before", o.result())))
+    outcome.add_done_callback(lambda o: 1 / 0)  # a broken callback: logged, the others still run
+    outcome.add_done_callback(lambda o: seen.append(("also", o.result())))
+    waiter = threading.Thread(target=lambda: seen.append(("waited", outcome.result(timeout=10))))
+    waiter.start()
+    time.sleep(0.05)
+    assert outcome.set_result(7) is True
+    assert outcome.set_exception(RuntimeError("late")) is False  # the first setter wins
+    waiter.join(timeout=10)
+    outcome.add_done_callback(lambda o: seen.append(("after", o.result())))  # done already: runs now
+    assert sorted(seen) == [("after", 7), ("also", 7), ("before", 7), ("waited", 7)]
+    assert outcome.exception() is None
+
+    failed = Outcome()
+    failed.set_exception(QueueFull("full"))
+    assert isinstance(failed.exception(timeout=0), QueueFull)
+    with pytest.raises(QueueFull):
+        failed.result()

@@ -85,6 +85,33 @@ def test_public_ids_keep_the_seed_shape_and_are_random():
     assert re.fullmatch(r"alice_[0-9a-f]{16}", ids.session_id("alice"))
 
 
+def test_ids_made_across_threads_and_in_a_forked_child_never_repeat():
+    """ids hands out pre-read random bytes: threads must not share a slice, and a forked child
+    must not hand out the ids its parent is about to."""
+    import os
+
+    ids.request_id()  # the pool is filled now: the child inherits it
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(write, " ".join(ids.request_id() for _ in range(50)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read) as pipe:
+        from_child = set(pipe.read().split())
+    made = [[] for _ in range(8)]
+    threads = [threading.Thread(target=lambda out=out: out.extend(ids.request_id() for _ in range(500)))
+               for out in made]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    from_parent = {r for out in made for r in out}
+    assert len(from_child) == 50 and len(from_parent) == 4000
+    assert not from_child & from_parent
+
+
 def test_a_key_revoked_elsewhere_stops_working_within_the_ttl(tmp_path):
     store = Store(tmp_path / "s.sqlite3")
     served = KeyStore(store, record_ttl_s=0.2)

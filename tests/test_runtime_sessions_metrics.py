@@ -1,4 +1,8 @@
 """Sessions (ids, expiry, ownership), persisted id counters, metrics counters and history."""
+import json
+import os
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -150,3 +154,31 @@ def test_sampler_persists_snapshots(tmp_path):
         assert all(0 < h["memory_utilization"] < 1 for h in hist)
     finally:
         rt.close()
+
+
+_FORKED_COUNTS = """
+import json
+import os
+from msmartcompute.runtime.instruments import Instruments
+inst = Instruments()
+counter = inst.labelled(inst.inferences, "m", "ok")
+counter.inc()
+child = os.fork()
+if child == 0:
+    counter.inc(10)  # the child's own file: the parent's count must stay 1
+    os._exit(0)
+os.waitpid(child, 0)
+counter.inc()
+print(json.dumps({"files": os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]), "parent": os.getpid(), "child": child,
+                  "total": sum(v for _, v in inst.samples()["msmartcompute_inferences_total"])}))
+"""
+
+
+def test_multiprocess_counts_keep_a_file_per_process_across_fork(tmp_path):
+    """instruments.process_id() remembers the pid: a forked child must still write to its own file."""
+    out = subprocess.run([sys.executable, "-c", _FORKED_COUNTS], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert {f"counter_{seen['parent']}.db", f"counter_{seen['child']}.db"} <= set(seen["files"])
+    assert seen["total"] == 12.0

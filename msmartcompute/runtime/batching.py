@@ -25,7 +25,6 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -37,13 +36,78 @@ from .vgpu import DeviceScheduler
 log = logging.getLogger("msmartcompute.runtime.batching")
 
 
+class Outcome:
+    """A request's result or error, set once by whoever finishes it (the first setter wins; later
+    ones are ignored). The part of concurrent.futures.Future the runtime uses: done, set_result,
+    set_exception, result(timeout), exception(timeout), add_done_callback. Future built a Condition per request, 5%
+    of the engine's time per request; here an Event is made only when a thread waits."""
+
+    __slots__ = ("_lock", "_done", "_value", "_error", "_callbacks", "_waiter")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._done = False
+        self._value = self._error = None
+        self._callbacks: list | None = None
+        self._waiter: threading.Event | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, value) -> bool:
+        return self._finish(value, None)
+
+    def set_exception(self, error: BaseException) -> bool:
+        return self._finish(None, error)
+
+    def _finish(self, value, error) -> bool:
+        with self._lock:
+            if self._done:
+                return False
+            self._value, self._error, self._done = value, error, True
+            callbacks, waiter = self._callbacks, self._waiter
+        if waiter is not None:
+            waiter.set()
+        for fn in callbacks or ():
+            try:
+                fn(self)
+            except Exception:  # one callback's bug must not keep the others (or the setter) from going on
+                log.exception("a request's completion callback failed")
+        return True
+
+    def add_done_callback(self, fn) -> None:
+        """fn(self) once done: now if it is, else on the thread that finishes it."""
+        with self._lock:
+            if not self._done:
+                self._callbacks = [*(self._callbacks or ()), fn]
+                return
+        fn(self)
+
+    def result(self, timeout: float | None = None):
+        """The value, or raise the error; TimeoutError when not done within timeout seconds."""
+        if self.exception(timeout) is not None:
+            raise self._error
+        return self._value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The error (None when it succeeded); TimeoutError when not done within timeout seconds."""
+        if not self._done:
+            with self._lock:
+                if not self._done and self._waiter is None:
+                    self._waiter = threading.Event()
+                waiter = self._waiter
+            if waiter is not None and not waiter.wait(timeout):
+                raise TimeoutError("the request is not done yet")
+        return self._error
+
+
 @dataclass
 class Pending:
     request_id: str
     prepared: object                  # models.Prepared
     deadline: float                   # time.monotonic() by which it must be done
     enqueued_at: float = field(default_factory=time.monotonic)
-    future: Future = field(default_factory=Future)
+    future: Outcome = field(default_factory=Outcome)
     abandoned: bool = False           # the caller timed out or went away: skip it / stop it
     stream: "queue.SimpleQueue | None" = None  # decoders: token events as they come (generation/worker.py)
     decode_text: object = None        # for an input_text request: output_data -> output_text

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import queue as queue_module
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Iterator
 
 import numpy as np
@@ -317,7 +316,7 @@ class Inference:
     def _wait(self, executor: Executor, pending: Pending) -> Result:
         try:
             res = pending.future.result(timeout=max(0.0, pending.deadline - time.monotonic()))
-        except FutureTimeout:
+        except TimeoutError:
             executor.abandon(pending)
             res = None
         if res is None or res.done_at > pending.deadline:  # an inline run can end past it
