@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 import time
 
 import falcon
 
 from ..runtime.errors import MSCError, Unauthorized
+from ..runtime.ids import random_hex
 from . import errors
 from .pages import STATIC_PREFIX
 from .ratelimit import RateLimiter, refusal
@@ -38,7 +38,7 @@ class RequestContext:
     def process_request(self, req, resp):
         given = req.get_header("X-Request-ID")
         req.context.request_id = (given if given and _CLIENT_REQUEST_ID.fullmatch(given)
-                                  else f"r_{secrets.token_hex(8)}")
+                                  else f"r_{random_hex()}")
         req.context.started = time.perf_counter()
         req.context.caller = None
 

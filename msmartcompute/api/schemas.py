@@ -326,6 +326,9 @@ def _invalid(exc: msgspec.ValidationError, root: str = "body") -> InvalidInputDa
     return InvalidInputData(f"{path} {problem}", {"field": path})
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def as_matrix(value, path: str = "body.input_data") -> np.ndarray:
     """Rows of numbers -> a 2-D numpy array (int64 if all integers, else float32).
 
@@ -349,11 +352,14 @@ def as_matrix(value, path: str = "body.input_data") -> np.ndarray:
             _fail(path, "holds an integer beyond the int64 range", None)
         return array.astype(np.int64, copy=False)
     if array.dtype.kind == "f":
+        largest = np.abs(array).max()
         # numpy turns an integer past int64 into a float silently: look for one, only when a
         # value that large is there at all (a vectorized test; the scan is the rare path)
-        if np.abs(array).max() >= 2.0 ** 63 and any(
+        if largest >= 2.0 ** 63 and any(
                 type(x) is int and not -2 ** 63 <= x < 2 ** 63 for row in value for x in row):
             _fail(path, "holds an integer beyond the int64 range", None)
+        if largest <= _FLOAT32_MAX:  # the common case: every value fits, no overflow to look for
+            return array.astype(np.float32)
         with np.errstate(over="ignore"):  # overflow becomes inf, refused just below
             array = array.astype(np.float32)
         if not np.isfinite(array).all():

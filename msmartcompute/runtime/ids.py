@@ -29,7 +29,7 @@ _pool = {"bytes": b"", "at": 0}
 _pool_lock = threading.Lock()
 
 
-def _random() -> str:
+def random_hex() -> str:
     """16 hex digits from os.urandom, read 512 ids at a time: one getrandom() call per id was 5% of
     the engine's time per request (measured, benchmarks/README.md "Serving v6")."""
     with _pool_lock:
@@ -49,15 +49,15 @@ os.register_at_fork(after_in_child=_forget_pool)
 
 
 def request_id() -> str:
-    return f"req_{int(time.time())}_{_random()}"
+    return f"req_{int(time.time())}_{random_hex()}"
 
 
 def allocation_id() -> str:
-    return f"alloc_{int(time.time())}_{_random()}"
+    return f"alloc_{int(time.time())}_{random_hex()}"
 
 
 def session_id(user_id: str) -> str:
-    return f"{user_id}_{_random()}"
+    return f"{user_id}_{random_hex()}"
 
 
 def vgpu_id(store: Store) -> str:
