@@ -55,7 +55,7 @@ def spread_pct(low: float, high: float, median: float) -> float:
 
 def serving_load(data: dict) -> list[str]:
     out = ["| case | target | c | req/s (median of rounds) | req/s min-max | p50 ms | p99 ms | server CPU ms/req "
-           "| CPU ms/req by process | errors |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+           "| CPU ms/req by process | machine idle | errors |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     groups: dict[tuple, list[dict]] = {}
     for r in data["runs"]:
         groups.setdefault((r["case"], r["target"], r["concurrency"]), []).append(r)
@@ -66,7 +66,7 @@ def serving_load(data: dict) -> list[str]:
         out.append(f"| {case} | {target} | {c} | {fmt(med(rates))}{noisy} | {fmt(min(rates))}-{fmt(max(rates))} | "
                    f"{fmt(med([r['p50_ms'] for r in rs]), 2)} | {fmt(med([r['p99_ms'] for r in rs]), 2)} | "
                    f"{fmt(med([r.get('server_cpu_ms_per_request', float('nan')) for r in rs]), 3)} | "
-                   f"{_cpu_split(rs)} | {sum(r['errors'] for r in rs)} |")
+                   f"{_cpu_split(rs)} | {_idle(rs)} | {sum(r['errors'] for r in rs)} |")
     out += ["", "| goal | ratio (median) | rounds | target | met |", "|---|---:|---|---:|---|"]
     for g in data.get("goals", []):
         if g.get("median") is None:
@@ -77,6 +77,12 @@ def serving_load(data: dict) -> list[str]:
         out.append(f"| {g['ours']} / {g['baseline']} at {at}, {g['metric']} | {g['median']:.2f}x | "
                    f"{', '.join(f'{x:.2f}' for x in g['ratios'])} | {g['goal']} | {met} |")
     return out
+
+
+def _idle(rows: list[dict]) -> str:
+    """The median share of the machine's CPU time left idle during the rows (serving/run.py), or "-"."""
+    idle = sorted(r["machine_idle"] for r in rows if r.get("machine_idle") is not None)
+    return f"{idle[len(idle) // 2]:.0%}" if idle else "-"
 
 
 def _cpu_split(rows: list[dict]) -> str:

@@ -12,8 +12,10 @@ SIGSTOP: benchmarks/harness.py):
   batching  --batching-model (default mlp_xl, 256 -> 4096 x3 -> 10): ours with default settings
             (batching_on: no tuning at all) against the same with max_queue_delay_ms 0 (batching_off).
             mlp_heavy (hidden 2048) is too light here: see benchmarks/README.md
-Each row has the server's CPU per request (every process of the server, user + system) and its
-split by process role (our engine / fronts; TorchServe's Java frontend / Python workers).
+Each row has the server's CPU per request (every process of the server, user + system), its
+split by process role (our engine / fronts; TorchServe's Java frontend / Python workers), and the
+share of the machine's CPU time left idle meanwhile (the load generator runs on the same cores:
+a server can be slower with less CPU per request when its processes leave cores idle).
 """
 from __future__ import annotations
 
@@ -78,27 +80,28 @@ def start_case(case: str, work: Path, args, servers: Servers) -> tuple[dict, str
 
 def table(runs: list[dict]) -> str:
     lines = [f"{'case':<9} {'target':<13} {'c':>3} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-             f"{'cpu ms/req':>10} {'errors':>6}  cpu by process (ms/req)"]
+             f"{'cpu ms/req':>10} {'idle':>5} {'errors':>6}  cpu by process (ms/req)"]
     for r in runs:
         split = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["server_cpu_ms_per_request_by_process"].items())
                           if v >= 0.0005)
         lines.append(f"{r['case']:<9} {r['target']:<13} {r['concurrency']:>3} {r['requests_per_s']:>9.1f} "
                      f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['server_cpu_ms_per_request']:>10.3f} "
-                     f"{r['errors']:>6}  {split}")
+                     f"{r['machine_idle']:>5.0%} {r['errors']:>6}  {split}")
     return "\n".join(lines)
 
 
 def measure(case: str, name: str, target, proc, inputs, expected, rnd: int, c: int, args) -> dict:
     """One load at concurrency c; the row with the server's CPU per request, whole and by process."""
     sid = proc.process.pid
-    cpu0 = targets.session_cpu_by_role(sid)
+    cpu0, idle0 = targets.session_cpu_by_role(sid), targets.machine_idle()
     res = run_load(target, inputs, expected, c, args.requests, args.seconds, warmup=3,
                    atol=1e-3 * float(np.abs(expected).max()), rtol=1e-3)
-    cpu1 = targets.session_cpu_by_role(sid)
+    cpu1, idle1 = targets.session_cpu_by_role(sid), targets.machine_idle()
     n = max(1, res.requests)
     split = {role: 1000 * (cpu1[role] - cpu0.get(role, 0.0)) / n for role in cpu1}
     return {"case": case, "model": name, "round": rnd, **res.to_dict(),
-            "server_cpu_ms_per_request": sum(split.values()), "server_cpu_ms_per_request_by_process": split}
+            "server_cpu_ms_per_request": sum(split.values()), "server_cpu_ms_per_request_by_process": split,
+            "machine_idle": (idle1[0] - idle0[0]) / max(1, idle1[1] - idle0[1])}
 
 
 def main(argv=None) -> int:
@@ -107,7 +110,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="result JSON path")
     p.add_argument("--cases", default="overhead,batching")
     p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--requests", type=int, default=3000, help="request budget per measurement")
+    # large enough that --seconds ends a measurement: 3000 requests took 0.6 s at c=32, and so short a
+    # measurement let one disturbed round decide a goal
+    p.add_argument("--requests", type=int, default=50_000, help="request budget per measurement")
     p.add_argument("--seconds", type=float, default=5.0, help="time limit per measurement")
     p.add_argument("--rounds", type=int, default=3, help="repeat every measurement; goals take the median")
     p.add_argument("--warmup-seconds", type=float, default=15.0,

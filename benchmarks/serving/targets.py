@@ -50,6 +50,14 @@ def session_cpu_s(sid: int) -> float:
     return sum(session_cpu_by_role(sid).values())
 
 
+def machine_idle() -> tuple[int, int]:
+    """(idle, total) clock ticks of every CPU of the machine so far (Linux /proc/stat; idle
+    includes iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks)
+
+
 def _role(cmdline: bytes, comm: str) -> str:
     """What a server process is, for the CPU split: our engine / fronts / supervisor, TorchServe's
     Java frontend / Python workers, else its command name."""
