@@ -164,7 +164,10 @@ def test_the_rate_token_travels_with_the_call_and_front_answers_spend_one_too(tm
 
 
 def test_a_dead_front_is_replaced_and_serving_goes_on(tmp_path):
-    server = LiveServer(tmp_path / "state", extra_args=["--workers", "2"])
+    """The front dies of a crash (SIGSEGV, as a fault in C code would): faulthandler leaves its
+    stack in the log, the supervisor replaces it, the other front serves meanwhile."""
+    log = tmp_path / "server.out"
+    server = LiveServer(tmp_path / "state", extra_args=["--workers", "2"], log_file=log)
     try:
         url = server.base_url
         assert http(url, "POST", "/api/v1/models", MLP_SPEC)[0] == 200
@@ -182,7 +185,7 @@ def test_a_dead_front_is_replaced_and_serving_goes_on(tmp_path):
         engine = server.engine_pid()
         fronts = [p for p in children if p != engine]
         assert len(fronts) == 2, children
-        os.kill(fronts[0], signal.SIGKILL)
+        os.kill(fronts[0], signal.SIGSEGV)
         for _ in range(20):  # the other front serves meanwhile
             status, body = http(url, "POST", "/api/v1/inference", {"model_id": "mlp-small", "input_data": [[1, 2, 3, 4]]})
             assert status == 200, body
@@ -191,6 +194,11 @@ def test_a_dead_front_is_replaced_and_serving_goes_on(tmp_path):
             assert time.monotonic() < deadline, server.children()
             time.sleep(0.2)
         assert server.engine_pid() == engine  # the engine was not touched
+        crash = log.read_text(errors="replace")
+        # the stack of what the thread ran (a request's greenlet holds only its own frames)
+        assert "Fatal Python error: Segmentation fault" in crash and "(most recent call first)" in crash, crash[-3000:]
+        assert f"front 0 exited (status -{int(signal.SIGSEGV)})" in crash or \
+            f"front 1 exited (status -{int(signal.SIGSEGV)})" in crash, crash[-3000:]
     finally:
         server.stop()
     assert server.process.returncode == 0

@@ -54,7 +54,11 @@ class Supervisor:
         # prometheus_client multiprocess mode: every child writes its instruments' values here
         self.metrics_dir = self.run_dir / "metrics"
         self.metrics_dir.mkdir()
-        self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+                    # a fatal signal (a crash in torch's, numpy's or greenlet's C code) prints the
+                    # child's Python stacks to its stderr, the server's log, from its first line on:
+                    # "front 0 exited (status -11)" alone does not say where
+                    "PYTHONFAULTHANDLER": "1"}
         self.engine: subprocess.Popen | None = None
         self.fronts: list[subprocess.Popen | None] = [None] * workers
         self.beats: list[Heartbeat | None] = [None] * workers
