@@ -39,8 +39,9 @@ log = logging.getLogger("msmartcompute.runtime.batching")
 class Outcome:
     """A request's result or error, set once by whoever finishes it (the first setter wins; later
     ones are ignored). The part of concurrent.futures.Future the runtime uses: done, set_result,
-    set_exception, result(timeout), exception(timeout), add_done_callback. Future built a Condition per request, 5%
-    of the engine's time per request; here an Event is made only when a thread waits."""
+    set_exception, result(timeout), exception(timeout), add_done_callback. Future built a
+    Condition per request, 5% of the engine's time per request; here an Event is made only when
+    a thread waits."""
 
     __slots__ = ("_lock", "_done", "_value", "_error", "_callbacks", "_waiter")
 
