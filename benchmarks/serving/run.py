@@ -98,7 +98,7 @@ def measure(case: str, name: str, target, proc, inputs, expected, rnd: int, c: i
                    atol=1e-3 * float(np.abs(expected).max()), rtol=1e-3)
     cpu1, idle1 = targets.session_cpu_by_role(sid), targets.machine_idle()
     n = max(1, res.requests)
-    if res.errors and getattr(proc, "log_path", None) is not None:  # the server's own account, before its folder goes
+    if res.errors:  # the server's own account, before its folder goes
         progress(f"{target.name} c={c}: {res.errors} errors ({res.first_error}); the end of its log:\n"
                  + proc.log_path.read_text(errors="replace")[-3000:])
     split = {role: 1000 * (cpu1[role] - cpu0.get(role, 0.0)) / n for role in cpu1}

@@ -71,7 +71,8 @@ class TorchServe:
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                "LOG_LOCATION": str(self.workdir / "logs"), "METRICS_LOCATION": str(self.workdir / "logs")}
         env.pop("TRITON_INTERPRET", None)
-        self.log = open(self.workdir / "torchserve.out", "wb")
+        self.log_path = self.workdir / "torchserve.out"  # as targets.Process: run.py shows it when a load fails
+        self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--disable-token-auth",
              "--model-store", str(store), "--ts-config", str(self.workdir / "config.properties"),
@@ -84,7 +85,7 @@ class TorchServe:
         url = f"http://127.0.0.1:{self.port}/ping"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"torchserve exited early: see {self.workdir / 'torchserve.out'}")
+                raise RuntimeError(f"torchserve exited early: see {self.log_path}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
                     if json.loads(r.read()).get("status") == "Healthy":
@@ -93,7 +94,7 @@ class TorchServe:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"torchserve not healthy within {timeout_s:.0f} s: see {self.workdir / 'torchserve.out'}")
+        raise RuntimeError(f"torchserve not healthy within {timeout_s:.0f} s: see {self.log_path}")
 
     def pause(self, paused: bool) -> None:
         """SIGSTOP / SIGCONT the frontend and its workers (see targets.Process.pause)."""

@@ -49,7 +49,7 @@ class Outcome:
         self._lock = threading.Lock()
         self._done = False
         self._value = self._error = None
-        self._callbacks: list | None = None
+        self._callbacks: list = []
         self._waiter: threading.Event | None = None
 
     def done(self) -> bool:
@@ -69,7 +69,7 @@ class Outcome:
             callbacks, waiter = self._callbacks, self._waiter
         if waiter is not None:
             waiter.set()
-        for fn in callbacks or ():
+        for fn in callbacks:
             try:
                 fn(self)
             except Exception:  # one callback's bug must not keep the others (or the setter) from going on
@@ -80,7 +80,7 @@ class Outcome:
         """fn(self) once done: now if it is, else on the thread that finishes it."""
         with self._lock:
             if not self._done:
-                self._callbacks = [*(self._callbacks or ()), fn]
+                self._callbacks.append(fn)
                 return
         fn(self)
 
