@@ -8,6 +8,7 @@ import time
 import urllib.error
 import urllib.request
 
+import greenlet
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ from msmartcompute.runtime.errors import EngineUnavailable, InvalidModelId
 from msmartcompute.serving import protocol
 from msmartcompute.serving.engine_client import EngineClient
 from msmartcompute.serving.engine_server import EngineServer
+from msmartcompute.serving.loop import Loop
 from reliability_helpers import http
 
 
@@ -374,3 +376,39 @@ def test_an_inference_queued_past_its_deadline_is_answered_by_the_io_thread(tmp_
         thread.join(5)
         server.close()
         runtime.close()
+
+
+class _Channel:
+    """waitress' HTTPChannel as a front's loop sees it: service() serves the channel's request."""
+
+    def __init__(self, loop, name, seen, wait_s=0.0, fail=False):
+        self.loop, self.name, self.seen, self.wait_s, self.fail = loop, name, seen, wait_s, fail
+
+    def service(self):
+        me = greenlet.getcurrent()
+        self.seen[self.name] = (me, getattr(me, "msc_rate_key", None))
+        me.msc_rate_key = self.name  # request state kept on the greenlet, as engine_client does
+        if self.wait_s:
+            self.loop.sleep(self.wait_s)
+        if self.fail:
+            raise RuntimeError("a bug in a request")
+
+
+def test_a_front_loop_reuses_its_workers_and_starts_each_request_afresh():
+    loop, seen = Loop(), {}
+
+    def serve(*channels):
+        for channel in channels:
+            loop.add_task(channel)
+        deadline = time.monotonic() + 5
+        while any(name not in seen for name in (c.name for c in channels)) or loop._timers:
+            assert time.monotonic() < deadline
+            loop.run_once(0.01)
+
+    serve(_Channel(loop, "a", seen, fail=True))
+    serve(_Channel(loop, "b", seen))
+    assert seen["b"][0] is seen["a"][0]  # one worker, still serving after a failed request
+    assert seen["b"][1] is None          # and nothing of the last request left on it
+    serve(_Channel(loop, "c", seen, wait_s=0.02), _Channel(loop, "d", seen, wait_s=0.02))
+    assert seen["c"][0] is not seen["d"][0]  # requests waiting at once have a worker each
+    assert {seen["c"][0], seen["d"][0]} >= {seen["a"][0]} and not seen["c"][1] and not seen["d"][1]
