@@ -1,5 +1,7 @@
 """API building blocks on their own: rate limiter, request schemas, API keys, OpenAPI document, config."""
 import json
+import re
+import time
 
 import numpy as np
 import pytest
@@ -110,6 +112,20 @@ def test_keys_are_hashed_and_checked(tmp_path):
         keys.create("bob", "root")
 
 
+def test_a_verified_key_is_checked_again_in_constant_time_and_revocation_elsewhere_still_ends_it(tmp_path):
+    store = Store(tmp_path / "s.sqlite3")
+    keys, cli = KeyStore(store, record_ttl_s=0.2), KeyStore(store)  # a server and the CLI beside it
+    key = keys.create("alice", "user")
+    first = keys.authenticate(key)
+    assert keys.authenticate(key) == first  # from what the first check kept
+    wrong = key[:-1] + ("x" if key[-1] != "x" else "y")
+    assert keys.authenticate(wrong) is None and keys.authenticate(key + "x") is None
+    assert keys.authenticate(key) == first
+    cli.revoke(key)
+    time.sleep(0.25)  # the record's time to live
+    assert keys.authenticate(key) is None
+
+
 def test_openapi_document_is_valid_openapi3():
     document = build_document()
     validate_openapi(json.loads(json.dumps(document)))
@@ -171,3 +187,18 @@ def test_cors_is_off_by_default_and_allows_only_configured_origins(tmp_path):
         assert "Access-Control-Allow-Origin" not in other.headers
     finally:
         runtime.close()
+
+
+def test_timestamps_are_iso_utc_with_milliseconds_and_follow_the_clock():
+    from datetime import datetime, timezone
+
+    from msmartcompute.api.envelope import utc_now_iso
+
+    for _ in range(3):  # across a second's turn too: each call formats the time it is called
+        before = datetime.now(timezone.utc)
+        stamp = utc_now_iso()
+        after = datetime.now(timezone.utc)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
+        at = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        assert before.replace(microsecond=before.microsecond // 1000 * 1000) <= at <= after
+        time.sleep(0.45)

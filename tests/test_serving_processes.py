@@ -412,3 +412,52 @@ def test_a_front_loop_reuses_its_workers_and_starts_each_request_afresh():
     serve(_Channel(loop, "c", seen, wait_s=0.02), _Channel(loop, "d", seen, wait_s=0.02))
     assert seen["c"][0] is not seen["d"][0]  # requests waiting at once have a worker each
     assert {seen["c"][0], seen["d"][0]} >= {seen["a"][0]} and not seen["c"][1] and not seen["d"][1]
+
+
+class _Adjustments:
+    ident = "msmartcompute"
+
+
+class _TaskChannel:  # what a waitress task reads of its channel while building the head
+    class server:
+        adj = _Adjustments()
+
+
+class _Request:
+    def __init__(self, headers: dict, version: str):
+        self.headers, self.version = headers, version
+
+
+_OUR_HEADERS = [("x-ratelimit-limit", "1000"), ("x-ratelimit-remaining", "999"), ("x-ratelimit-reset", "1796010751"),
+                ("x-request-id", "r_c33e39d2b8db91d6"), ("content-type", "application/json"),
+                ("content-length", "214")]
+
+
+@pytest.mark.parametrize("status, headers, content_length, version, request_headers", [
+    ("200 OK", _OUR_HEADERS, 214, "1.1", {}),                                        # the fast path
+    ("200 OK", _OUR_HEADERS[:-1], 214, "1.1", {}),                                   # no Content-Length from the app
+    ("200 OK", [("Set-Cookie", "b=2"), ("set-cookie", "a=1"), ("X-A", "1")], 0, "1.1", {}),  # same names keep their order
+    ("400 Bad Request", [("content-type", "text/plain"), ("connection", "close")], 3, "1.1", {}),
+    ("200 OK", _OUR_HEADERS, 214, "1.1", {"CONNECTION": "close"}),                   # the rest: waitress' own code
+    ("200 OK", _OUR_HEADERS, 214, "1.0", {"CONNECTION": "keep-alive"}),
+    ("204 No Content", _OUR_HEADERS[:4], 0, "1.1", {}),
+    ("200 OK", [("date", "Sun, 06 Nov 1994 08:49:37 GMT"), ("content-length", "2")], 2, "1.1", {}),
+    ("200 OK", [("server", "other"), ("content-length", "2")], 2, "1.1", {}),
+    ("200 OK", [("content-type", "text/plain")], None, "1.1", {}),                   # chunked
+])
+def test_a_fronts_response_head_is_the_one_waitress_builds(status, headers, content_length, version,
+                                                           request_headers):
+    from waitress.task import WSGITask
+
+    from msmartcompute.serving.connections import WholeResponseTask
+
+    def task(cls):
+        t = cls(_TaskChannel(), _Request(dict(request_headers), version))
+        t.status, t.content_length, t.start_time = status, content_length, 1764475200.75
+        t.response_headers = list(headers)
+        return t
+
+    theirs, ours = task(WSGITask), task(WholeResponseTask)
+    assert ours.build_response_header() == theirs.build_response_header()
+    assert (ours.response_headers, ours.close_on_finish, ours.chunked_response) == \
+        (theirs.response_headers, theirs.close_on_finish, theirs.chunked_response)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import resource
 import time
+from operator import itemgetter
 
 import orjson
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask, WSGITask
+from waitress.utilities import build_http_date
 
 from ..api.envelope import error
 from ..api.errors import code_for_status
@@ -71,6 +73,54 @@ class WholeResponseTask(WSGITask):
             self.content_bytes_written += len(data)
             return
         super().write(data)
+
+    def build_response_header(self):
+        """waitress' response head, the same bytes (tests/test_serving_processes.py compares them),
+        in one pass for the common case: HTTP/1.1, a body of known length, no Connection: close
+        asked, no Date or Server header from the app. waitress re-capitalizes every header name
+        (split, capitalize, join) and formats the date on each response: 5.5 us with our six
+        headers, a tenth of a front's Python per request beside the app; names and the date of
+        the current second are remembered here. Anything else is waitress' own code."""
+        if (self.version != "1.1" or self.content_length is None or not self.has_body
+                or self.request.headers.get("CONNECTION", "").lower() == "close"):
+            return super().build_response_header()
+        headers, content_length = [], None
+        for name, value in self.response_headers:
+            proper = _PROPER_NAMES.get(name)
+            if proper is None:
+                proper = "-".join([part.capitalize() for part in name.split("-")])
+                if len(_PROPER_NAMES) < 512:  # an app's header names are few; never unbounded
+                    _PROPER_NAMES[name] = proper
+            if proper == "Content-Length":
+                content_length = value
+            elif proper in ("Date", "Server"):
+                return super().build_response_header()
+            headers.append((proper, value))
+        if content_length is None:
+            content_length = str(self.content_length)
+            headers.append(("Content-Length", content_length))
+        elif not content_length:
+            return super().build_response_header()  # waitress turns an empty one into chunked
+        ident = self.channel.server.adj.ident
+        if ident:
+            headers.append(("Server", ident))
+        headers.append(("Date", _http_date(self.start_time)))
+        self.response_headers = headers
+        lines = [f"HTTP/1.1 {self.status}"]
+        lines.extend([f"{name}: {value}" for name, value in sorted(headers, key=itemgetter(0))])
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+_PROPER_NAMES: dict[str, str] = {}  # a header name as the app gave it -> as waitress writes it
+_date_cache = (None, "")            # (a whole second, its HTTP date)
+
+
+def _http_date(when: float) -> str:
+    global _date_cache
+    second = int(when)
+    if _date_cache[0] != second:
+        _date_cache = (second, build_http_date(second))
+    return _date_cache[1]
 
 
 class GuardedChannel(HTTPChannel):
