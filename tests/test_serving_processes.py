@@ -436,7 +436,8 @@ _OUR_HEADERS = [("x-ratelimit-limit", "1000"), ("x-ratelimit-remaining", "999"),
 @pytest.mark.parametrize("status, headers, content_length, version, request_headers", [
     ("200 OK", _OUR_HEADERS, 214, "1.1", {}),                                        # the fast path
     ("200 OK", _OUR_HEADERS[:-1], 214, "1.1", {}),                                   # no Content-Length from the app
-    ("200 OK", [("Set-Cookie", "b=2"), ("set-cookie", "a=1"), ("X-A", "1")], 0, "1.1", {}),  # same names keep their order
+    # same names keep their order
+    ("200 OK", [("Set-Cookie", "b=2"), ("set-cookie", "a=1"), ("X-A", "1")], 0, "1.1", {}),
     ("400 Bad Request", [("content-type", "text/plain"), ("connection", "close")], 3, "1.1", {}),
     ("200 OK", _OUR_HEADERS, 214, "1.1", {"CONNECTION": "close"}),                   # the rest: waitress' own code
     ("200 OK", _OUR_HEADERS, 214, "1.0", {"CONNECTION": "keep-alive"}),

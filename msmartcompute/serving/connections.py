@@ -78,9 +78,9 @@ class WholeResponseTask(WSGITask):
         """waitress' response head, the same bytes (tests/test_serving_processes.py compares them),
         in one pass for the common case: HTTP/1.1, a body of known length, no Connection: close
         asked, no Date or Server header from the app. waitress re-capitalizes every header name
-        (split, capitalize, join) and formats the date on each response: 5.5 us with our six
-        headers, a tenth of a front's Python per request beside the app; names and the date of
-        the current second are remembered here. Anything else is waitress' own code."""
+        (split, capitalize, join) and formats the date on each response, 5.5 us with our six
+        headers; names and the date of the current second are remembered here (2.2 us).
+        Anything else is waitress' own code."""
         if (self.version != "1.1" or self.content_length is None or not self.has_body
                 or self.request.headers.get("CONNECTION", "").lower() == "close"):
             return super().build_response_header()

@@ -1,12 +1,12 @@
 """A front's one thread: waitress' asyncore loop, with every request served in a greenlet of that
 same thread (this Loop is the waitress server's task dispatcher). A request runs until it waits
 for the engine (or for time to pass), then the loop goes on with the others; the engine's reply
-resumes it. Requests run on a pool of long-lived worker greenlets: a new greenlet per request
-mapped and unmapped a 16 KiB Python frame stack and faulted its pages in every time (2 of a
-front's ~5 system calls per request; 8.1 against 0.6 us per task in a microbenchmark). A request's path crosses no thread: waitress' own dispatcher handed every request
+resumes it. A request's path crosses no thread: waitress' own dispatcher handed every request
 to a task thread and its answer back to the loop (a wake-up each way), and the front's 16-32 task
 threads took turns on one GIL (perf, c=32: 55% of a front's CPU was the kernel switching between
-them).
+them). Requests run on a pool of long-lived worker greenlets: a new greenlet per request mapped
+and unmapped a 16 KiB Python frame stack and faulted its pages in every time (2 of a front's ~5
+system calls per request; 8.1 against 0.6 us per task in a microbenchmark).
 
 Code that waits on something other than the engine client or Loop.sleep would stall the whole
 front: nothing in the API does (its store reads are local SQLite reads).
