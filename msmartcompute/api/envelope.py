@@ -2,19 +2,30 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
-_second = (None, "")  # (a whole second, its "YYYY-MM-DDTHH:MM:SS"): every response has a timestamp
+
+def once_a_second(render: Callable[[int], str]) -> Callable[[int], str]:
+    """render(second), remembered until the second changes: every response carries the time
+    (the seed's timestamp, HTTP's Date), and formatting it cost ~1 us each time."""
+    last = (None, "")
+
+    def text(second: int) -> str:
+        nonlocal last
+        if last[0] != second:
+            last = (second, render(second))
+        return last[1]
+    return text
+
+
+_date_time = once_a_second(lambda second: time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
 
 
 def utc_now_iso() -> str:
-    """ISO 8601 UTC with milliseconds and a Z, as the seed writes timestamps (1.4 -> 0.4 us: the
-    date and time of the current second are formatted once)."""
-    global _second
+    """ISO 8601 UTC with milliseconds and a Z, as the seed writes timestamps (1.4 -> 0.5 us)."""
     now = time.time()
     second = int(now)
-    if _second[0] != second:
-        _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-    return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
+    return f"{_date_time(second)}.{int((now - second) * 1000):03d}Z"
 
 
 def ok(fields: dict) -> dict:

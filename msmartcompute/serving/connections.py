@@ -26,7 +26,7 @@ from waitress.server import BaseWSGIServer
 from waitress.task import ErrorTask, WSGITask
 from waitress.utilities import build_http_date
 
-from ..api.envelope import error
+from ..api.envelope import error, once_a_second
 from ..api.errors import code_for_status
 
 _MESSAGES = {
@@ -104,7 +104,7 @@ class WholeResponseTask(WSGITask):
         ident = self.channel.server.adj.ident
         if ident:
             headers.append(("Server", ident))
-        headers.append(("Date", _http_date(self.start_time)))
+        headers.append(("Date", _http_date(int(self.start_time))))
         self.response_headers = headers
         lines = [f"HTTP/1.1 {self.status}"]
         lines.extend([f"{name}: {value}" for name, value in sorted(headers, key=itemgetter(0))])
@@ -112,15 +112,7 @@ class WholeResponseTask(WSGITask):
 
 
 _PROPER_NAMES: dict[str, str] = {}  # a header name as the app gave it -> as waitress writes it
-_date_cache = (None, "")            # (a whole second, its HTTP date)
-
-
-def _http_date(when: float) -> str:
-    global _date_cache
-    second = int(when)
-    if _date_cache[0] != second:
-        _date_cache = (second, build_http_date(second))
-    return _date_cache[1]
+_http_date = once_a_second(build_http_date)
 
 
 class GuardedChannel(HTTPChannel):

@@ -118,8 +118,8 @@ class Loop:
                     request.switch(value)
                 else:
                     request.throw(exception)
-            except Exception:  # a bug of ours, outside any request
-                log.exception("a request's greenlet failed")
+            except Exception:  # a worker catches its request's errors: this is the switch itself
+                log.exception("resuming a request failed")
         turn_end, self._turn_end = self._turn_end, []
         for fn in turn_end:
             fn()
