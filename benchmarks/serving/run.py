@@ -117,7 +117,9 @@ def main(argv=None) -> int:
     # measurement let one disturbed round decide a goal
     p.add_argument("--requests", type=int, default=50_000, help="request budget per measurement")
     p.add_argument("--seconds", type=float, default=5.0, help="time limit per measurement")
-    p.add_argument("--rounds", type=int, default=3, help="repeat every measurement; goals take the median")
+    # five: one round of identical code moved by +-10% with the machine (benchmarks/README.md,
+    # "Serving v9"), so three rounds near a goal's line could not tell which side it is on
+    p.add_argument("--rounds", type=int, default=5, help="repeat every measurement; goals take the median")
     p.add_argument("--warmup-seconds", type=float, default=15.0,
                    help="load on every server before the first round (TorchServe's Java gets faster for ~30 s)")
     p.add_argument("--bare-threads", type=int, default=8)
