@@ -91,7 +91,8 @@ def test_queued_job_survives_restart(tmp_path):
 
 
 def test_running_jobs_on_restart_rerun_inference_fail_training(tmp_path):
-    rt = make_runtime(tmp_path, job_workers=0)
+    # no worker of either pool: a training worker could claim train_1 before the UPDATE below
+    rt = make_runtime(tmp_path, job_workers=0, training_job_workers=0)
     rt.registry.load(SPEC)
     job = rt.inference.submit({"model_id": "mlp", "input_data": X})
     rt.jobs.submit("train_1", "training", "alice", {"model_id": "mlp"})
