@@ -1,4 +1,5 @@
 """The server skeleton: health with real values and the error envelope, in-process and over HTTP."""
+import http.client
 import json
 import re
 import urllib.error
@@ -61,6 +62,23 @@ def test_wrong_method_uses_error_envelope(client):
     assert "GET" in r.headers["allow"]
 
 
+@pytest.mark.parametrize("path", ["/health", "/api/v1/health", "/api/v1/models", "/api/v1/openapi.json", "/dashboard",
+                                  "/metrics", "/api/v1/metrics", "/api/v1/inference/req_unknown", "/v1/models"])
+def test_head_answers_as_get_without_a_body(client, path):
+    got, head = client.simulate_get(path), client.simulate_head(path)
+    assert head.status_code == got.status_code != 405
+    assert head.content == b""
+    if path not in ("/health", "/api/v1/health", "/metrics", "/api/v1/metrics"):  # these change between calls
+        assert head.headers["content-length"] == str(len(got.content))
+    assert head.headers["content-type"] == got.headers["content-type"]
+
+
+def test_head_where_there_is_no_get_is_405(client):
+    r = client.simulate_head("/api/v1/inference")
+    assert r.status_code == 405
+    assert "HEAD" not in r.headers["allow"] and "POST" in r.headers["allow"]
+
+
 def test_store_is_created_in_state_dir(tmp_path):
     runtime = Runtime(RuntimeConfig(state_dir=tmp_path / "state"))
     assert (tmp_path / "state" / "msmartcompute.sqlite3").exists()
@@ -78,3 +96,16 @@ def test_live_server_over_http(live_server):
     assert err.value.code == 404
     assert json.load(err.value)["error"]["code"] == "NOT_FOUND"
     assert (live_server.state_dir / "msmartcompute.sqlite3").exists()
+
+
+def test_live_server_head_keeps_the_connection(live_server):
+    """HEAD over the fronts: GET's head with no body, and the kept-alive connection goes on."""
+    conn = http.client.HTTPConnection("127.0.0.1", live_server.port, timeout=5)
+    for method in ("HEAD", "GET", "HEAD", "GET"):
+        conn.request(method, "/api/v1/openapi.json")
+        r = conn.getresponse()
+        body = r.read()
+        assert r.status == 200 and int(r.headers["Content-Length"]) > 1000
+        assert body == b"" if method == "HEAD" else len(body) == int(r.headers["Content-Length"])
+        assert r.headers.get("Connection") != "close"
+    conn.close()

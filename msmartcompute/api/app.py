@@ -53,6 +53,19 @@ _JSON = falcon.media.JSONHandler(
 )
 
 
+class _App(falcon.App):
+    """Answers HEAD wherever it answers GET: GET's status and headers, no body (RFC 9110 9.3.2:
+    load balancers and uptime monitors probe with HEAD; falcon itself answers 405 to a resource
+    without an on_head). falcon drops the body of a HEAD response and keeps its Content-Length."""
+
+    def add_route(self, uri_template, resource, **kwargs):
+        suffix = kwargs.get("suffix")
+        get, head = (f"on_get_{suffix}", f"on_head_{suffix}") if suffix else ("on_get", "on_head")
+        if hasattr(resource, get) and not hasattr(resource, head):
+            setattr(resource, head, getattr(resource, get))
+        super().add_route(uri_template, resource, **kwargs)
+
+
 def create_app(runtime, config: ApiConfig | None = None, keys: KeyStore | None = None,
                limiter=None) -> falcon.App:
     """runtime: a Runtime (one process, tests) or a serving.EngineClient (a front process: the
@@ -69,7 +82,7 @@ def create_app(runtime, config: ApiConfig | None = None, keys: KeyStore | None =
         allow_origins="*" if "*" in config.cors_origins else list(config.cors_origins),
         expose_headers=["X-Request-ID", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
                         "Retry-After"])] if config.cors_origins else []
-    app = falcon.App(middleware=[
+    app = _App(middleware=[
         *cors,
         RequestContext(instruments),
         BodyLimit(config.max_body_bytes),
