@@ -33,6 +33,11 @@ def header(data: dict) -> tuple[str, str, str, str]:
     return str(machine), str(date)[:19], str(torch_v), str(cuda)
 
 
+def _median(xs):
+    """The upper median (a value that was measured, never an average of two)."""
+    return sorted(xs)[len(xs) // 2]
+
+
 def fmt(v, digits=1) -> str:
     return "-" if v is None else f"{v:,.{digits}f}"
 
@@ -59,13 +64,12 @@ def serving_load(data: dict) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in data["runs"]:
         groups.setdefault((r["case"], r["target"], r["concurrency"]), []).append(r)
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     for (case, target, c), rs in groups.items():
         rates = [r['requests_per_s'] for r in rs]
-        noisy = " (noise)" if spread_pct(min(rates), max(rates), med(rates)) > NOISE else ""
-        out.append(f"| {case} | {target} | {c} | {fmt(med(rates))}{noisy} | {fmt(min(rates))}-{fmt(max(rates))} | "
-                   f"{fmt(med([r['p50_ms'] for r in rs]), 2)} | {fmt(med([r['p99_ms'] for r in rs]), 2)} | "
-                   f"{fmt(med([r.get('server_cpu_ms_per_request', float('nan')) for r in rs]), 3)} | "
+        noisy = " (noise)" if spread_pct(min(rates), max(rates), _median(rates)) > NOISE else ""
+        out.append(f"| {case} | {target} | {c} | {fmt(_median(rates))}{noisy} | {fmt(min(rates))}-{fmt(max(rates))} | "
+                   f"{fmt(_median([r['p50_ms'] for r in rs]), 2)} | {fmt(_median([r['p99_ms'] for r in rs]), 2)} | "
+                   f"{fmt(_median([r.get('server_cpu_ms_per_request', float('nan')) for r in rs]), 3)} | "
                    f"{_cpu_split(rs)} | {_idle(rs)} | {sum(r['errors'] for r in rs)} |")
     out += ["", "| goal | ratio (median) | rounds | target | met |", "|---|---:|---|---:|---|"]
     for g in data.get("goals", []):
@@ -81,8 +85,8 @@ def serving_load(data: dict) -> list[str]:
 
 def _idle(rows: list[dict]) -> str:
     """The median share of the machine's CPU time left idle during the rows (serving/run.py), or "-"."""
-    idle = sorted(r["machine_idle"] for r in rows if r.get("machine_idle") is not None)
-    return f"{idle[len(idle) // 2]:.0%}" if idle else "-"
+    idle = [r["machine_idle"] for r in rows if r.get("machine_idle") is not None]
+    return f"{_median(idle):.0%}" if idle else "-"
 
 
 def _cpu_split(rows: list[dict]) -> str:
@@ -91,20 +95,18 @@ def _cpu_split(rows: list[dict]) -> str:
     if not splits:
         return "-"
     roles = sorted({k for s in splits for k in s})
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return ", ".join(f"{k} {med([s.get(k, 0.0) for s in splits]):.3f}" for k in roles
-                     if med([s.get(k, 0.0) for s in splits]) >= 0.0005)
+    by_role = {k: _median([s.get(k, 0.0) for s in splits]) for k in roles}
+    return ", ".join(f"{k} {v:.3f}" for k, v in by_role.items() if v >= 0.0005)
 
 
 def generation_load(data: dict) -> list[str]:
     out = ["| target | generated tokens/s (median of rounds) | TTFT p50 s | TTFT p99 s | latency p99 s | errors |",
            "|---|---:|---:|---:|---:|---:|"]
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     for target in dict.fromkeys(r["target"] for r in data["runs"]):
         rs = [r for r in data["runs"] if r["target"] == target]
-        out.append(f"| {target} | {fmt(med([r['tokens_per_s'] for r in rs]))} | "
-                   f"{fmt(med([r['ttft_p50_s'] for r in rs]), 3)} | {fmt(med([r['ttft_p99_s'] for r in rs]), 3)} | "
-                   f"{fmt(med([r['latency_p99_s'] for r in rs]), 3)} | {sum(r['errors'] for r in rs)} |")
+        out.append(f"| {target} | {fmt(_median([r['tokens_per_s'] for r in rs]))} | "
+                   f"{fmt(_median([r['ttft_p50_s'] for r in rs]), 3)} | {fmt(_median([r['ttft_p99_s'] for r in rs]), 3)} | "
+                   f"{fmt(_median([r['latency_p99_s'] for r in rs]), 3)} | {sum(r['errors'] for r in rs)} |")
     out += ["", "| goal | ratio (median) | rounds | target | met |", "|---|---:|---|---:|---|"]
     for g in data.get("goals", []):
         if g.get("median") is None:
